@@ -1,0 +1,237 @@
+"""train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and resuming."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prepare import UserError
+from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps, checkpoint_paths, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# A model small enough that a few updates take a second or two on a laptop CPU.
+TINY = ["--n_layers=1", "--n_embd=32", "--n_heads=2", "--n_kv_heads=2", "--batch_size=2", "--max_seq_len=32",
+        "--tokens_per_update=128", "--warmup_iterations=2", "--eval_interval=4", "--eval_tokens=256",
+        "--model_gen_multiplier=0", "--device=cpu", "--dtype=float32"]
+
+
+def run(script, *args, check=True, **kwargs):
+    """Run one of the repository's scripts the way a user would."""
+    result = subprocess.run([sys.executable, *script.split(), *args], cwd=ROOT, capture_output=True, text=True,
+                            **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def final_weights(ckpt_dir):
+    return torch.load(checkpoint_paths(ckpt_dir)[-1], weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        if atol == 0:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+def test_overrides_parse_python_literals_and_bare_strings():
+    cfg = load_config(["--n_layers=3", "--max_lr=3e-4", "--min_lr=0", "--device=cpu", "--compile=True"])
+    assert (cfg.n_layers, cfg.max_lr, cfg.min_lr, cfg.device, cfg.compile) == (3, 3e-4, 0, "cpu", True)
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    path = tmp_path / "small.py"
+    path.write_text("import math\nn_layers = 2\nmax_lr = 2e-3\n")
+    cfg = load_config([str(path), "--n_layers=5"])
+    assert (cfg.n_layers, cfg.max_lr) == (5, 2e-3)
+
+
+def test_llama_1b3_config_holds_the_guides_run():
+    cfg = load_config(["config/llama_1b3.py"])
+    assert (cfg.n_embd, cfg.n_heads, cfg.n_layers, cfg.multiple_of, cfg.max_seq_len, cfg.batch_size) == \
+        (2048, 32, 24, 256, 2048, 4)
+    assert (cfg.tokens_per_update, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr) == (2**19, 500, 1e-4, 1e-5)
+    assert (cfg.training_tokens, cfg.token_ckpt, cfg.eval_interval) == (45e9, 1e9, 32)
+    assert accumulation_steps(cfg, world_size=8) == 8  # 4*2048*8 = 65,536 tokens per micro-step
+    assert cfg.training_tokens // cfg.tokens_per_update == 85_830
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layer=3"], "did you mean n_layers"),
+    (["--n_layers=three"], "--n_layers expects int"),
+    (["--n_layers=True"], "--n_layers expects int"),
+    (["--max_lr"], "has no value"),
+    (["config/nope.py"], "does not exist"),
+    (["--schedule=step"], "cosine, linear or constant"),
+    (["--load_ckpt=maybe"], "True, False or 'auto'"),
+])
+def test_bad_configuration_is_one_clear_error(argv, message):
+    with pytest.raises(UserError, match=message):
+        load_config(argv)
+
+
+def test_config_file_that_raises_names_the_file(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("n_layers = undefined_name\n")
+    with pytest.raises(UserError, match="broken.py' raised NameError"):
+        load_config([str(path)])
+
+
+def test_accumulation_must_divide_evenly():
+    cfg = TrainConfig(batch_size=4, max_seq_len=2048, tokens_per_update=2**19)
+    assert accumulation_steps(cfg, world_size=1) == 64
+    with pytest.raises(UserError, match="not a multiple"):
+        accumulation_steps(cfg, world_size=3)
+
+
+# --- the learning-rate schedule --------------------------------------------------------------------------------
+def test_cosine_schedule_values():
+    s = Scheduler(None, "cosine", training_steps=1001, warmup_steps=100, max_lr=1e-3, min_lr=1e-4)
+    assert s.lr_at(0) == pytest.approx(1e-5)  # the first update gets 1/100 of the peak
+    assert s.lr_at(99) == pytest.approx(1e-3)  # the last warm-up update reaches the peak
+    assert s.lr_at(100) == pytest.approx(1e-3)
+    assert s.lr_at(550) == pytest.approx(5.5e-4)  # halfway through the decay: the mean of max and min
+    assert s.lr_at(1000) == pytest.approx(1e-4)  # the final update is at min_lr
+    assert s.lr_at(5000) == pytest.approx(1e-4)  # and it stays there
+
+
+def test_linear_and_constant_schedules():
+    s = Scheduler(None, "linear", training_steps=1001, warmup_steps=100, max_lr=1e-3, min_lr=1e-4)
+    assert [s.lr_at(i) for i in (0, 99, 325, 550, 1000)] == pytest.approx([1e-5, 1e-3, 7.75e-4, 5.5e-4, 1e-4])
+    c = Scheduler(None, "constant", training_steps=1001, warmup_steps=100, max_lr=1e-3, min_lr=1e-4)
+    assert {c.lr_at(i) for i in (0, 50, 1000)} == {1e-3}
+
+
+def test_scheduler_sets_the_optimizer_and_round_trips_its_state():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    s = Scheduler(opt, "cosine", 100, 10, 1.0, 0.1)
+    assert s.step(4) == opt.param_groups[0]["lr"] == 0.5
+    restored = Scheduler(opt, "linear", 1, 1, 0.0, 0.0)
+    restored.load_state_dict(s.state_dict())
+    assert restored.lr_at(60) == s.lr_at(60) and restored.current_lr == 0.5
+
+
+# --- the loader -------------------------------------------------------------------------------------------------
+def toy_dataset(path: Path, shard_lengths, split="train"):
+    """A dataset dir like prepare.py's whose token at position i of the whole split is i (ids are positions)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shards, start = {}, 0
+    for i, n in enumerate(shard_lengths):
+        name = f"{split}_{i:06d}.npy"
+        np.save(path / name, np.arange(start, start + n, dtype=np.uint32))
+        shards[name] = n
+        start += n
+    (path / "meta.json").write_text(json.dumps({"vocab_size": 2**31, "dtype": "uint32", "shards": shards}))
+    return path
+
+
+def test_batches_are_next_token_pairs(tmp_path):
+    loader = DatasetLoader(toy_dataset(tmp_path, [100]), "train", batch_size=2, seq_len=4)
+    x, y = loader.next_batch()
+    assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert y.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert x.dtype == torch.long
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_never_share_tokens_and_skip_at_most_one_batch_per_shard(tmp_path, world_size):
+    B, T, lengths = 2, 8, [173, 64, 250, 97]
+    path = toy_dataset(tmp_path, lengths)
+    loaders = [DatasetLoader(path, "train", B, T, rank, world_size) for rank in range(world_size)]
+    per_epoch = sum(loaders[0].batches_per_shard(i) for i in range(len(loaders[0].shards)))
+    used = []
+    for _ in range(per_epoch):
+        for loader in loaders:
+            x, y = loader.next_batch()
+            used.extend(x.flatten().tolist())
+            assert torch.equal(y.flatten()[:-1], x.flatten()[1:])  # the target is the next token
+    assert len(used) == len(set(used)), "a token position was used twice in one epoch"
+    starts = np.cumsum([0] + lengths)
+    for shard, n in enumerate(lengths):
+        if n < B * T * world_size + 1:
+            continue  # too short to feed every rank once: skipped whole
+        in_shard = sum(starts[shard] <= t < starts[shard + 1] for t in used)
+        assert n - in_shard <= world_size * B * T, "more than one batch per rank skipped in a shard"
+    # after an epoch every rank is back at the start
+    assert loaders[0].next_batch()[0][0, 0].item() == 0
+
+
+def test_loader_position_round_trips(tmp_path):
+    path = toy_dataset(tmp_path, [60, 60])
+    a = DatasetLoader(path, "train", 2, 4)
+    for _ in range(9):
+        a.next_batch()
+    b = DatasetLoader(path, "train", 2, 4)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_sequence_longer_than_any_shard_is_refused(tmp_path):
+    with pytest.raises(UserError, match="lower batch_size or max_seq_len"):
+        DatasetLoader(toy_dataset(tmp_path, [50]), "train", batch_size=2, seq_len=32)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    loader = DatasetLoader(toy_dataset(tmp_path, [100]), "train", 2, 4, vocab_size=50)
+    with pytest.raises(UserError, match="token id 99"):
+        loader.next_batch()
+
+
+# --- whole runs, as a user starts them --------------------------------------------------------------------------
+def test_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
+    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=768"]  # 6 updates
+    run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}")  # 1 rank x 2 micro-steps of 2x32 tokens
+    run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *common,
+        f"--ckpt_dir={tmp_path / 'two'}")  # 2 ranks x 1 micro-step
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-6)
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tmp_path):
+    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280", "--token_ckpt=640",
+              "--keep_ckpts=5"]  # 10 updates, checkpoints after 5 and 10
+    straight = tmp_path / "straight"
+    run("train.py", *common, f"--ckpt_dir={straight}")
+    assert [p.name for p in checkpoint_paths(straight)] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000005.pt", resumed)
+    shutil.copy(straight / "log.csv", resumed)
+    out = run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout
+    assert "resumed from" in out and "at update 5" in out
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+    rows = (resumed / "log.csv").read_text().splitlines()
+    assert rows[0] == ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,elapsed_s,"
+                       "val_loss,val_bpb")
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 11)]
+    assert rows[-1].split(",")[6] == "1280" and rows[-1].split(",")[10] != ""
+    assert (resumed / "loss.png").stat().st_size > 10_000
+
+
+def test_prepare_train_resume_sample_end_to_end(tmp_path):
+    """The README's workflow on a small corpus of its own, every step a subprocess."""
+    corpus = tmp_path / "corpus.txt"
+    plays = [f"ROMEO:\nSpeak again, bright angel {i}, for thou art as glorious to this night.\n\n"
+             f"JULIET:\nO Romeo, Romeo! Wherefore art thou Romeo {i * 7}?\n\n" for i in range(400)]
+    corpus.write_text("".join(plays))
+    data, ckpt = tmp_path / "data", tmp_path / "out"
+    run("prepare.py", f"--input={corpus}", f"--out_dir={data}", "--vocab_size=400")
+    args = [*TINY, "--max_lr=1e-2", f"--dataset_dir={data}", f"--ckpt_dir={ckpt}", "--training_tokens=1024"]
+    first = run("train.py", *args).stdout
+    assert "update 8/8" in first and (ckpt / "ckpt_00000008.pt").exists()
+    second = run("train.py", *args[:-1], "--training_tokens=2048", "--load_ckpt=True").stdout
+    assert "resumed from" in second and "update 16/16" in second
+    rows = (ckpt / "log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert losses[-1] < losses[0] - 0.5, "the loss should fall on this repetitive corpus"
+    assert math.isclose(float(rows[0].split(",")[2]), math.log(400), abs_tol=0.3)  # starts near ln V
+    text = run("sample.py", f"--ckpt_dir={ckpt}", "--prompt=ROMEO:", "--max_new_tokens=20").stdout
+    assert "update 16" in text and "ROMEO:" in text

@@ -1,0 +1,636 @@
+"""Pretrain a LLaMA-style model by next-token prediction, in one loop you can read top to bottom.
+
+    python train.py                                      # small default model on data/shakespeare
+    python train.py config/llama_1b3.py --batch_size=4   # a config file, then overrides
+    torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
+    python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
+
+Reading order: TrainConfig and load_config (what can be set) -> DatasetLoader (tokens on disk -> (x, y)
+batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, train_update,
+evaluate) -> checkpoints -> train(), the loop itself.
+
+Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
+"""
+import ast
+import contextlib
+import csv
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import ModelConfig, Transformer
+from prepare import UserError, load_tokenizer, run_cli
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: every knob of a run, with the guide's names. A config file is plain Python assigning some of them.
+@dataclass
+class TrainConfig:
+    # Paths
+    dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken, meta.json
+    ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
+    log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
+    # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees tokens_per_update.
+    batch_size: int = 16
+    max_seq_len: int = 256
+    tokens_per_update: int = 16 * 256 * 2
+    # Model architecture (passed on to model.ModelConfig)
+    n_embd: int = 384
+    n_heads: int = 6
+    n_kv_heads: int = 6
+    n_layers: int = 6
+    multiple_of: int = 256
+    eps: float = 1e-5
+    theta: float = 10_000.0
+    dropout: float = 0.0
+    # Optimisation and the learning-rate schedule
+    schedule: str = "cosine"  # "cosine", "linear" or "constant"
+    warmup_iterations: int = 50  # updates of linear warm-up
+    max_lr: float = 1e-3
+    min_lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    # Length of the run, evaluation, samples and checkpoints
+    training_tokens: int = 10_000_000
+    eval_interval: int = 50  # evaluate every this many updates (and at the end)
+    eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
+    model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
+    token_ckpt: int = 5_000_000  # save a checkpoint every this many tokens (and at the end)
+    keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is complete
+    load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint exists
+    # System
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
+    dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast); auto = bf16 where the hardware has it
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+
+    def __post_init__(self):
+        checks = [
+            (self.schedule in ("cosine", "linear", "constant"), "--schedule must be cosine, linear or constant"),
+            (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
+            (self.load_ckpt in (True, False, "auto"), "--load_ckpt must be True, False or 'auto'"),
+            (min(self.batch_size, self.max_seq_len, self.tokens_per_update, self.eval_interval) > 0,
+             "batch_size, max_seq_len, tokens_per_update and eval_interval must be positive"),
+            (self.training_tokens >= self.tokens_per_update,
+             "--training_tokens must be at least tokens_per_update (one optimizer update)"),
+            (0 <= self.min_lr <= self.max_lr, "--min_lr must be between 0 and max_lr"),
+            (self.keep_ckpts >= 1, "--keep_ckpts must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The architecture part of the config, with the vocabulary size taken from the dataset."""
+        names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+        return ModelConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in names})
+
+
+def _check_type(name: str, value, annotation):
+    """Reject a value whose type differs from the field's (ints are fine where floats are expected)."""
+    allowed = getattr(annotation, "__args__", (annotation,))
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False  # bool is a subclass of int, but --n_layers=True is certainly a mistake
+    else:
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+    if not ok:
+        expected = " or ".join(t.__name__ for t in allowed)
+        raise UserError(f"--{name} expects {expected}, got {value!r}; fix the value")
+
+
+def load_config(argv: list[str], cls=TrainConfig):
+    """Build a config (a TrainConfig unless told otherwise) from `config/x.py` files and `--key=value` overrides,
+    applied in the order given."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+
+    def set_value(name, value, where):
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the names are in {cls.__name__}"
+            raise UserError(f"unknown config key '{name}' in {where}; {hint}")
+        _check_type(name, value, fields[name].type)
+        values[name] = value
+
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise UserError(f"'{arg}' has no value; write it as {arg}=VALUE")
+            name, text = arg[2:].split("=", 1)
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word such as --device=cpu is a string
+            set_value(name, value, "the command line")
+        else:
+            if not os.path.isfile(arg):
+                raise UserError(f"config file '{arg}' does not exist; pass a path such as config/llama_1b3.py")
+            scope = {}
+            try:
+                exec(Path(arg).read_text(), scope)
+            except Exception as e:
+                raise UserError(f"config file '{arg}' raised {type(e).__name__}: {e}; fix the file") from None
+            for name, value in scope.items():
+                if not name.startswith("_") and not callable(value) and not isinstance(value, type(os)):
+                    set_value(name, value, arg)
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: shards of token ids on disk -> (x, y) batches, with every rank reading its own slices.
+def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
+    """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
+    root = Path(dataset_dir)
+    meta_path = root / "meta.json"
+    if not meta_path.exists():
+        raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); run `python prepare.py` first")
+    meta = json.loads(meta_path.read_text())
+    names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
+    on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
+    if not names or names != on_disk:
+        raise UserError(f"{dataset_dir}: the {split} shards on disk do not match meta.json; "
+                        "rebuild the dataset with `python prepare.py --overwrite`")
+    shards = []
+    for name in names:
+        shard = np.load(root / name, mmap_mode="r")
+        if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
+            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset")
+        shards.append(shard)
+    return shards, meta
+
+
+class DatasetLoader:
+    """Serves (x, y) batches from a split, y being x shifted by one token.
+
+    The shards are read in order through memory maps, so memory use does not grow with the dataset. With W ranks,
+    one "group" of W batches is taken per step: rank r reads at offset + r*B*T, and offset advances by B*T*W, so
+    ranks never read the same tokens. A shard that cannot fill another whole group is left (its tail, less than
+    one batch per rank, is skipped) and the next shard starts; after the last shard the loader wraps around.
+    The position (shard, offset) is all the state there is, and it goes into checkpoints.
+    """
+
+    def __init__(self, dataset_dir, split, batch_size, seq_len, rank=0, world_size=1, device="cpu", vocab_size=None):
+        self.B, self.T, self.rank, self.world_size, self.device = batch_size, seq_len, rank, world_size, device
+        shards, _ = open_shards(dataset_dir, split)
+        group = batch_size * seq_len * world_size
+        # Each shard must feed at least one whole group (+1 token for the shifted target), or it is skipped.
+        self.shards = [s for s in shards if len(s) >= group + 1]
+        if not self.shards:
+            raise UserError(f"no {split} shard in {dataset_dir} holds batch_size*max_seq_len*world_size+1 = "
+                            f"{group + 1} tokens; lower batch_size or max_seq_len")
+        self.vocab_size = vocab_size
+        self.checked = set()  # shards whose token ids were checked against vocab_size
+        self.shard, self.offset = 0, 0
+
+    def batches_per_shard(self, index: int) -> int:
+        return (len(self.shards[index]) - 1) // (self.B * self.T * self.world_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.shards[self.shard]
+        if self.vocab_size is not None and self.shard not in self.checked:
+            if int(data.max()) >= self.vocab_size:  # one pass per shard, the first time it is used
+                raise UserError(f"the dataset holds token id {int(data.max())} but the model's vocabulary has "
+                                f"{self.vocab_size} ids; use a dataset made with the same tokenizer")
+            self.checked.add(self.shard)
+        start = self.offset + self.rank * self.B * self.T
+        chunk = torch.from_numpy(data[start:start + self.B * self.T + 1].astype(np.int64))
+        self.offset += self.B * self.T * self.world_size
+        if self.offset // (self.B * self.T * self.world_size) >= self.batches_per_shard(self.shard):
+            self.shard, self.offset = (self.shard + 1) % len(self.shards), 0
+        if str(self.device).startswith("cuda"):
+            # Page-locked memory lets the copy run asynchronously, overlapping with the GPU's work.
+            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+        x, y = chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"shard": self.shard, "offset": self.offset}
+
+    def load_state_dict(self, state: dict):
+        self.shard, self.offset = state["shard"], state["offset"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning rate: linear warm-up, then cosine / linear decay to min_lr, or constant.
+class Scheduler:
+    """Sets the optimizer's learning rate for each update (counted from 0).
+
+    Warm-up: update s < warmup_steps gets max_lr * (s + 1) / warmup_steps, so the first update is gentle and the
+    last warm-up update reaches max_lr. Decay: progress p runs from 0 right after warm-up to 1 at the final update;
+    cosine gives min + (max - min) * (1 + cos(pi p)) / 2, linear gives max - (max - min) * p. "constant" keeps
+    max_lr throughout, with no warm-up, which is handy for debugging.
+    """
+
+    def __init__(self, optimizer, schedule, training_steps, warmup_steps, max_lr, min_lr):
+        self.optimizer, self.schedule = optimizer, schedule
+        self.training_steps, self.warmup_steps = training_steps, warmup_steps
+        self.max_lr, self.min_lr = max_lr, min_lr
+        self.current_lr = None
+
+    def lr_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.max_lr
+        if step < self.warmup_steps:
+            return self.max_lr * (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.training_steps - 1 - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        if self.schedule == "cosine":
+            return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        return self.max_lr - (self.max_lr - self.min_lr) * progress
+
+    def step(self, step: int) -> float:
+        self.current_lr = self.lr_at(step)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.current_lr
+        return self.current_lr
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "optimizer"}
+
+    def load_state_dict(self, state: dict):
+        vars(self).update(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces of one update.
+def pick_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but PyTorch sees no CUDA GPU here; use --device=cpu or --device=auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but this machine has no Apple GPU; use --device=auto")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise UserError(f"unknown --device={name}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """bf16 autocast where the hardware runs it fast (recent GPUs; CPUs with AVX512-BF16/AMX), else fp32."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            fast = torch.cuda.is_bf16_supported()
+        else:
+            # CPUs without native bf16 emulate it and run matmuls hundreds of times slower than fp32.
+            fast = device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if fast else torch.float32
+    return getattr(torch, name)
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """Mixed precision: matmuls in bf16, with the weights, norms and loss kept in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def make_optimizer(model, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW, with weight decay on the matrices only: decaying norm gains towards zero would just fight them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # The fused kernel updates all parameters in one launch on the GPU; elsewhere the default (foreach) is best.
+    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
+
+
+def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-steps per update: tokens_per_update split over batch_size * max_seq_len tokens on each of the ranks."""
+    per_micro_step = cfg.batch_size * cfg.max_seq_len * world_size
+    if cfg.tokens_per_update % per_micro_step:
+        raise UserError(f"tokens_per_update={cfg.tokens_per_update} is not a multiple of batch_size*max_seq_len*"
+                        f"world_size = {cfg.batch_size}*{cfg.max_seq_len}*{world_size} = {per_micro_step}; "
+                        "change tokens_per_update or batch_size")
+    return cfg.tokens_per_update // per_micro_step
+
+
+def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> tuple[float, float]:
+    """One optimizer update: accumulate gradients over micro-steps, clip, step. Returns (mean loss, grad norm)."""
+    total_loss = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        x, y = loader.next_batch()
+        # DDP averages gradients across ranks during backward; only the last micro-step needs that exchange.
+        sync = micro_step == accum_steps - 1
+        with (contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            # Dividing by accum_steps makes the summed gradients the mean over all micro-batches.
+            (loss / accum_steps).backward()
+        total_loss += loss.detach()
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss = total_loss / accum_steps
+    if dist.is_initialized():
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+    return mean_loss.item(), grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate(model, val_loader, n_batches, device, dtype) -> float:
+    """Mean loss over the first n_batches of the validation split: the same tokens every time."""
+    model.eval()
+    val_loader.load_state_dict({"shard": 0, "offset": 0})
+    losses = []
+    for _ in range(n_batches):
+        x, y = val_loader.next_batch()
+        with autocast(device, dtype):
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on this device and dtype: the practical peak MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times[1:])[len(times[1:]) // 2]
+
+
+def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
+    """A short generation from a document boundary: the quickest check that the model learns something."""
+    start = torch.tensor([[tokenizer.eot_id]], device=device)
+    out = model.generate(start, max_new_tokens, temperature=0.8, top_p=0.95, eos_token=tokenizer.eot_id)
+    return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_id])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: each save is a new file, written whole and then renamed, so a crash never leaves a torn one.
+def checkpoint_paths(ckpt_dir: str) -> list[Path]:
+    """Complete checkpoints in ckpt_dir, oldest first (the update number is in the name)."""
+    return sorted(Path(ckpt_dir).glob("ckpt_*.pt"))
+
+
+def tokenizer_fingerprint(dataset_dir: str) -> str:
+    """Identifies the vocabulary, so a checkpoint is never resumed on data from another tokenizer."""
+    meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
+    ranks = Path(dataset_dir) / "tokenizer.tiktoken"
+    digest = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16] if ranks.exists() else meta["tokenizer"]
+    return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
+
+
+def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int) -> Path:
+    path = Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
+    os.replace(tmp, path)
+    for old in checkpoint_paths(ckpt_dir)[:-keep]:  # only now that the new one is complete
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        # weights_only refuses arbitrary pickled objects, which could run code when loaded.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path} safely ({type(e).__name__}); it is damaged or holds "
+                        "arbitrary Python objects; delete it to resume from an older one") from None
+
+
+def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
+    """Refuse to resume with another architecture or another tokenizer than the checkpoint was trained with."""
+    if ckpt["tokenizer"] != fingerprint:
+        raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
+                        "it was trained on or a new --ckpt_dir")
+    for name in [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]:
+        if ckpt["config"][name] != getattr(cfg, name):
+            raise UserError(f"{path} has {name}={ckpt['config'][name]} but the config says {getattr(cfg, name)}; "
+                            "resume with the same architecture or use a new --ckpt_dir")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging.
+LOG_COLUMNS = ["step", "progress_pct", "train_loss", "perplexity", "lr", "grad_norm", "tokens", "tokens_per_sec",
+               "elapsed_s", "val_loss", "val_bpb"]
+
+
+def open_log(log_file: str, step: int):
+    """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows logged
+    after it (before a crash) are trained again and must not appear twice."""
+    kept = []
+    if step > 0 and os.path.exists(log_file):
+        with open(log_file, newline="") as f:
+            kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
+    log = open(log_file, "w", newline="")
+    writer = csv.writer(log)
+    writer.writerows([LOG_COLUMNS, *kept])
+    return log, writer
+
+
+def plot_log(log_file: str, png_path: str):
+    """Loss (train and validation) and learning rate against tokens trained, from the CSV log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_file) as f:
+        rows = list(csv.DictReader(f))
+    tokens = [int(r["tokens"]) for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax_loss.plot(tokens, [float(r["train_loss"]) for r in rows], label="train")
+    val = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    if val:
+        ax_loss.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend()
+    ax_lr.plot(tokens, [float(r["lr"]) for r in rows])
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens trained")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks after each update."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """All ranks stop at the same update: if any rank was signalled, all of them stop."""
+        flag = torch.tensor(float(self.requested), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig):
+    # --- Processes and devices. torchrun sets RANK/WORLD_SIZE; plain `python train.py` is rank 0 of 1. ---
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(cfg.device)
+    if world_size > 1:
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        # Share the CPU cores between the ranks on this machine instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+    dtype = pick_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed + rank)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where bf16 is not used
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- Data and tokenizer. ---
+    tokenizer = load_tokenizer(cfg.dataset_dir)
+    accum_steps = accumulation_steps(cfg, world_size)
+    loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, rank, world_size, device,
+                           vocab_size=tokenizer.vocab_size)
+    val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
+                               vocab_size=tokenizer.vocab_size)
+    meta = json.loads((Path(cfg.dataset_dir) / "meta.json").read_text())
+    eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
+    fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
+
+    # --- Model, optimizer, schedule. ---
+    model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    total_updates = cfg.training_tokens // cfg.tokens_per_update
+    scheduler = Scheduler(optimizer, cfg.schedule, total_updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
+
+    # --- Resume, or refuse to mix a new run into a directory that holds another run's checkpoints. ---
+    step, elapsed_before = 0, 0.0
+    existing = checkpoint_paths(cfg.ckpt_dir)
+    log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
+    if cfg.load_ckpt is True and not existing:
+        raise UserError(f"--load_ckpt=True but {cfg.ckpt_dir} holds no checkpoint; train without it first")
+    if cfg.load_ckpt and existing:
+        ckpt = load_checkpoint(existing[-1])
+        check_resumable(ckpt, cfg, fingerprint, existing[-1])
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.training_steps = total_updates  # training_tokens may be raised to train for longer
+        loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.startswith("cuda") and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
+        if master:
+            print(f"resumed from {existing[-1]} at update {step} ({step * cfg.tokens_per_update:,} tokens)")
+    elif existing:
+        raise UserError(f"{cfg.ckpt_dir} already holds checkpoints of an earlier run; resume it with "
+                        "--load_ckpt=True or choose another --ckpt_dir")
+
+    raw_model = model  # the plain module: what checkpoints hold and what generates samples
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device != "cpu" else None)
+
+    if master:
+        os.makedirs(cfg.ckpt_dir, exist_ok=True)
+        log, writer = open_log(log_file, step)
+        peak_flops = measure_matmul_flops(device, dtype)
+        flops_per_token = raw_model.flops_per_token()
+        print(f"{raw_model.num_params():,} parameters | {total_updates} updates of {cfg.tokens_per_update:,} tokens "
+              f"({accum_steps} micro-steps x {world_size} ranks x {cfg.batch_size}x{cfg.max_seq_len}) | "
+              f"{device} {str(dtype).removeprefix('torch.')}")
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                "rng": {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()}
+                                                         if device.startswith("cuda") else {}),
+                "config": dataclasses.asdict(cfg), "tokenizer": fingerprint, "step": step,
+                "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_before + time.time() - start_time}
+
+    # --- The loop: one iteration is one optimizer update. ---
+    stop = StopRequest()
+    ckpt_every = max(1, cfg.token_ckpt // cfg.tokens_per_update)
+    next_sample = 1.0
+    start_step, start_time = step, time.time()
+    while step < total_updates:
+        t0 = time.time()
+        lr = scheduler.step(step)
+        loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
+        step += 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Nothing is saved: the last checkpoint on disk is the last good state.
+            sys.exit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at update {step}; "
+                     f"resume from the last checkpoint in {cfg.ckpt_dir} with a lower max_lr")
+        if master:
+            dt = time.time() - t0
+            tokens_per_sec = cfg.tokens_per_update / dt
+            elapsed = elapsed_before + time.time() - start_time
+            eta = (total_updates - step) * (time.time() - start_time) / (step - start_step)
+            val_loss = val_bpb = ""
+            if step % cfg.eval_interval == 0 or step == total_updates:
+                val_loss = evaluate(raw_model, val_loader, eval_batches, device, dtype)
+                # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
+                val_bpb = val_loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+            writer.writerow([step, f"{100 * step / total_updates:.2f}", f"{loss:.4f}", f"{math.exp(loss):.2f}",
+                             f"{lr:.3e}", f"{grad_norm:.4f}", step * cfg.tokens_per_update, f"{tokens_per_sec:.0f}",
+                             f"{elapsed:.1f}", f"{val_loss:.4f}" if val_loss != "" else "",
+                             f"{val_bpb:.4f}" if val_bpb != "" else ""])
+            log.flush()
+            mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
+            print(f"update {step}/{total_updates} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                  f"{tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min"
+                  + (f" | val loss {val_loss:.4f} bpb {val_bpb:.4f}" if val_loss != "" else ""), flush=True)
+            if cfg.model_gen_multiplier and step >= round(next_sample):
+                print(f"--- sample at update {step} ---\n{sample_text(raw_model, tokenizer, device)}\n---")
+                next_sample = max(next_sample * cfg.model_gen_multiplier, next_sample + 1)
+        stopping = stop.agreed(device)
+        if master and (step % ckpt_every == 0 or step == total_updates or stopping):
+            path = save_checkpoint(cfg.ckpt_dir, step, checkpoint_state(), cfg.keep_ckpts)
+            print(f"saved {path}")
+        if stopping:
+            if master:
+                print(f"stopped by signal after update {step}; resume with --load_ckpt=True")
+            break
+
+    if master:
+        log.close()
+        plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]):
+    train(load_config(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
