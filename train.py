@@ -121,7 +121,7 @@ def load_config(argv: list[str], cls=TrainConfig):
     def set_value(name, value, where):
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"the names are in {cls.__name__}"
+            hint = f"did you mean {' or '.join(close)}?" if close else f"the names are in {cls.__name__}"
             raise UserError(f"unknown config key '{name}' in {where}; {hint}")
         _check_type(name, value, fields[name].type)
         values[name] = value
