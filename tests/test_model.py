@@ -8,7 +8,7 @@ import torch
 from model import Attention, FeedForward, ModelConfig, Transformer, apply_rope, rope_tables, sample
 from prepare import UserError
 
-# Small enough that every test below runs in well under a second on a laptop CPU.
+# Small enough that a forward pass takes about a millisecond on a laptop CPU.
 TINY = dict(vocab_size=64, max_seq_len=16, n_embd=32, n_heads=4, n_kv_heads=2, n_layers=2, multiple_of=16)
 
 
@@ -38,7 +38,7 @@ def test_impossible_shapes_raise_user_error(shape, words):
 ])
 def test_swiglu_hidden_size(n_embd, multiple_of, hidden):
     with torch.device("meta"):
-            ffn = FeedForward(ModelConfig(n_embd=n_embd, n_heads=4, n_kv_heads=4, multiple_of=multiple_of))
+        ffn = FeedForward(ModelConfig(n_embd=n_embd, n_heads=4, n_kv_heads=4, multiple_of=multiple_of))
     assert (ffn.w1.out_features, ffn.w3.out_features, ffn.w2.in_features) == (hidden, hidden, hidden)
 
 
@@ -169,6 +169,18 @@ def test_cached_and_uncached_greedy_generation_agree(prompt_len, new_tokens):
     assert cached.shape == (3, prompt_len + new_tokens)
     assert torch.equal(cached[:, :prompt_len], prompt)  # the whole prompt is returned, even when longer than 16
     assert torch.equal(cached, uncached)
+
+
+def test_kv_cache_runs_one_position_per_token_and_halves_a_full_window():
+    model = tiny_model()  # max_seq_len 16
+    lengths = []  # how many positions each forward pass runs
+    model.layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    model.generate(torch.zeros(1, 5, dtype=torch.long), 30, temperature=0)
+    # The 5-token prompt, then one position per token until 17 tokens would not fit; then the newest 8 are rerun.
+    assert lengths == [5] + [1] * 11 + [8] + [1] * 8 + [8] + [1] * 8
+    lengths.clear()
+    model.generate(torch.zeros(1, 5, dtype=torch.long), 30, temperature=0, use_cache=False)
+    assert lengths == list(range(5, 17)) + list(range(8, 17)) * 2  # the same contexts, rerun in full every step
 
 
 def test_cached_generation_works_under_bf16_autocast():

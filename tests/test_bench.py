@@ -1,0 +1,43 @@
+"""bench.py: it times train.py's own update and reports speed, MFU, memory and the loader's share (no speed limits)."""
+import re
+
+import pytest
+from test_train import TINY, run
+
+import bench
+from prepare import UserError
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"no line matching {pattern!r} in:\n{text}"
+    return float(match[1].replace(",", ""))
+
+
+def test_bench_options_are_separated_from_the_training_config():
+    own, rest = bench.split_argv(["config/x.py", "--steps=3", "--batch_size=4", "--warmup=0", "--profile=True"])
+    assert own == ["--steps=3", "--warmup=0", "--profile=True"]
+    assert rest == ["config/x.py", "--batch_size=4"]
+
+
+def test_bench_reports_tokens_per_second_mfu_memory_and_loader_share(shakespeare_dir):
+    result = run("bench.py", *TINY, f"--dataset_dir={shakespeare_dir}", "--steps=2", "--warmup=1", "--profile=True")
+    out = result.stdout
+    assert "2 micro-steps of 2x32" in out  # tokens_per_update=128 over batches of 2x32: accumulation is timed too
+    assert number(r"median ([\d.]+) ms over 2 updates", out) > 0
+    assert number(r"tokens/s: ([\d,]+)", out) > 0
+    assert number(r"matmul probe: ([\d,.]+) GFLOP/s \(cpu, float32\)", out) > 0
+    assert 0 < number(r"MFU: ([\d.]+)%", out) < 100
+    assert number(r"peak memory: ([\d,]+) MiB", out) > 100  # the process holds at least PyTorch itself
+    assert 0 <= number(r"data loader: ([\d.]+)% of update time", out) < 100
+    assert "aten::mm" in out  # the profile's operator table
+
+
+def test_bench_without_a_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="python prepare.py"):
+        bench.main([*TINY, f"--dataset_dir={tmp_path / 'missing'}"])
+
+
+def test_bench_rejects_a_zero_step_count():
+    with pytest.raises(UserError, match="--steps must be at least 1"):
+        bench.main(["--steps=0"])
