@@ -15,15 +15,15 @@ from prepare import UserError
 
 @dataclass
 class ModelConfig:
-    """The model's shape. The defaults are a ~17M-parameter model that trains on a laptop CPU."""
+    """The model's shape. The defaults are train.py's: a 3M-parameter model that trains on a laptop CPU."""
 
     vocab_size: int = 8192  # number of distinct token ids (the tokenizer's vocabulary)
     max_seq_len: int = 256  # longest context the model is trained on and can attend over
-    n_embd: int = 384  # width of the residual stream
-    n_heads: int = 6  # query heads per attention layer
-    n_kv_heads: int = 6  # key/value heads; fewer than n_heads gives grouped-query attention (GQA)
-    n_layers: int = 6  # number of decoder blocks
-    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this (matmul-friendly)
+    n_embd: int = 128  # width of the residual stream
+    n_heads: int = 4  # query heads per attention layer
+    n_kv_heads: int = 4  # key/value heads; fewer than n_heads gives grouped-query attention (GQA)
+    n_layers: int = 4  # number of decoder blocks
+    multiple_of: int = 128  # the feed-forward width is rounded up to a multiple of this (matmul-friendly)
     eps: float = 1e-5  # added inside RMSNorm's square root so a zero vector does not divide by zero
     theta: float = 10_000.0  # RoPE base: sets how slowly the slowest position "clock" turns
     dropout: float = 0.0  # usually 0 for pretraining, where the data is never repeated
@@ -197,9 +197,10 @@ class Transformer(nn.Module):
         # one are different jobs, and sharing one matrix learnt slower here. Measured on data/shakespeare, 4 layers
         # x 128 wide, batch 16 x 128 tokens, AdamW lr 3e-3: initial loss 9.03-9.04 either way (ln 8192 = 9.01);
         # validation loss after 200 steps 5.83 / 6.06 untied vs 6.18 / 6.19 tied (two seeds), after 800 steps
-        # 5.32 vs 5.52. Untying costs vocab_size * n_embd parameters (3.1M of the default model's 16.9M). At this
-        # depth the 1/sqrt(2 * n_layers) shrink changed the 200-step loss by less than the seed-to-seed spread;
-        # PyTorch's default init starts higher (9.18) and leads at 200 steps (5.72) but only by 0.04 at 800.
+        # 5.32 vs 5.52. Untying costs vocab_size * n_embd parameters: 1.05M of the default model's 2.95M (that very
+        # shape). At this depth the 1/sqrt(2 * n_layers) shrink changed the 200-step loss by less than the
+        # seed-to-seed spread; PyTorch's default init starts higher (9.18) and leads at 200 steps (5.72) but only by
+        # 0.04 at 800.
         for name, p in self.named_parameters():
             if p.dim() == 2:  # every matrix; the RMSNorm gains stay at 1
                 residual_out = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
