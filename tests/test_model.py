@@ -20,7 +20,7 @@ def tiny_model(seed=0, **overrides):
 @pytest.mark.parametrize("shape, words", [
     (dict(n_embd=100, n_heads=6), "divisible by n_heads"),
     (dict(n_embd=42, n_heads=6), "must be even"),
-    (dict(n_heads=6, n_kv_heads=4), "multiple of n_kv_heads"),
+    (dict(n_embd=384, n_heads=6, n_kv_heads=4), "multiple of n_kv_heads"),
     (dict(n_layers=0), "positive"),
     (dict(dropout=1.0), "dropout"),
 ])
