@@ -29,6 +29,7 @@ from train import (
     measure_matmul_flops,
     pick_device,
     pick_dtype,
+    synchronize,
     train_update,
 )
 
@@ -50,12 +51,6 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate bench.py's own --key=value options from the ones meant for train.py's config."""
     own = tuple(f"--{f.name}=" for f in fields(BenchOptions))
     return [a for a in argv if a.startswith(own)], [a for a in argv if not a.startswith(own)]
-
-
-def synchronize(device: str):
-    """GPU work runs asynchronously: wait for it before reading the clock."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def peak_memory_mib(device: str) -> tuple[float, str]:

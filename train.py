@@ -362,7 +362,13 @@ def evaluate(model, val_loader, n_batches, device, dtype) -> float:
     return sum(losses) / len(losses)
 
 
-def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
+def synchronize(device: str):
+    """GPU work runs asynchronously: wait for it before reading the clock."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on this device and dtype: the practical peak MFU is measured against.
     A GPU needs a much bigger product than a CPU before launch overhead stops mattering."""
     n = 8192 if device.startswith("cuda") else 2048
@@ -370,12 +376,10 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 10) -> 
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     # The fastest repeat (the first one warms up): on a busy machine, the best estimate of what the hardware does.
     return 2 * n**3 / min(times[1:])
