@@ -372,8 +372,10 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> f
     """FLOP/s of a large square matmul on this device and dtype: the practical peak MFU is measured against.
     A GPU needs a much bigger product than a CPU before launch overhead stops mattering."""
     n = 8192 if device.startswith("cuda") else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: drawing from the global RNG here would shift a resumed run's dropout masks.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     times = []
     for _ in range(repeats + 1):
         synchronize(device)
@@ -383,6 +385,15 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> f
         times.append(time.perf_counter() - start)
     # The fastest repeat (the first one warms up): on a busy machine, the best estimate of what the hardware does.
     return 2 * n**3 / min(times[1:])
+
+
+def next_sample_update(step: int, multiplier: float) -> float:
+    """The first update after `step` that prints a sample: the schedule 1, m, m^2, ... (rounded, and never less than
+    one update apart). A function of the update number alone, so a resumed run keeps the same schedule."""
+    at = 1.0
+    while round(at) <= step:
+        at = max(at * multiplier, at + 1)
+    return at
 
 
 def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
@@ -592,7 +603,7 @@ def train(cfg: TrainConfig):
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()
     ckpt_every = max(1, cfg.token_ckpt // cfg.tokens_per_update)
-    next_sample = 1.0
+    next_sample = next_sample_update(step, cfg.model_gen_multiplier)
     start_step, start_time = step, time.time()
     while step < total_updates:
         t0 = time.time()
@@ -624,7 +635,7 @@ def train(cfg: TrainConfig):
                   + (f" | val loss {val_loss:.4f} bpb {val_bpb:.4f}" if val_loss != "" else ""), flush=True)
             if cfg.model_gen_multiplier and step >= round(next_sample):
                 print(f"--- sample at update {step} ---\n{sample_text(raw_model, tokenizer, device)}\n---")
-                next_sample = max(next_sample * cfg.model_gen_multiplier, next_sample + 1)
+                next_sample = next_sample_update(step, cfg.model_gen_multiplier)
         stopping = stop.agreed(device)
         if master and (step % ckpt_every == 0 or step == total_updates or stopping):
             path = save_checkpoint(cfg.ckpt_dir, step, checkpoint_state(), cfg.keep_ckpts)

@@ -1,6 +1,7 @@
 """train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and resuming."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -214,6 +215,21 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tm
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 11)]
     assert rows[-1].split(",")[6] == "1280" and rows[-1].split(",")[10] != ""
     assert (resumed / "loss.png").stat().st_size > 10_000
+
+
+def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weights(shakespeare_dir, tmp_path):
+    # Dropout and sampling both draw from the RNG, so a resumed run matches only if it restores the RNG and prints
+    # samples at the same updates as the uninterrupted run (1, 2, 4, 8), not afresh from update 1 of its own.
+    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1024", "--token_ckpt=512",
+              "--dropout=0.1", "--model_gen_multiplier=2"]  # 8 updates, checkpoints after 4 and 8
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = run("train.py", *common, f"--ckpt_dir={straight}").stdout
+    assert re.findall(r"sample at update (\d+)", out) == ["1", "2", "4", "8"]
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000004.pt", resumed)
+    out = run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout
+    assert re.findall(r"sample at update (\d+)", out) == ["8"]
+    assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
 def test_prepare_train_resume_sample_end_to_end(tmp_path):
