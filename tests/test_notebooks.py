@@ -1,9 +1,11 @@
-"""The notebooks in notebooks/ run top to bottom, headless, and draw their figures.
+"""The notebooks in notebooks/ run top to bottom, headless, and draw their figures; and every code cell can be run
+twice in a row.
 
 Each notebook walks one section of the training guide and asserts the guide's numbers as it goes, so executing it
 is the test: any failing cell fails it. They read the default Shakespeare dataset, which the `shakespeare_dir`
 fixture builds if it is missing.
 """
+import copy
 import sys
 import time
 from pathlib import Path
@@ -17,9 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
     "01_introduction": 3,
     "02_model_configuration": 2,
-    "03_dataset_and_batching": 2,
+    "03_dataset_and_batching": 3,
     "04_lr_scheduler": 3,
-    "05_training_loop": 1,
+    "05_training_loop": 2,
+    "06_a_run_of_train_py": 1,
 }
 
 
@@ -27,16 +30,8 @@ def test_there_is_one_notebook_per_guide_section():
     assert sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(NOTEBOOKS)
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_and_draws_its_figures(name, shakespeare_dir, monkeypatch):
-    # Spinning OpenMP threads crawl (~8x slower) when other processes share the cores; waiting passively costs
-    # nothing on an idle machine. The kernel inherits this environment.
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert not any(cell.outputs for cell in code_cells), f"{name} must be stored with its outputs cleared"
-
-    # Started in notebooks/, as Jupyter would: the first cell has to find the repository root by itself.
+def execute(nb, name: str) -> int:
+    """Run `nb` in a fresh kernel started in notebooks/, as Jupyter would; return the number of figures drawn."""
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}})
     # The kernel must be this interpreter (the venv's), not whatever `python` is first on PATH. The client keeps
@@ -45,6 +40,39 @@ def test_notebook_runs_and_draws_its_figures(name, shakespeare_dir, monkeypatch)
     start = time.time()
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     print(f"{name}: {time.time() - start:.1f} s")
+    return sum("image/png" in output.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+               for output in cell.outputs)
 
-    figures = sum("image/png" in output.get("data", {}) for cell in code_cells for output in cell.outputs)
-    assert figures == NOTEBOOKS[name]
+
+def read(name: str):
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    assert not any(cell.get("outputs") for cell in nb.cells), f"{name} must be stored with its outputs cleared"
+    return nb
+
+
+@pytest.fixture(autouse=True)
+def passive_openmp(monkeypatch):
+    # Spinning OpenMP threads crawl (~8x slower) when other processes share the cores; waiting passively costs
+    # nothing on an idle machine. The kernel inherits this environment.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_draws_its_figures(name, shakespeare_dir):
+    assert execute(read(name), name) == NOTEBOOKS[name]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_cell_runs_twice_in_a_row(name, shakespeare_dir):
+    # A learner runs a cell, changes something, runs it again. Each code cell is followed by a copy of itself, so
+    # every cell runs a second time in the state its own first run left behind.
+    nb = read(name)
+    cells = []
+    for cell in nb.cells:
+        cells.append(cell)
+        if cell.cell_type == "code":
+            again = copy.deepcopy(cell)
+            again.id = f"{cell.id}-again"
+            cells.append(again)
+    nb.cells = cells
+    assert execute(nb, f"{name} (every cell twice)") == 2 * NOTEBOOKS[name]
