@@ -12,7 +12,9 @@ a prepared dataset whose tokenizer is reused), --vocab_size (bpe only, counts <|
 
 The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
 nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
-and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops.
+and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops. Encoding is the
+expensive stage, so it runs as a pipeline (see encoded_batches): the tokenizer's threads encode one batch of
+documents while the main thread reads and parses the next, and the ids come back as arrays, not Python lists.
 
 Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes; validation is the
 final --val_fraction of them, starting at the first line break after the cut (the document that straddles the cut
