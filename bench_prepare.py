@@ -183,6 +183,10 @@ def tokenizer_ceiling(corpus: Path, tokenizer: str, megabytes: int) -> float:
 
 def main(argv: list[str]):
     cfg = load_config(argv, PrepareBenchConfig)
+    # GPT-2's vocabulary offline, as the tests find it (a machine with a network needs nothing)
+    shared_cache = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
+    if shared_cache.is_dir():
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared_cache))
     root = Path(cfg.work_dir)
     if not (Path("data/shakespeare") / "meta.json").exists():
         raise UserError("the trained vocabulary comes from data/shakespeare; run `python prepare.py` first")
