@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import difflib
 import hashlib
-import json
+import io
 import math
 import os
 import signal
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from model import ModelConfig, Transformer
-from prepare import UserError, load_tokenizer, run_cli
+from prepare import UserError, damaged, load_tokenizer, lock_directory, read_meta, run_cli, space_for, write_file
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,10 +158,7 @@ def load_config(argv: list[str], cls=TrainConfig):
 def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
     """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
     root = Path(dataset_dir)
-    meta_path = root / "meta.json"
-    if not meta_path.exists():
-        raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); run `python prepare.py` first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(dataset_dir)
     names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
     on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
     if not names or names != on_disk:
@@ -169,9 +166,13 @@ def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
                         "rebuild the dataset with `python prepare.py --overwrite`")
     shards = []
     for name in names:
-        shard = np.load(root / name, mmap_mode="r")
+        try:  # a truncated file (an interrupted copy, a disk error) cannot be mapped
+            shard = np.load(root / name, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise damaged(root / name, e) from None
         if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
-            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset")
+            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset with "
+                            "`python prepare.py --overwrite`")
         shards.append(shard)
     return shards, meta
 
@@ -396,6 +397,9 @@ def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: each save is a new file, written whole and then renamed, so a crash never leaves a torn one.
+RUN_SPACE_FIX = "free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto"
+
+
 def checkpoint_paths(ckpt_dir: str) -> list[Path]:
     """Complete checkpoints in ckpt_dir, oldest first (the update number is in the name)."""
     return sorted(Path(ckpt_dir).glob("ckpt_*.pt"))
@@ -403,16 +407,28 @@ def checkpoint_paths(ckpt_dir: str) -> list[Path]:
 
 def tokenizer_fingerprint(dataset_dir: str) -> str:
     """Identifies the vocabulary, so a checkpoint is never resumed on data from another tokenizer."""
-    meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
+    meta = read_meta(dataset_dir)
     ranks = Path(dataset_dir) / "tokenizer.tiktoken"
     digest = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16] if ranks.exists() else meta["tokenizer"]
     return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
 
 
+def tensor_bytes(state) -> int:
+    """About the size of a checkpoint on disk: the bytes of its tensors (the plain data beside them is tiny)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int) -> Path:
     path = Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
+    # A full disk ends the run with one line; the checkpoints already saved are untouched.
+    with space_for(tmp, tensor_bytes(state), RUN_SPACE_FIX), open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename makes it visible
@@ -429,6 +445,22 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:
         raise UserError(f"cannot load checkpoint {path} safely ({type(e).__name__}); it is damaged or holds "
                         "arbitrary Python objects; delete it to resume from an older one") from None
+
+
+def newest_loadable_checkpoint(paths: list[Path], master: bool) -> tuple[Path, dict]:
+    """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its rename) is
+    renamed to *.damaged, so it no longer counts as the newest, and the one before it is tried: a restarted job
+    goes on by itself instead of waiting for a person to delete a file. The oldest one failing is an error."""
+    for newer, older in zip(paths[::-1], [*paths[-2::-1], None], strict=True):
+        try:
+            return newer, load_checkpoint(newer)
+        except UserError:
+            if older is None:
+                raise
+            if master:
+                newer.rename(newer.with_name(newer.name + ".damaged"))
+                print(f"warning: {newer} cannot be loaded (damaged or unsafe), renamed it to {newer.name}.damaged; "
+                      f"resuming from the previous checkpoint {older}", file=sys.stderr)
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
@@ -448,17 +480,27 @@ LOG_COLUMNS = ["step", "progress_pct", "train_loss", "perplexity", "lr", "grad_n
                "elapsed_s", "val_loss", "val_bpb"]
 
 
-def open_log(log_file: str, step: int):
+def csv_text(rows: list[list]) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
+
+
+def start_log(log_file: str, step: int):
     """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows logged
     after it (before a crash) are trained again and must not appear twice."""
     kept = []
     if step > 0 and os.path.exists(log_file):
         with open(log_file, newline="") as f:
-            kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
-    log = open(log_file, "w", newline="")
-    writer = csv.writer(log)
-    writer.writerows([LOG_COLUMNS, *kept])
-    return log, writer
+            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(LOG_COLUMNS) and int(row[0]) <= step]
+    write_file(Path(log_file), csv_text([LOG_COLUMNS, *kept]).encode(), RUN_SPACE_FIX)
+
+
+def append_log(log_file: str, row: list):
+    """Append one row and close the file: a full disk cuts the log back to its last whole row."""
+    line = csv_text([row])
+    with space_for(log_file, len(line), RUN_SPACE_FIX), open(log_file, "a", newline="") as f:
+        f.write(line)
 
 
 def plot_log(log_file: str, png_path: str):
@@ -482,8 +524,10 @@ def plot_log(log_file: str, png_path: str):
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("tokens trained")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_file(Path(png_path), png.getvalue(), RUN_SPACE_FIX)
 
 
 class StopRequest:
@@ -503,6 +547,30 @@ class StopRequest:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def lock_ckpt_dir(ckpt_dir: str, master: bool, device: str):
+    """One run per ckpt_dir: two would interleave their checkpoints and overwrite each other's log. Rank 0 takes an
+    OS lock on <ckpt_dir>/.lock and every rank learns the outcome before any work, so all of them stop together
+    when another run holds it. Returns the lock (None on other ranks); closing it releases it."""
+    lock, refused = None, None
+    if master:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        try:
+            lock = lock_directory(Path(ckpt_dir) / ".lock", ckpt_dir,
+                                  "wait for that run to end or stop it, or pass another --ckpt_dir")
+        except UserError as e:
+            refused = e
+    if dist.is_initialized():
+        flag = torch.tensor(float(refused is not None), device=device)
+        dist.broadcast(flag, src=0)
+        if flag.item():
+            dist.destroy_process_group()
+            if not master:
+                sys.exit(2)  # rank 0 prints the reason
+    if refused:
+        raise refused
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,7 +600,7 @@ def train(cfg: TrainConfig):
                            vocab_size=tokenizer.vocab_size)
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
                                vocab_size=tokenizer.vocab_size)
-    meta = json.loads((Path(cfg.dataset_dir) / "meta.json").read_text())
+    meta = read_meta(cfg.dataset_dir)
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
 
@@ -543,14 +611,15 @@ def train(cfg: TrainConfig):
     scheduler = Scheduler(optimizer, cfg.schedule, total_updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
 
     # --- Resume, or refuse to mix a new run into a directory that holds another run's checkpoints. ---
+    lock = lock_ckpt_dir(cfg.ckpt_dir, master, device)
     step, elapsed_before = 0, 0.0
     existing = checkpoint_paths(cfg.ckpt_dir)
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if cfg.load_ckpt is True and not existing:
         raise UserError(f"--load_ckpt=True but {cfg.ckpt_dir} holds no checkpoint; train without it first")
     if cfg.load_ckpt and existing:
-        ckpt = load_checkpoint(existing[-1])
-        check_resumable(ckpt, cfg, fingerprint, existing[-1])
+        path, ckpt = newest_loadable_checkpoint(existing, master)
+        check_resumable(ckpt, cfg, fingerprint, path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -561,7 +630,7 @@ def train(cfg: TrainConfig):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
         if master:
-            print(f"resumed from {existing[-1]} at update {step} ({step * cfg.tokens_per_update:,} tokens)")
+            print(f"resumed from {path} at update {step} ({step * cfg.tokens_per_update:,} tokens)")
     elif existing:
         raise UserError(f"{cfg.ckpt_dir} already holds checkpoints of an earlier run; resume it with "
                         "--load_ckpt=True or choose another --ckpt_dir")
@@ -573,8 +642,7 @@ def train(cfg: TrainConfig):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device != "cpu" else None)
 
     if master:
-        os.makedirs(cfg.ckpt_dir, exist_ok=True)
-        log, writer = open_log(log_file, step)
+        start_log(log_file, step)
         peak_flops = measure_matmul_flops(device, dtype)
         flops_per_token = raw_model.flops_per_token()
         print(f"{raw_model.num_params():,} parameters | {total_updates} updates of {cfg.tokens_per_update:,} tokens "
@@ -613,11 +681,11 @@ def train(cfg: TrainConfig):
                 val_loss = evaluate(raw_model, val_loader, eval_batches, device, dtype)
                 # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
                 val_bpb = val_loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
-            writer.writerow([step, f"{100 * step / total_updates:.2f}", f"{loss:.4f}", f"{math.exp(loss):.2f}",
-                             f"{lr:.3e}", f"{grad_norm:.4f}", step * cfg.tokens_per_update, f"{tokens_per_sec:.0f}",
-                             f"{elapsed:.1f}", f"{val_loss:.4f}" if val_loss != "" else "",
-                             f"{val_bpb:.4f}" if val_bpb != "" else ""])
-            log.flush()
+            append_log(log_file, [step, f"{100 * step / total_updates:.2f}", f"{loss:.4f}", f"{math.exp(loss):.2f}",
+                                  f"{lr:.3e}", f"{grad_norm:.4f}", step * cfg.tokens_per_update,
+                                  f"{tokens_per_sec:.0f}", f"{elapsed:.1f}",
+                                  f"{val_loss:.4f}" if val_loss != "" else "",
+                                  f"{val_bpb:.4f}" if val_bpb != "" else ""])
             mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
             print(f"update {step}/{total_updates} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                   f"{tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min"
@@ -635,8 +703,8 @@ def train(cfg: TrainConfig):
             break
 
     if master:
-        log.close()
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+        lock.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
