@@ -171,7 +171,7 @@ def read_meta(dataset_dir) -> dict:
         raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); build one with `python prepare.py`")
     try:
         meta = json.loads(path.read_text())
-        missing = [key for key in ("vocab_size", "tokenizer", "dtype", "shards") if key not in meta]
+        missing = [key for key in ("vocab_size", "tokenizer", "pattern", "dtype", "shards") if key not in meta]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except (OSError, ValueError, TypeError) as e:
@@ -253,9 +253,12 @@ def load_tokenizer(dataset_dir) -> Tokenizer:
         return gpt2_tokenizer()
     path = Path(dataset_dir) / "tokenizer.tiktoken"
     try:
-        return bpe_tokenizer(read_ranks(path), meta["pattern"])
-    except (OSError, ValueError, KeyError) as e:
+        tokenizer = bpe_tokenizer(read_ranks(path), meta["pattern"])
+        if tokenizer.vocab_size != meta["vocab_size"]:  # cut short at a line break
+            raise ValueError(f"{tokenizer.vocab_size} tokens, meta.json says {meta['vocab_size']}")
+    except (OSError, ValueError) as e:
         raise damaged(path, e) from None
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -397,7 +397,8 @@ def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: each save is a new file, written whole and then renamed, so a crash never leaves a torn one.
-RUN_SPACE_FIX = "free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto"
+RUN_SPACE_FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the "
+                 "checkpoints saved before are intact")
 
 
 def checkpoint_paths(ckpt_dir: str) -> list[Path]:
