@@ -164,14 +164,15 @@ def damaged(path: Path, e: Exception) -> UserError:
     return UserError(f"{path} is damaged or unreadable ({type(e).__name__}: {reason}); {REBUILD}")
 
 
-def read_meta(dataset_dir) -> dict:
-    """meta.json of a prepared dataset. A directory without one was never prepared; an unreadable one is damaged."""
+def read_meta(dataset_dir, *keys: str) -> dict:
+    """meta.json of a prepared dataset, holding at least `keys` (those the caller reads). A directory without one
+    was never prepared; one that does not parse, or lacks a key, is damaged."""
     path = Path(dataset_dir) / "meta.json"
     if not path.is_file():
         raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); build one with `python prepare.py`")
     try:
         meta = json.loads(path.read_text())
-        missing = [key for key in ("vocab_size", "tokenizer", "pattern", "dtype", "shards") if key not in meta]
+        missing = [key for key in keys if key not in meta]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except (OSError, ValueError, TypeError) as e:
@@ -248,7 +249,7 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 def load_tokenizer(dataset_dir) -> Tokenizer:
     """The tokenizer a dataset directory was prepared with: the one way every script gets its tokenizer."""
-    meta = read_meta(dataset_dir)
+    meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern")
     if meta["tokenizer"] == "gpt2":
         return gpt2_tokenizer()
     path = Path(dataset_dir) / "tokenizer.tiktoken"

@@ -158,7 +158,7 @@ def load_config(argv: list[str], cls=TrainConfig):
 def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
     """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
     root = Path(dataset_dir)
-    meta = read_meta(dataset_dir)
+    meta = read_meta(dataset_dir, "dtype", "shards")
     names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
     on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
     if not names or names != on_disk:
@@ -408,7 +408,7 @@ def checkpoint_paths(ckpt_dir: str) -> list[Path]:
 
 def tokenizer_fingerprint(dataset_dir: str) -> str:
     """Identifies the vocabulary, so a checkpoint is never resumed on data from another tokenizer."""
-    meta = read_meta(dataset_dir)
+    meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
     ranks = Path(dataset_dir) / "tokenizer.tiktoken"
     digest = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16] if ranks.exists() else meta["tokenizer"]
     return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
@@ -601,7 +601,7 @@ def train(cfg: TrainConfig):
                            vocab_size=tokenizer.vocab_size)
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
                                vocab_size=tokenizer.vocab_size)
-    meta = read_meta(cfg.dataset_dir)
+    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes")
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
 
