@@ -254,12 +254,13 @@ def load_tokenizer(dataset_dir) -> Tokenizer:
         return gpt2_tokenizer()
     path = Path(dataset_dir) / "tokenizer.tiktoken"
     try:
-        tokenizer = bpe_tokenizer(read_ranks(path), meta["pattern"])
-        if tokenizer.vocab_size != meta["vocab_size"]:  # cut short at a line break
-            raise ValueError(f"{tokenizer.vocab_size} tokens, meta.json says {meta['vocab_size']}")
+        ranks = read_ranks(path)
+        # A file cut short loses tokens or repeats one; tiktoken would not say which file, it would panic.
+        if len(ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{len(ranks) + 1} tokens, meta.json says {meta['vocab_size']}")
     except (OSError, ValueError) as e:
         raise damaged(path, e) from None
-    return tokenizer
+    return bpe_tokenizer(ranks, meta["pattern"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
