@@ -453,16 +453,16 @@ def newest_loadable_checkpoint(paths: list[Path], master: bool) -> tuple[Path, d
     """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its rename) is
     renamed to *.damaged, so it no longer counts as the newest, and the one before it is tried: a restarted job
     goes on by itself instead of waiting for a person to delete a file. The oldest one failing is an error."""
-    for newer, older in zip(paths[::-1], [*paths[-2::-1], None], strict=True):
+    for i in reversed(range(len(paths))):
         try:
-            return newer, load_checkpoint(newer)
+            return paths[i], load_checkpoint(paths[i])
         except UserError:
-            if older is None:
+            if i == 0:
                 raise
             if master:
-                newer.rename(newer.with_name(newer.name + ".damaged"))
-                print(f"warning: {newer} cannot be loaded (damaged or unsafe), renamed it to {newer.name}.damaged; "
-                      f"resuming from the previous checkpoint {older}", file=sys.stderr)
+                paths[i].rename(paths[i].with_name(paths[i].name + ".damaged"))
+                print(f"warning: {paths[i]} cannot be loaded (damaged or unsafe), renamed it to {paths[i].name}"
+                      f".damaged; resuming from the previous checkpoint {paths[i - 1]}", file=sys.stderr)
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
