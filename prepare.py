@@ -12,7 +12,9 @@ a prepared dataset whose tokenizer is reused), --vocab_size (bpe only, counts <|
 
 The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
 nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
-and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops.
+and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops. Encoding is the
+expensive stage, so it runs as a pipeline (see encoded_batches): the tokenizer's threads encode one batch of
+documents while the main thread reads and parses the next, and the ids come back as arrays, not Python lists.
 
 Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes; validation is the
 final --val_fraction of them, starting at the first line break after the cut (the document that straddles the cut
@@ -38,6 +40,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -198,9 +201,16 @@ class Tokenizer:
         # "ordinary": a literal "<|endoftext|>" inside a text is just characters, never the separator token
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode() as a uint32 array. tiktoken hands the ids over as one buffer instead of a Python list of ints,
+        which it would build while holding the GIL (and which would then be copied into an array anyway). With no
+        special token allowed or disallowed, a literal "<|endoftext|>" is ordinary text here too."""
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         # tiktoken releases the GIL while it encodes, so threads use every core
-        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return list(pool.map(self.encode_array, texts))
 
     def decode(self, ids) -> str:
         return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # numpy and torch too
@@ -371,6 +381,11 @@ def clean(documents):
             yield text
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of text in UTF-8, without encoding it when it is plain ASCII (CPython knows that for free)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def split_documents(documents, total_bytes: int | None, val_fraction: float):
     """Label each document "train" or "val" (see the module docstring for the rule) as (split, text) pairs."""
     if total_bytes is None:  # a stream of unknown size: every k-th document is validation
@@ -381,7 +396,7 @@ def split_documents(documents, total_bytes: int | None, val_fraction: float):
     cut = total_bytes * (1 - val_fraction)  # validation starts at this byte, moved on to the next line break
     seen = 0
     for text in documents:
-        size = len(text.encode())
+        size = utf8_size(text)
         if seen >= cut:
             yield "val", text
         elif seen + size <= cut:
@@ -402,7 +417,7 @@ def capped(texts, max_bytes: int):
     for text in texts:
         if total >= max_bytes:
             return
-        total += len(text.encode())
+        total += utf8_size(text)
         yield text
 
 
@@ -460,19 +475,38 @@ def batches(pairs, max_chars: int):
         yield batch
 
 
+def encoded_batches(pairs, tokenizer: Tokenizer):
+    """Yield (batch, the ids of each of its texts) for batches of (split, text) pairs, in order.
+
+    Reading and parsing (this thread, holding the GIL) and encoding (the tokenizer's threads, which release it) are
+    two stages of a pipeline: while batch k is being encoded, the loop here already reads batch k + 1. Without the
+    overlap the encoder threads would sit idle during every read, and the reader during every encode. At most two
+    batches are in flight, so memory stays flat."""
+    with ThreadPoolExecutor(1) as encoder:
+        pending = None
+        for batch in batches(pairs, ENCODE_BATCH_CHARS):
+            future = encoder.submit(tokenizer.encode_batch, [text for _, text in batch])
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None) -> dict:
     """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the disk and RAM when ids fit in 16 bits
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
     text_bytes = {"train": 0, "val": 0}
+    eot = np.array([tokenizer.eot_id])
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-        for batch in batches(pairs, ENCODE_BATCH_CHARS):
-            for (split, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch]), strict=True):
+        for batch, encoded in encoded_batches(pairs, tokenizer):
+            for (split, text), ids in zip(batch, encoded, strict=True):
                 if split == "val" and total_bytes is not None:
                     writers["train"].close()  # local text puts all training documents first: free their buffer
-                ids.append(tokenizer.eot_id)  # every document ends with <|endoftext|>
                 writers[split].add(ids)
-                size = len(text.encode())
+                writers[split].add(eot)  # every document ends with <|endoftext|>
+                size = utf8_size(text)
                 text_bytes[split] += size
                 bar.update(size)
     for writer in writers.values():
@@ -564,7 +598,7 @@ def main(argv: list[str]):
     # A first pass measures local text, to place the validation cut (a stream's size is unknown: see the docstring)
     total_bytes = None
     if not args["hf_dataset"]:
-        total_bytes = sum(len(text.encode()) for text in tqdm(documents(), desc="measuring", unit=" docs"))
+        total_bytes = sum(utf8_size(text) for text in tqdm(documents(), desc="measuring", unit=" docs"))
         if total_bytes == 0:
             raise UserError("the corpus is empty; check --input")
 

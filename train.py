@@ -21,6 +21,7 @@ import io
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -67,8 +68,11 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    optimizer: str = "adamw"  # "adamw" (the guide's), or "muon": Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.0  # Muon's peak learning rate, on the same schedule; 0 means max_lr
     # Length of the run, evaluation, samples and checkpoints
     training_tokens: int = 2_000_000
+    max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
     eval_interval: int = 50  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
@@ -92,6 +96,9 @@ class TrainConfig:
              "--training_tokens must be at least tokens_per_update (one optimizer update)"),
             (0 <= self.min_lr <= self.max_lr, "--min_lr must be between 0 and max_lr"),
             (self.keep_ckpts >= 1, "--keep_ckpts must be at least 1"),
+            (self.optimizer in ("adamw", "muon"), "--optimizer must be adamw or muon"),
+            (self.optimizer == "adamw" or self.max_lr > 0, "--optimizer=muon needs max_lr > 0"),
+            (self.muon_lr >= 0 and self.max_minutes >= 0, "--muon_lr and --max_minutes must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -150,7 +157,9 @@ def load_config(argv: list[str], cls=TrainConfig):
             for name, value in scope.items():
                 if not name.startswith("_") and not callable(value) and not isinstance(value, type(os)):
                     set_value(name, value, arg)
-    return cls(**values)
+    cfg = cls(**values)
+    cfg.user_set = frozenset(values)  # which keys the user chose, for checks a default must not trip
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +269,8 @@ class Scheduler:
         self.current_lr = self.lr_at(step)
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.current_lr
+                # A group may peak at its own learning rate (Muon's): it then carries the ratio as lr_scale.
+                group["lr"] = self.current_lr * group.get("lr_scale", 1.0)
         return self.current_lr
 
     def state_dict(self) -> dict:
@@ -305,15 +315,60 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def make_optimizer(model, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW, with weight decay on the matrices only: decaying norm gains towards zero would just fight them."""
+class MuonAndAdamW:
+    """--optimizer=muon: two optimizers that train.py steps, zeroes, saves and loads as one.
+
+    Muon takes the 2-D weight matrices inside the blocks. Its update is the momentum of the gradient with every
+    singular value set to 1 (a few Newton-Schulz iterations approximate that), so a matrix moves by the same amount
+    in every direction instead of mostly along the few directions that dominate its gradient. That only makes sense
+    for a matrix that maps vectors to vectors, so the embedding table (a lookup), the output head and the norm gains
+    stay with AdamW, as in modded-nanogpt and nanochat."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: load_state_dict gives each optimizer new group dicts, and the Scheduler must set the
+        # learning rate in the ones the optimizers use.
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def make_optimizer(model, cfg: TrainConfig, device: str):
+    """AdamW, with weight decay on the matrices only: decaying norm gains towards zero would just fight them.
+    With --optimizer=muon the matrices inside the blocks go to Muon instead (see MuonAndAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    in_muon = {id(p) for p in model.layers.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
+    matrices = [p for p in params if p.dim() >= 2 and id(p) not in in_muon]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # The fused kernel updates every parameter in one pass instead of a dozen separate element-wise ops over all of
     # them. On a 2-core CPU the default model's optimizer step took 4.7 ms instead of 22.7 (about 2% of an update).
     fused = device == "cpu" or device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if not in_muon:
+        return adamw
+    muon_lr = cfg.muon_lr or cfg.max_lr
+    # match_rms_adamw scales each matrix's update to the size an AdamW update has (0.2 * sqrt(max(rows, cols))), so
+    # learning rates and weight decay mean the same for both optimizers and muon_lr can start from max_lr.
+    muon = torch.optim.Muon([{"params": [p for p in params if id(p) in in_muon], "lr_scale": muon_lr / cfg.max_lr}],
+                            lr=muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAndAdamW(muon, adamw)
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -324,6 +379,28 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
                         f"world_size = {cfg.batch_size}*{cfg.max_seq_len}*{world_size} = {per_micro_step}; "
                         "change tokens_per_update or batch_size")
     return cfg.tokens_per_update // per_micro_step
+
+
+BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is re-estimated after each of these, then fixed
+
+
+def updates_in_budget(cfg: TrainConfig, step: int, seconds_used: float, update_seconds: float, n_params: int,
+                      device: str) -> int:
+    """--max_minutes: how many updates in all fit in the budget, given the time used so far and what one update costs.
+
+    The time left, less one last evaluation and checkpoint, is divided by the cost of an update plus its share of
+    the evaluations (a forward pass over eval_tokens every eval_interval updates; forward alone is about a third of
+    forward + backward) and of the checkpoints (12 bytes per parameter, weights and AdamW's two moments, at a
+    conservative 200 MB/s, every token_ckpt tokens). Rank 0's answer is every rank's, so all run the same updates."""
+    eval_seconds = update_seconds * cfg.eval_tokens / cfg.tokens_per_update / 3
+    ckpt_seconds = 12 * n_params / 200e6
+    per_update = (update_seconds + eval_seconds / cfg.eval_interval
+                  + ckpt_seconds * cfg.tokens_per_update / cfg.token_ckpt)
+    left = cfg.max_minutes * 60 - seconds_used - eval_seconds - ckpt_seconds
+    total = torch.tensor(step + max(0, int(left / per_update)), device=device)
+    if dist.is_initialized():
+        dist.broadcast(total, src=0)
+    return max(BUDGET_PROBE_UPDATES, step, int(total.item()))  # the first updates are always run, to be timed
 
 
 def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> tuple[float, float]:
@@ -577,6 +654,8 @@ def lock_ckpt_dir(ckpt_dir: str, master: bool, device: str):
 
 # ----------------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig):
+    if cfg.max_minutes and "training_tokens" in getattr(cfg, "user_set", ()):
+        raise UserError("--max_minutes and --training_tokens both set the length of the run; pass only one of them")
     # --- Processes and devices. torchrun sets RANK/WORLD_SIZE; plain `python train.py` is rank 0 of 1. ---
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -609,7 +688,10 @@ def train(cfg: TrainConfig):
     # --- Model, optimizer, schedule. ---
     model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    total_updates = cfg.training_tokens // cfg.tokens_per_update
+    # With a time budget, the first updates are timed and the run's length is fixed from them (updates_in_budget).
+    # The budget covers the loop (training, evaluation, samples, checkpoints), as the log's elapsed_s does; the few
+    # seconds of start-up before it are not counted.
+    total_updates = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, total_updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
 
     # --- Resume, or refuse to mix a new run into a directory that holds another run's checkpoints. ---
@@ -625,7 +707,10 @@ def train(cfg: TrainConfig):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.training_steps = total_updates  # training_tokens may be raised to train for longer
+        if cfg.max_minutes:
+            total_updates = scheduler.training_steps  # a budgeted run keeps the length it planned
+        else:
+            scheduler.training_steps = total_updates  # training_tokens may be raised to train for longer
         loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.startswith("cuda") and "cuda" in ckpt["rng"]:
@@ -647,7 +732,8 @@ def train(cfg: TrainConfig):
         start_log(log_file, step)
         peak_flops = measure_matmul_flops(device, dtype)
         flops_per_token = raw_model.flops_per_token()
-        print(f"{raw_model.num_params():,} parameters | {total_updates} updates of {cfg.tokens_per_update:,} tokens "
+        length = f"{cfg.max_minutes:g} min" if cfg.max_minutes else f"{total_updates} updates"
+        print(f"{raw_model.num_params():,} parameters | {length} of {cfg.tokens_per_update:,}-token updates "
               f"({accum_steps} micro-steps x {world_size} ranks x {cfg.batch_size}x{cfg.max_seq_len}) | "
               f"{device} {str(dtype).removeprefix('torch.')}")
 
@@ -664,11 +750,18 @@ def train(cfg: TrainConfig):
     ckpt_every = max(1, cfg.token_ckpt // cfg.tokens_per_update)
     next_sample = 1.0
     start_step, start_time = step, time.time()
+    update_seconds = []
     while step < total_updates:
         t0 = time.time()
         lr = scheduler.step(step)
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
         step += 1
+        update_seconds.append(time.time() - t0)
+        if cfg.max_minutes and step <= BUDGET_PROBE_UPDATES:
+            timed = update_seconds[1:] or update_seconds  # without update 1's one-time costs (allocation, compiling)
+            total_updates = scheduler.training_steps = updates_in_budget(
+                cfg, step, elapsed_before + time.time() - start_time, statistics.median(timed),
+                raw_model.num_params(), device)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Nothing is saved: the last checkpoint on disk is the last good state.
             sys.exit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at update {step}; "
