@@ -45,6 +45,7 @@ class TrainConfig:
     dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken, meta.json
     ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
+    init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (see init_from_hf); "" = random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees tokens_per_update.
     batch_size: int = 16
     max_seq_len: int = 256
@@ -58,6 +59,7 @@ class TrainConfig:
     eps: float = 1e-5
     theta: float = 10_000.0
     dropout: float = 0.0
+    tie_embeddings: bool = False
     # Optimisation and the learning-rate schedule
     schedule: str = "cosine"  # "cosine", "linear" or "constant"
     warmup_iterations: int = 20  # updates of linear warm-up
@@ -394,6 +396,29 @@ def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
     return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_id])
 
 
+def init_from_hf(cfg: TrainConfig, vocab_size: int) -> tuple[TrainConfig, Transformer]:
+    """The model for --init_from=DIR: a Hugging Face LlamaForCausalLM directory's architecture and weights.
+
+    The architecture is config.json's. A setting here that differs from both TrainConfig's default and config.json
+    contradicts it and is refused; the returned config holds config.json's values, so checkpoints record them.
+    The training choices (max_seq_len, dropout, batch, schedule) stay this run's."""
+    from export import read_hf_model  # export.py imports this file, so not at the top
+
+    fields, weights = read_hf_model(cfg.init_from, cfg.multiple_of)
+    default = TrainConfig()
+    for name, value in fields.items():
+        if name != "vocab_size" and getattr(cfg, name) not in (value, getattr(default, name)):
+            raise UserError(f"--{name}={getattr(cfg, name)} contradicts {cfg.init_from}/config.json ({name}="
+                            f"{value}); drop the setting, the architecture comes from --init_from")
+    if vocab_size > fields["vocab_size"]:
+        raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {cfg.init_from}'s embedding only "
+                        f"{fields['vocab_size']}; prepare the data with --tokenizer={cfg.init_from}")
+    cfg = dataclasses.replace(cfg, **{name: v for name, v in fields.items() if name != "vocab_size"})
+    model = Transformer(cfg.model_config(fields["vocab_size"]))
+    model.load_state_dict(weights)
+    return cfg, model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: each save is a new file, written whole and then renamed, so a crash never leaves a torn one.
 def checkpoint_paths(ckpt_dir: str) -> list[Path]:
@@ -404,8 +429,8 @@ def checkpoint_paths(ckpt_dir: str) -> list[Path]:
 def tokenizer_fingerprint(dataset_dir: str) -> str:
     """Identifies the vocabulary, so a checkpoint is never resumed on data from another tokenizer."""
     meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
-    ranks = Path(dataset_dir) / "tokenizer.tiktoken"
-    digest = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16] if ranks.exists() else meta["tokenizer"]
+    files = [p for p in (Path(dataset_dir) / "tokenizer.tiktoken", Path(dataset_dir) / "tokenizer.json") if p.exists()]
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()[:16] if files else meta["tokenizer"]
     return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
 
 
@@ -506,7 +531,7 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig):
+def train(cfg: TrainConfig, argv: list[str] | None = None):
     # --- Processes and devices. torchrun sets RANK/WORLD_SIZE; plain `python train.py` is rank 0 of 1. ---
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -537,7 +562,11 @@ def train(cfg: TrainConfig):
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
 
     # --- Model, optimizer, schedule. ---
-    model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
+    if cfg.init_from:
+        cfg, model = init_from_hf(cfg, tokenizer.vocab_size)
+    else:
+        model = Transformer(cfg.model_config(tokenizer.vocab_size))
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     total_updates = cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, total_updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
@@ -587,7 +616,8 @@ def train(cfg: TrainConfig):
                 "rng": {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()}
                                                          if device.startswith("cuda") else {}),
                 "config": dataclasses.asdict(cfg), "tokenizer": fingerprint, "step": step,
-                "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_before + time.time() - start_time}
+                "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_before + time.time() - start_time,
+                "argv": argv or []}  # the command line, for export.py's model card
 
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()
@@ -643,7 +673,7 @@ def train(cfg: TrainConfig):
 
 
 def main(argv: list[str]):
-    train(load_config(argv))
+    train(load_config(argv), argv)
 
 
 if __name__ == "__main__":
