@@ -255,8 +255,8 @@ Pretrained from scratch by next-token prediction, exported from `{path}` by expo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
-ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
-print(tokenizer.decode(model.generate(ids, max_new_tokens=100)[0]))
+inputs = tokenizer("ROMEO:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))  # samples: see generation_config.json
 ```
 """
 
@@ -301,6 +301,7 @@ def export(cfg: ExportConfig) -> Path:
     try:
         # "format": "pt" tells transformers these are PyTorch tensors (older versions refuse a file without it).
         save_file(tensors, tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        (tmp_dir / "model.safetensors").chmod(0o644)  # safetensors creates it private to its owner
         config = hf_config(model_cfg, tokenizer.eot_id, cfg.dtype)
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         # transformers' generate() defaults: sample.py's, and stop at the end of a document.
@@ -320,8 +321,7 @@ def main(argv: list[str]):
     # A bare --overwrite reads as --overwrite=True, as in prepare.py.
     cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], ExportConfig)
     out_dir = export(cfg)
-    print(f"wrote {out_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size / 1e6:,.1f} MB)"
-                                            for p in sorted(out_dir.iterdir())))
+    print(f"wrote {out_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)" for p in sorted(out_dir.iterdir())))
 
 
 if __name__ == "__main__":
