@@ -232,6 +232,8 @@ def model_card(ckpt: dict, path: Path, cfg: TrainConfig, meta: dict, model_cfg: 
                     f"tied embeddings: {'yes' if c.tie_embeddings else 'no'}")
     trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg.tokens_per_update:,} tokens, "
                f"{ckpt['elapsed_s'] / 60:.1f} minutes)")
+    if cfg.init_from:
+        trained += f", starting from the weights of `{cfg.init_from}`"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation

@@ -4,6 +4,7 @@
     python train.py config/llama_1b3.py --batch_size=4   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
     python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
+    python train.py --init_from=DIR                      # start from a Hugging Face Llama model's weights
 
 Reading order: TrainConfig and load_config (what can be set) -> DatasetLoader (tokens on disk -> (x, y)
 batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, train_update,
@@ -408,8 +409,9 @@ def init_from_hf(cfg: TrainConfig, vocab_size: int) -> tuple[TrainConfig, Transf
     default = TrainConfig()
     for name, value in fields.items():
         if name != "vocab_size" and getattr(cfg, name) not in (value, getattr(default, name)):
-            raise UserError(f"--{name}={getattr(cfg, name)} contradicts {cfg.init_from}/config.json ({name}="
-                            f"{value}); drop the setting, the architecture comes from --init_from")
+            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command line) contradicts "
+                            f"{cfg.init_from}/config.json ({name}={value}); drop it: with --init_from the "
+                            "architecture comes from config.json")
     if vocab_size > fields["vocab_size"]:
         raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {cfg.init_from}'s embedding only "
                         f"{fields['vocab_size']}; prepare the data with --tokenizer={cfg.init_from}")
