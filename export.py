@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, Transformer, ffn_width
-from prepare import EOT, UserError, load_tokenizer, publish, run_cli
+from prepare import EOT, UserError, load_tokenizer, publish, read_meta, run_cli
 from train import TrainConfig, checkpoint_paths, load_checkpoint, load_config, tokenizer_fingerprint
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def export(cfg: ExportConfig) -> Path:
     # A tied output matrix is the embedding: it is stored once, and tie_word_embeddings says so.
     tensors = {hf_name(name): t.to(getattr(torch, cfg.dtype)).contiguous() for name, t in state.items()
                if not (model_cfg.tie_embeddings and name == "output.weight")}
-    meta = json.loads((Path(train_cfg.dataset_dir) / "meta.json").read_text())
+    meta = read_meta(train_cfg.dataset_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
