@@ -576,8 +576,9 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
         raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
                         "it was trained on or a new --ckpt_dir")
     for name in [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]:
-        if ckpt["config"][name] != getattr(cfg, name):
-            raise UserError(f"{path} has {name}={ckpt['config'][name]} but the config says {getattr(cfg, name)}; "
+        saved = ckpt["config"].get(name, getattr(ModelConfig, name))  # a key newer than the checkpoint: its default
+        if saved != getattr(cfg, name):
+            raise UserError(f"{path} has {name}={saved} but the config says {getattr(cfg, name)}; "
                             "resume with the same architecture or use a new --ckpt_dir")
 
 
