@@ -274,6 +274,7 @@ class ExportConfig:
 
 
 def export(cfg: ExportConfig) -> Path:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out_dir = Path(cfg.out_dir or Path(cfg.ckpt_dir) / "hf")
@@ -281,6 +282,8 @@ def export(cfg: ExportConfig) -> Path:
         raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype={cfg.dtype}: use float32 or bfloat16")
+    if cfg.ckpt and not Path(cfg.ckpt).exists():
+        raise UserError(f"--ckpt={cfg.ckpt} does not exist; pass a checkpoint path, or --ckpt_dir for its newest")
     paths = [Path(cfg.ckpt)] if cfg.ckpt else checkpoint_paths(cfg.ckpt_dir)
     if not paths:
         raise UserError(f"no checkpoint in {cfg.ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
@@ -314,6 +317,9 @@ def export(cfg: ExportConfig) -> Path:
         n_params = sum(t.numel() for t in tensors.values())
         (tmp_dir / "README.md").write_text(model_card(ckpt, paths[-1], train_cfg, meta, model_cfg, n_params))
         publish(tmp_dir, out_dir, cfg.overwrite)
+    except (OSError, SafetensorError) as e:  # a full disk, most likely; an existing out_dir is left as it was
+        raise UserError(f"cannot write {out_dir} ({type(e).__name__}: {e}); free space there or choose another "
+                        "--out_dir") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir

@@ -272,3 +272,22 @@ def test_tied_embeddings_share_one_matrix_counted_once():
     assert tied.flops_per_token() == untied.flops_per_token()  # the output matmul is still done
     assert abs(tied.tok_embeddings.weight.std().item() - 0.02) < 0.0005  # drawn once, from N(0, 0.02)
     assert sum(p.numel() for p in torch.optim.AdamW(tied.parameters()).param_groups[0]["params"]) == tied.num_params()
+
+
+def test_a_full_disk_is_one_error_and_keeps_the_previous_export(gqa_export, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    ckpt_dir, out = gqa_export[1].parent, tmp_path / "hf"
+    export(ExportConfig(ckpt_dir=str(ckpt_dir), out_dir=str(out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(UserError, match="cannot write .*No space left on device.*free space"):
+        export(ExportConfig(ckpt_dir=str(ckpt_dir), out_dir=str(out), overwrite=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
