@@ -27,6 +27,7 @@ class ModelConfig:
     eps: float = 1e-5  # added inside RMSNorm's square root so a zero vector does not divide by zero
     theta: float = 10_000.0  # RoPE base: sets how slowly the slowest position "clock" turns
     dropout: float = 0.0  # usually 0 for pretraining, where the data is never repeated
+    tie_embeddings: bool = False  # the output projection reuses the token embedding matrix (see Transformer)
 
     def __post_init__(self):
         sizes = (self.vocab_size, self.max_seq_len, self.n_embd, self.n_heads, self.n_kv_heads, self.n_layers)
@@ -137,16 +138,18 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). The w3 branch gates, per channel, what the w1 branch lets through.
+def ffn_width(n_embd, multiple_of):
+    """SwiGLU's hidden width. A plain MLP uses 4*n_embd with two matrices; SwiGLU has three, so its width is 2/3 of
+    that to keep the parameter count, then rounded up to a multiple of `multiple_of` (e.g. 2048 -> 5461 -> 5632)."""
+    return multiple_of * math.ceil(int(2 * 4 * n_embd / 3) / multiple_of)
 
-    A plain MLP uses a hidden width of 4*n_embd with two matrices; SwiGLU has three, so its width is 2/3 of that to
-    keep the parameter count, then rounded up to a multiple of `multiple_of` (e.g. 2048 -> 5461 -> 5632)."""
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). The w3 branch gates, per channel, what the w1 branch lets through."""
 
     def __init__(self, config):
         super().__init__()
-        hidden = int(2 * 4 * config.n_embd / 3)
-        hidden = config.multiple_of * math.ceil(hidden / config.multiple_of)
+        hidden = ffn_width(config.n_embd, config.multiple_of)
         self.w1 = nn.Linear(config.n_embd, hidden, bias=False)
         self.w3 = nn.Linear(config.n_embd, hidden, bias=False)
         self.w2 = nn.Linear(hidden, config.n_embd, bias=False)
@@ -185,6 +188,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.n_embd, config.eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one matrix, one gradient, counted once
         # The rotary tables are derived from the config, so they are buffers but not saved in checkpoints.
         cos, sin = rope_tables(config.n_embd // config.n_heads, config.max_seq_len, config.theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -193,14 +198,15 @@ class Transformer(nn.Module):
         # residual stream (attention.wo, feed_forward.w2), shrunk by 1/sqrt(2 * n_layers) so that the stream, a sum of
         # 2 * n_layers branch outputs, starts at a size independent of depth. The logits then start small (std about
         # 0.02 * sqrt(n_embd)), every token about equally likely, and the loss near ln(vocab_size).
-        # The output projection is not tied to the embedding (as in LLaMA): reading a token and predicting the next
-        # one are different jobs, and sharing one matrix learnt slower here. Measured on data/shakespeare, 4 layers
-        # x 128 wide, batch 16 x 128 tokens, AdamW lr 3e-3: initial loss 9.03-9.04 either way (ln 8192 = 9.01);
-        # validation loss after 200 steps 5.83 / 6.06 untied vs 6.18 / 6.19 tied (two seeds), after 800 steps
-        # 5.32 vs 5.52. Untying costs vocab_size * n_embd parameters: 1.05M of the default model's 2.95M (that very
-        # shape). At this depth the 1/sqrt(2 * n_layers) shrink changed the 200-step loss by less than the
-        # seed-to-seed spread; PyTorch's default init starts higher (9.18) and leads at 200 steps (5.72) but only by
-        # 0.04 at 800.
+        # By default the output projection is not tied to the embedding (as in LLaMA): reading a token and predicting
+        # the next one are different jobs, and sharing one matrix learnt slower here. Measured on data/shakespeare, 4
+        # layers x 128 wide, batch 16 x 128 tokens, AdamW lr 3e-3: initial loss 9.03-9.04 either way (ln 8192 = 9.01);
+        # validation loss after 200 steps 5.83 / 6.06 untied vs 6.18 / 6.19 tied (two seeds), after 800 steps 5.32 vs
+        # 5.52. Untying costs vocab_size * n_embd parameters: 1.05M of the default model's 2.95M (that very shape). At
+        # this depth the 1/sqrt(2 * n_layers) shrink changed the 200-step loss by less than the seed-to-seed spread;
+        # PyTorch's default init starts higher (9.18) and leads at 200 steps (5.72) but only by 0.04 at 800.
+        # tie_embeddings=True (common in small open models, e.g. to import one with train.py's --init_from) shares the
+        # matrix: named_parameters() lists it once, as tok_embeddings.weight, so it is drawn once from N(0, 0.02).
         for name, p in self.named_parameters():
             if p.dim() == 2:  # every matrix; the RMSNorm gains stay at 1
                 residual_out = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))

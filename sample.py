@@ -38,7 +38,8 @@ def main(argv: list[str]):
         raise UserError(f"{dataset_dir} has another tokenizer than {paths[-1]} was trained with; "
                         "pass the training dataset with --dataset_dir")
     device = pick_device(cfg.device)
-    model = Transformer(train_cfg.model_config(tokenizer.vocab_size))
+    # The embedding's rows, not the tokenizer's size: a model imported with --init_from may have spare rows.
+    model = Transformer(train_cfg.model_config(ckpt["model"]["tok_embeddings.weight"].shape[0]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     torch.manual_seed(cfg.seed)

@@ -4,6 +4,7 @@
     python train.py config/llama_1b3.py --batch_size=4   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
     python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
+    python train.py --init_from=DIR                      # start from a Hugging Face Llama model's weights
 
 Reading order: TrainConfig and load_config (what can be set) -> DatasetLoader (tokens on disk -> (x, y)
 batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, train_update,
@@ -46,6 +47,7 @@ class TrainConfig:
     dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken, meta.json
     ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
+    init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (see init_from_hf); "" = random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees tokens_per_update.
     batch_size: int = 16
     max_seq_len: int = 256
@@ -59,6 +61,7 @@ class TrainConfig:
     eps: float = 1e-5
     theta: float = 10_000.0
     dropout: float = 0.0
+    tie_embeddings: bool = False
     # Optimisation and the learning-rate schedule
     schedule: str = "cosine"  # "cosine", "linear" or "constant"
     warmup_iterations: int = 20  # updates of linear warm-up
@@ -483,6 +486,31 @@ def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
     return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_id])
 
 
+def init_from_hf(cfg: TrainConfig, vocab_size: int) -> tuple[TrainConfig, Transformer]:
+    """The model for --init_from=DIR: a Hugging Face LlamaForCausalLM directory's architecture and weights.
+
+    The architecture is config.json's: a setting the user chose (load_config's user_set) that differs from it is
+    refused. The returned config holds config.json's values, so checkpoints record them. The training choices
+    (max_seq_len, dropout, batch, schedule) stay this run's."""
+    from export import read_hf_model  # export.py imports this file, so not at the top
+
+    fields, weights = read_hf_model(cfg.init_from, cfg.multiple_of)
+    for name, value in fields.items():
+        if name in getattr(cfg, "user_set", ()) and getattr(cfg, name) != value:
+            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command line) contradicts "
+                            f"{cfg.init_from}/config.json ({name}={value}); drop it: with --init_from the "
+                            "architecture comes from config.json")
+    if vocab_size > fields["vocab_size"]:
+        raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {cfg.init_from}'s embedding only "
+                        f"{fields['vocab_size']}; prepare the data with --tokenizer={cfg.init_from}")
+    user_set = getattr(cfg, "user_set", frozenset())
+    cfg = dataclasses.replace(cfg, **{name: v for name, v in fields.items() if name != "vocab_size"})
+    cfg.user_set = user_set  # replace() builds a new object without it
+    model = Transformer(cfg.model_config(fields["vocab_size"]))
+    model.load_state_dict(weights)
+    return cfg, model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: each save is a new file, written whole and then renamed, so a crash never leaves a torn one.
 RUN_SPACE_FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the "
@@ -497,8 +525,8 @@ def checkpoint_paths(ckpt_dir: str) -> list[Path]:
 def tokenizer_fingerprint(dataset_dir: str) -> str:
     """Identifies the vocabulary, so a checkpoint is never resumed on data from another tokenizer."""
     meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
-    ranks = Path(dataset_dir) / "tokenizer.tiktoken"
-    digest = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16] if ranks.exists() else meta["tokenizer"]
+    files = [p for p in (Path(dataset_dir) / "tokenizer.tiktoken", Path(dataset_dir) / "tokenizer.json") if p.exists()]
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()[:16] if files else meta["tokenizer"]
     return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
 
 
@@ -559,8 +587,9 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
         raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
                         "it was trained on or a new --ckpt_dir")
     for name in [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]:
-        if ckpt["config"][name] != getattr(cfg, name):
-            raise UserError(f"{path} has {name}={ckpt['config'][name]} but the config says {getattr(cfg, name)}; "
+        saved = ckpt["config"].get(name, getattr(ModelConfig, name))  # a key newer than the checkpoint: its default
+        if saved != getattr(cfg, name):
+            raise UserError(f"{path} has {name}={saved} but the config says {getattr(cfg, name)}; "
                             "resume with the same architecture or use a new --ckpt_dir")
 
 
@@ -664,7 +693,7 @@ def lock_ckpt_dir(ckpt_dir: str, master: bool, device: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig):
+def train(cfg: TrainConfig, argv: list[str] | None = None):
     if cfg.max_minutes and "training_tokens" in getattr(cfg, "user_set", ()):
         raise UserError("--max_minutes and --training_tokens both set the length of the run; pass only one of them")
     # --- Processes and devices. torchrun sets RANK/WORLD_SIZE; plain `python train.py` is rank 0 of 1. ---
@@ -697,7 +726,11 @@ def train(cfg: TrainConfig):
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
 
     # --- Model, optimizer, schedule. ---
-    model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
+    if cfg.init_from:
+        cfg, model = init_from_hf(cfg, tokenizer.vocab_size)
+    else:
+        model = Transformer(cfg.model_config(tokenizer.vocab_size))
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     # With a time budget, the first updates are timed and the run's length is fixed from them (updates_in_budget).
     # The budget covers the loop (training, evaluation, samples, checkpoints), as the log's elapsed_s does; the few
@@ -754,7 +787,8 @@ def train(cfg: TrainConfig):
                 "rng": {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()}
                                                          if device.startswith("cuda") else {}),
                 "config": dataclasses.asdict(cfg), "tokenizer": fingerprint, "step": step,
-                "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_before + time.time() - start_time}
+                "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_before + time.time() - start_time,
+                "argv": argv or []}  # the command line, for export.py's model card
 
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()
@@ -817,7 +851,7 @@ def train(cfg: TrainConfig):
 
 
 def main(argv: list[str]):
-    train(load_config(argv))
+    train(load_config(argv), argv)
 
 
 if __name__ == "__main__":

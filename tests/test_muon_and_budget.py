@@ -77,7 +77,7 @@ def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tm
 
 
 def test_a_resumed_budgeted_run_keeps_its_schedule(shakespeare_dir, tmp_path):
-    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--max_minutes=0.05", "--token_ckpt=2560",
+    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--max_minutes=0.1", "--token_ckpt=2560",
               "--keep_ckpts=1000"]  # a checkpoint every 20 updates
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run("train.py", *common, f"--ckpt_dir={straight}")

@@ -1,0 +1,336 @@
+"""Export a checkpoint as a Hugging Face LlamaForCausalLM directory; read such a directory back for train.py.
+
+    python export.py --ckpt_dir=out --out_dir=out/hf                  # the newest checkpoint, weights as trained
+    python export.py --ckpt=out/ckpt_00000488.pt --out_dir=out/hf_bf16 --dtype=bfloat16 --overwrite
+
+The directory (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
+README.md) is what the rest of the ecosystem starts from: transformers' AutoModelForCausalLM and AutoTokenizer,
+vLLM, llama.cpp's GGUF converter, lm-evaluation-harness, the Hub. The way back in is `python train.py
+--init_from=DIR` (read_hf_model below) and `python prepare.py --tokenizer=DIR`.
+
+Reading order: parameter names -> config.json, both ways -> reading a directory's weights -> the tokenizer
+(tiktoken's ranks -> tokenizer.json) -> the model card -> export().
+"""
+import csv
+import json
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer, ffn_width
+from prepare import EOT, UserError, load_tokenizer, publish, read_meta, run_cli
+from train import TrainConfig, checkpoint_paths, load_checkpoint, load_config, tokenizer_fingerprint
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter names. Both models pair rotary dimension i with i + head_dim/2 ("rotate half"), use the same
+# frequencies, and give query head h the key/value head h // group; tests/test_export.py checks this by comparing
+# logits. So the conversion is pure renaming: no q/k rows are permuted.
+LAYER_NAMES = {
+    "attention_norm": "input_layernorm", "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+}
+OTHER_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(name: str) -> str:
+    """A model.py parameter name as Hugging Face calls it: layers.3.attention.wq.weight ->
+    model.layers.3.self_attn.q_proj.weight."""
+    module = name.removesuffix(".weight")
+    if module.startswith("layers."):
+        _, index, inner = module.split(".", 2)
+        return f"model.layers.{index}.{LAYER_NAMES[inner]}.weight"
+    return f"{OTHER_NAMES[module]}.weight"
+
+
+def hf_config(c: ModelConfig, eot_id: int, dtype: str) -> dict:
+    """config.json of a LlamaForCausalLM computing exactly what model.py computes with config c."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd, "intermediate_size": ffn_width(c.n_embd, c.multiple_of),
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.n_embd // c.n_heads, "hidden_act": "silu", "rms_norm_eps": c.eps, "rope_theta": c.theta,
+        "rope_scaling": None, "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        # <|endoftext|> separates documents in training, so it is both the start a prompt follows and the stop.
+        "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": dtype, "use_cache": True,
+    }
+
+
+def model_config_from_hf(hf: dict, where: str, multiple_of: int) -> dict:
+    """The ModelConfig fields (all but max_seq_len and dropout, which are training choices) of a config.json.
+
+    What model.py cannot compute exactly is refused, naming the field. multiple_of is kept when it gives the file's
+    intermediate_size, otherwise the width itself is used as the multiple."""
+
+    def refuse(field, why):
+        raise UserError(f"{where} has {field}={hf.get(field)!r}, but {why}; use a model without it")
+
+    if hf.get("model_type") != "llama":
+        refuse("model_type", "only LlamaForCausalLM (model_type 'llama') is read")
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")  # transformers 5 nests it here
+    if hf.get("rope_scaling") or rope_type != "default":
+        refuse("rope_scaling" if hf.get("rope_scaling") else "rope_parameters",
+               "model.py has plain RoPE only (no rope_scaling)")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            refuse(field, "model.py's linear layers have no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "model.py's feed-forward is SwiGLU (silu)")
+    try:
+        n_embd, n_heads, width = hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"]
+        fields = {"vocab_size": hf["vocab_size"], "n_embd": n_embd, "n_heads": n_heads,
+                  "n_kv_heads": hf.get("num_key_value_heads") or n_heads, "n_layers": hf["num_hidden_layers"],
+                  "eps": hf.get("rms_norm_eps", 1e-6),
+                  "theta": float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10_000.0))),
+                  "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    except KeyError as e:
+        raise UserError(f"{where} has no {e.args[0]}; it is not a complete Llama config") from None
+    if hf.get("head_dim") not in (None, n_embd // n_heads):
+        refuse("head_dim", f"model.py's head size is hidden_size / num_attention_heads = {n_embd // n_heads}")
+    if ffn_width(n_embd, multiple_of) != width:
+        multiple_of = width
+    if ffn_width(n_embd, multiple_of) != width:
+        refuse("intermediate_size", f"model.py's SwiGLU width is at least 8/3 * hidden_size = {8 * n_embd // 3}")
+    return fields | {"multiple_of": multiple_of}
+
+
+def read_hf_model(directory: str, multiple_of: int) -> tuple[dict, dict]:
+    """(ModelConfig fields, state dict in model.py's names, fp32) of a Hugging Face LlamaForCausalLM directory."""
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    try:
+        hf = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{root} has no readable config.json; --init_from takes a Hugging Face model directory") \
+            from None
+    fields = model_config_from_hf(hf, str(root / "config.json"), multiple_of)
+    index = root / "model.safetensors.index.json"  # big models are split over several files
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    if not (root / files[0]).exists():
+        raise UserError(f"{root} has no model.safetensors; only safetensors weights are read (re-save the model "
+                        "with transformers' save_pretrained)")
+    tensors = {name: t for file in files for name, t in load_file(root / file).items()}
+    with torch.device("meta"):  # only the names and shapes are needed
+        expected = {hf_name(n): (n, t.shape) for n, t in Transformer(ModelConfig(**fields)).state_dict().items()}
+    if fields["tie_embeddings"]:
+        del expected["lm_head.weight"]  # the same matrix as the embedding
+    weights = {}
+    for name, tensor in tensors.items():
+        if name.endswith("rotary_emb.inv_freq") or (fields["tie_embeddings"] and name == "lm_head.weight"):
+            continue  # derived from the config (older transformers saved it), or a copy of the embedding
+        if name not in expected:
+            raise UserError(f"{root} holds the tensor {name}, which model.py has no place for; it is not a plain "
+                            "Llama checkpoint (quantized? another architecture?)")
+        ours, shape = expected.pop(name)
+        if tensor.shape != shape:
+            raise UserError(f"{root}: {name} has shape {tuple(tensor.shape)} but config.json implies {tuple(shape)}")
+        weights[ours] = tensor.float()  # training keeps fp32 weights, whatever the file holds
+    if expected:
+        raise UserError(f"{root} lacks the tensor {next(iter(expected))}; the checkpoint is incomplete")
+    if fields["tie_embeddings"]:
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    return fields, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer: tiktoken's ranks rebuilt as a Hugging Face `tokenizers` BPE that splits and merges identically.
+def byte_characters() -> dict[int, str]:
+    """GPT-2's byte-level alphabet, which tokenizer.json uses to write any byte string as text: the printable
+    Latin-1 bytes stand for themselves, the 68 others (controls, space, ...) for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The pair each token was merged from, in rank order: what tokenizer.json's BPE needs and tiktoken never stores.
+
+    tiktoken encodes a piece by repeatedly joining the adjacent pair whose concatenation has the lowest rank. Run
+    on a token's own bytes with only lower ranks allowed, that rule stops at the two parts the token is made of."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:], strict=False)]
+            best = pair_ranks.index(min(pair_ranks))
+            if pair_ranks[best] >= rank:
+                break  # not reachable by merges (never the case for a trained BPE); found whole via ignore_merges
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def hf_tokenizer(tokenizer):
+    """A `tokenizers` Tokenizer that encodes every text to the same ids as the tiktoken one (bpe or gpt2)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as FastTokenizer
+
+    # In both vocabularies the mergeable tokens are ids 0 .. eot_id - 1 and <|endoftext|> comes right after.
+    ranks = {tokenizer.encoding.decode_single_token_bytes(i): i for i in range(tokenizer.eot_id)}
+    chars = byte_characters()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = [(text(a), text(b)) for a, b in merges_from_ranks(ranks)]
+    # ignore_merges: a piece that is itself a token is taken whole, as tiktoken does, before any merging.
+    fast = FastTokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    # First the same regex split as tiktoken, then bytes -> alphabet characters (its own regex switched off).
+    fast.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    fast.decoder = decoders.ByteLevel()
+    fast.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    assert fast.token_to_id(EOT) == tokenizer.eot_id  # the id right after the last rank, as in tiktoken
+    return fast
+
+
+def write_tokenizer(tokenizer, directory: Path, max_seq_len: int):
+    """tokenizer.json + tokenizer_config.json, which AutoTokenizer loads as a fast tokenizer."""
+    if tokenizer.name == "hf":  # the dataset was encoded with a tokenizer.json already (prepare --tokenizer=DIR)
+        shutil.copyfile(tokenizer.path, directory / "tokenizer.json")
+    else:
+        hf_tokenizer(tokenizer).save(str(directory / "tokenizer.json"))
+    eot = tokenizer.decode([tokenizer.eot_id])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
+              "model_max_length": max_seq_len,
+              # transformers would otherwise "tidy" decoded text (" ." -> "."), so decode(encode(s)) != s
+              "clean_up_tokenization_spaces": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model card: what the checkpoint and its log say about how the model was made.
+def final_validation(log_file: Path, step: int) -> dict | None:
+    """The last evaluated row of the CSV log at or before the checkpoint's update, if the log is still there."""
+    if not log_file.exists():
+        return None
+    with open(log_file, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["val_loss"] and int(row["step"]) <= step]
+    return rows[-1] if rows else None
+
+
+def model_card(ckpt: dict, path: Path, cfg: TrainConfig, meta: dict, model_cfg: ModelConfig, n_params: int) -> str:
+    row = final_validation(Path(cfg.log_file) if cfg.log_file else path.parent / "log.csv", ckpt["step"])
+    val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte (update {row['step']}, "
+           f"{cfg.eval_tokens:,} validation tokens)" if row else "not recorded (no log.csv next to the checkpoint)")
+    command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`" if "argv" in ckpt \
+        else "not recorded (the checkpoint predates it)"
+    c = model_cfg
+    architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / {c.n_kv_heads} "
+                    f"key-value heads, SwiGLU width {ffn_width(c.n_embd, c.multiple_of)}, RoPE theta {c.theta:g}, "
+                    f"tied embeddings: {'yes' if c.tie_embeddings else 'no'}")
+    trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg.tokens_per_update:,} tokens, "
+               f"{ckpt['elapsed_s'] / 60:.1f} minutes)")
+    if cfg.init_from:
+        trained += f", starting from the weights of `{cfg.init_from}`"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+---
+# A {n_params / 1e6:.1f}M-parameter LLaMA-style model
+
+Pretrained from scratch by next-token prediction, exported from `{path}` by export.py.
+
+| | |
+|---|---|
+| parameters | {n_params:,} |
+| architecture | {architecture} |
+| context | {c.max_seq_len} tokens (the length it was trained on) |
+| dataset | `{cfg.dataset_dir}`: {meta.get("source", "unknown source")} |
+| tokenizer | {meta.get("tokenizer")}, {meta.get("vocab_size"):,} ids; every document ends with the end-of-text token |
+| tokens trained | {trained} |
+| final validation loss | {val} |
+| training command | {command} |
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+inputs = tokenizer("ROMEO:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))  # samples: see generation_config.json
+```
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ExportConfig:
+    ckpt_dir: str = "out"
+    out_dir: str = ""  # "" means <ckpt_dir>/hf
+    ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir
+    dtype: str = "float32"  # of the saved weights: float32 (exactly as trained) or bfloat16 (half the size)
+    overwrite: bool = False  # replace an existing out_dir
+
+
+def export(cfg: ExportConfig) -> Path:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    out_dir = Path(cfg.out_dir or Path(cfg.ckpt_dir) / "hf")
+    if out_dir.exists() and not cfg.overwrite:
+        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype={cfg.dtype}: use float32 or bfloat16")
+    if cfg.ckpt and not Path(cfg.ckpt).exists():
+        raise UserError(f"--ckpt={cfg.ckpt} does not exist; pass a checkpoint path, or --ckpt_dir for its newest")
+    paths = [Path(cfg.ckpt)] if cfg.ckpt else checkpoint_paths(cfg.ckpt_dir)
+    if not paths:
+        raise UserError(f"no checkpoint in {cfg.ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
+    ckpt = load_checkpoint(paths[-1])
+    train_cfg = TrainConfig(**ckpt["config"])
+    tokenizer = load_tokenizer(train_cfg.dataset_dir)
+    if tokenizer_fingerprint(train_cfg.dataset_dir) != ckpt["tokenizer"]:
+        raise UserError(f"{train_cfg.dataset_dir} now has another tokenizer than {paths[-1]} was trained with; "
+                        "restore that dataset to export the model with its vocabulary")
+    state = ckpt["model"]
+    model_cfg = train_cfg.model_config(state["tok_embeddings.weight"].shape[0])
+    # A tied output matrix is the embedding: it is stored once, and tie_word_embeddings says so.
+    tensors = {hf_name(name): t.to(getattr(torch, cfg.dtype)).contiguous() for name, t in state.items()
+               if not (model_cfg.tie_embeddings and name == "output.weight")}
+    meta = read_meta(train_cfg.dataset_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp_dir.chmod(0o755)  # mkdtemp makes it private to its owner; a model is for everyone to read
+    try:
+        # "format": "pt" tells transformers these are PyTorch tensors (older versions refuse a file without it).
+        save_file(tensors, tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        (tmp_dir / "model.safetensors").chmod(0o644)  # safetensors creates it private to its owner
+        config = hf_config(model_cfg, tokenizer.eot_id, cfg.dtype)
+        (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # transformers' generate() defaults: sample.py's, and stop at the end of a document.
+        generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+                      "pad_token_id": tokenizer.eot_id, "do_sample": True, "temperature": 0.8, "top_p": 0.9}
+        (tmp_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_tokenizer(tokenizer, tmp_dir, model_cfg.max_seq_len)
+        n_params = sum(t.numel() for t in tensors.values())
+        (tmp_dir / "README.md").write_text(model_card(ckpt, paths[-1], train_cfg, meta, model_cfg, n_params))
+        publish(tmp_dir, out_dir, cfg.overwrite)
+    except (OSError, SafetensorError) as e:  # a full disk, most likely; an existing out_dir is left as it was
+        raise UserError(f"cannot write {out_dir} ({type(e).__name__}: {e}); free space there or choose another "
+                        "--out_dir") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: list[str]):
+    # A bare --overwrite reads as --overwrite=True, as in prepare.py.
+    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], ExportConfig)
+    out_dir = export(cfg)
+    print(f"wrote {out_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)" for p in sorted(out_dir.iterdir())))
+
+
+if __name__ == "__main__":
+    run_cli(main)
