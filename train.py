@@ -419,7 +419,9 @@ def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> t
         x, y = loader.next_batch()
         with gradient_sync(model, sync=micro_step == accum_steps - 1):
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                # Only the loss is kept: holding the logits through backward would cost vocab_size numbers per
+                # token, more than all of a small model's other activations together.
+                loss = model(x, y)[1]
             # Dividing by accum_steps makes the summed gradients the mean over all micro-batches.
             (loss / accum_steps).backward()
         total_loss += loss.detach()
