@@ -3,11 +3,12 @@
     python train.py                                      # small default model on data/shakespeare
     python train.py config/llama_1b3.py --batch_size=4   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
+    torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py   # FSDP: weights sharded over the ranks
     python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
 
 Reading order: TrainConfig and load_config (what can be set) -> DatasetLoader (tokens on disk -> (x, y)
-batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, train_update,
-evaluate) -> checkpoints -> train(), the loop itself.
+batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, wrap_model: none,
+DDP or FSDP, train_update, evaluate) -> checkpoints -> train(), the loop itself.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
