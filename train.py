@@ -19,13 +19,14 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import json
+import io
 import math
 import os
 import pickle
 import re
 import shutil
 import signal
+import statistics
 import sys
 import time
 import warnings
@@ -44,7 +45,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from model import ModelConfig, Transformer
-from prepare import UserError, load_tokenizer, run_cli
+from prepare import UserError, damaged, load_tokenizer, lock_directory, read_meta, run_cli, space_for, write_file
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,8 +81,11 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    optimizer: str = "adamw"  # "adamw" (the guide's), or "muon": Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.0  # Muon's peak learning rate, on the same schedule; 0 means max_lr
     # Length of the run, evaluation, samples and checkpoints
     training_tokens: int = 2_000_000
+    max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
     eval_interval: int = 50  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
@@ -108,6 +112,11 @@ class TrainConfig:
              "--training_tokens must be at least tokens_per_update (one optimizer update)"),
             (0 <= self.min_lr <= self.max_lr, "--min_lr must be between 0 and max_lr"),
             (self.keep_ckpts >= 1, "--keep_ckpts must be at least 1"),
+            (self.optimizer in ("adamw", "muon"), "--optimizer must be adamw or muon"),
+            (self.optimizer == "adamw" or self.max_lr > 0, "--optimizer=muon needs max_lr > 0"),
+            (self.muon_lr >= 0 and self.max_minutes >= 0, "--muon_lr and --max_minutes must not be negative"),
+            (not (self.fsdp and self.optimizer == "muon"),
+             "--optimizer=muon orthogonalises whole matrices, which --fsdp=True splits across ranks; use one of them"),
         ]
         for ok, message in checks:
             if not ok:
@@ -168,7 +177,7 @@ def load_config(argv: list[str], cls=TrainConfig):
                 if not name.startswith("_") and not callable(value) and not isinstance(value, type(os)):
                     set_value(name, value, arg)
     cfg = cls(**values)
-    cfg.user_set = frozenset(values)
+    cfg.user_set = frozenset(values)  # which keys the user chose, for checks a default must not trip
     return cfg
 
 
@@ -177,10 +186,7 @@ def load_config(argv: list[str], cls=TrainConfig):
 def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
     """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
     root = Path(dataset_dir)
-    meta_path = root / "meta.json"
-    if not meta_path.exists():
-        raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); run `python prepare.py` first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(dataset_dir, "dtype", "shards")
     names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
     on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
     if not names or names != on_disk:
@@ -188,9 +194,13 @@ def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
                         "rebuild the dataset with `python prepare.py --overwrite`")
     shards = []
     for name in names:
-        shard = np.load(root / name, mmap_mode="r")
+        try:  # a truncated file (an interrupted copy, a disk error) cannot be mapped
+            shard = np.load(root / name, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise damaged(root / name, e) from None
         if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
-            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset")
+            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset with "
+                            "`python prepare.py --overwrite`")
         shards.append(shard)
     return shards, meta
 
@@ -285,7 +295,8 @@ class Scheduler:
         self.current_lr = self.lr_at(step)
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.current_lr
+                # A group may peak at its own learning rate (Muon's): it then carries the ratio as lr_scale.
+                group["lr"] = self.current_lr * group.get("lr_scale", 1.0)
         return self.current_lr
 
     def state_dict(self) -> dict:
@@ -330,15 +341,60 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def make_optimizer(model, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW, with weight decay on the matrices only: decaying norm gains towards zero would just fight them."""
+class MuonAndAdamW:
+    """--optimizer=muon: two optimizers that train.py steps, zeroes, saves and loads as one.
+
+    Muon takes the 2-D weight matrices inside the blocks. Its update is the momentum of the gradient with every
+    singular value set to 1 (a few Newton-Schulz iterations approximate that), so a matrix moves by the same amount
+    in every direction instead of mostly along the few directions that dominate its gradient. That only makes sense
+    for a matrix that maps vectors to vectors, so the embedding table (a lookup), the output head and the norm gains
+    stay with AdamW, as in modded-nanogpt and nanochat."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: load_state_dict gives each optimizer new group dicts, and the Scheduler must set the
+        # learning rate in the ones the optimizers use.
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def make_optimizer(model, cfg: TrainConfig, device: str):
+    """AdamW, with weight decay on the matrices only: decaying norm gains towards zero would just fight them.
+    With --optimizer=muon the matrices inside the blocks go to Muon instead (see MuonAndAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    in_muon = {id(p) for p in model.layers.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
+    matrices = [p for p in params if p.dim() >= 2 and id(p) not in in_muon]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # The fused kernel updates every parameter in one pass instead of a dozen separate element-wise ops over all of
     # them. On a 2-core CPU the default model's optimizer step took 4.7 ms instead of 22.7 (about 2% of an update).
     fused = device == "cpu" or device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if not in_muon:
+        return adamw
+    muon_lr = cfg.muon_lr or cfg.max_lr
+    # match_rms_adamw scales each matrix's update to the size an AdamW update has (0.2 * sqrt(max(rows, cols))), so
+    # learning rates and weight decay mean the same for both optimizers and muon_lr can start from max_lr.
+    muon = torch.optim.Muon([{"params": [p for p in params if id(p) in in_muon], "lr_scale": muon_lr / cfg.max_lr}],
+                            lr=muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAndAdamW(muon, adamw)
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -411,6 +467,28 @@ def gradient_sync(model, sync: bool):
         model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     return model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is re-estimated after each of these, then fixed
+
+
+def updates_in_budget(cfg: TrainConfig, step: int, seconds_used: float, update_seconds: float, n_params: int,
+                      device: str) -> int:
+    """--max_minutes: how many updates in all fit in the budget, given the time used so far and what one update costs.
+
+    The time left, less one last evaluation and checkpoint, is divided by the cost of an update plus its share of
+    the evaluations (a forward pass over eval_tokens every eval_interval updates; forward alone is about a third of
+    forward + backward) and of the checkpoints (12 bytes per parameter, weights and AdamW's two moments, at a
+    conservative 200 MB/s, every token_ckpt tokens). Rank 0's answer is every rank's, so all run the same updates."""
+    eval_seconds = update_seconds * cfg.eval_tokens / cfg.tokens_per_update / 3
+    ckpt_seconds = 12 * n_params / 200e6
+    per_update = (update_seconds + eval_seconds / cfg.eval_interval
+                  + ckpt_seconds * cfg.tokens_per_update / cfg.token_ckpt)
+    left = cfg.max_minutes * 60 - seconds_used - eval_seconds - ckpt_seconds
+    total = torch.tensor(step + max(0, int(left / per_update)), device=device)
+    if dist.is_initialized():
+        dist.broadcast(total, src=0)
+    return max(BUDGET_PROBE_UPDATES, step, int(total.item()))  # the first updates are always run, to be timed
 
 
 def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> tuple[float, float]:
@@ -499,6 +577,8 @@ def sample_text(model, tokenizer, device, seed, max_new_tokens=64) -> str:
 #   and the shards can be read back by any number of ranks, each taking the slices it now owns.
 # Either is written under a .tmp name and renamed when complete, so a crash never leaves a torn checkpoint.
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})(\.pt)?")
+RUN_SPACE_FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the "
+                 "checkpoints saved before are intact")
 
 
 def checkpoint_paths(ckpt_dir: str) -> list[Path]:
@@ -509,14 +589,27 @@ def checkpoint_paths(ckpt_dir: str) -> list[Path]:
 
 def tokenizer_fingerprint(dataset_dir: str) -> str:
     """Identifies the vocabulary, so a checkpoint is never resumed on data from another tokenizer."""
-    meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
+    meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
     ranks = Path(dataset_dir) / "tokenizer.tiktoken"
     digest = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16] if ranks.exists() else meta["tokenizer"]
     return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
 
 
-def write_file(path: Path, state: dict):
-    with open(path, "wb") as f:
+def checkpoint_bytes(state) -> int:
+    """A little over the size of torch.save(state) on disk: the bytes of each tensor plus its record in the zip
+    file (about 300 bytes; 512 counted). The plain data beside the tensors is tiny."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() + 512
+    if isinstance(state, dict):
+        return sum(checkpoint_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in state)
+    return 0
+
+
+def write_state(path: Path, state: dict):
+    # A full disk ends the run with one line; the checkpoints already saved are untouched.
+    with space_for(path, checkpoint_bytes(state), RUN_SPACE_FIX), open(path, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename makes it visible
@@ -531,7 +624,7 @@ def write_shards(tmp: Path, state: dict, rank0: bool):
     dcp.save({"model": state["model"], "optimizer": state["optimizer"]["state"]}, checkpoint_id=tmp)
     if rank0:  # dcp.save returns on every rank once all shards and the index are written and synced
         rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
-        write_file(tmp / "train_state.pt", rest | {"optimizer_param_groups": state["optimizer"]["param_groups"]})
+        write_state(tmp / "train_state.pt", rest | {"optimizer_param_groups": state["optimizer"]["param_groups"]})
 
 
 def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: bool = False) -> Path:
@@ -543,7 +636,7 @@ def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: b
     if sharded:
         write_shards(tmp, state, rank0)
     else:
-        write_file(tmp, state)
+        write_state(tmp, state)
     if rank0:
         os.replace(tmp, path)
         for old in checkpoint_paths(ckpt_dir)[:-keep]:  # only now that the new one is complete
@@ -628,6 +721,23 @@ def load_shards(path: Path, model, optimizer, param_groups: list):
                    optim_state_dict={"state": optimizer_state["state"], "param_groups": param_groups})
 
 
+def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: bool = True) -> tuple[Path, dict]:
+    """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its rename) is
+    renamed to *.damaged, so it no longer counts as the newest, and the one before it is tried: a restarted job
+    goes on by itself instead of waiting for a person to delete a file. The oldest one failing is an error.
+    `tensors` as in load_checkpoint."""
+    for i in reversed(range(len(paths))):
+        try:
+            return paths[i], load_checkpoint(paths[i], tensors)
+        except UserError:
+            if i == 0:
+                raise
+            if master:
+                paths[i].rename(paths[i].with_name(paths[i].name + ".damaged"))
+                print(f"warning: {paths[i]} cannot be loaded (damaged or unsafe), renamed it to {paths[i].name}"
+                      f".damaged; resuming from the previous checkpoint {paths[i - 1]}", file=sys.stderr)
+
+
 def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
     """Refuse to resume with another architecture, tokenizer or update size than the checkpoint was trained with."""
     if ckpt["tokenizer"] != fingerprint:
@@ -659,12 +769,13 @@ def restore_rng(rng, rank: int, device: str):
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def resume(path: Path, cfg, fingerprint, model, optimizer, scheduler, loader, rank, device) -> tuple[int, float]:
-    """Restore a run from a checkpoint, after checking it fits this run. Returns (updates done, seconds trained)."""
+def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler, loader, rank,
+           device) -> tuple[int, float]:
+    """Restore a run from a checkpoint (loaded by load_checkpoint with tensors=not cfg.fsdp), after checking it fits
+    this run. Returns (updates done, seconds trained)."""
     if path.is_dir() != cfg.fsdp:
         raise UserError(f"{path} was written by a{'n FSDP' if cfg.fsdp is False else ' non-FSDP'} run; resume it "
                         f"with --fsdp={not cfg.fsdp}" + (" under torchrun" if not cfg.fsdp else ""))
-    ckpt = load_checkpoint(path, tensors=not cfg.fsdp)
     check_resumable(ckpt, cfg, fingerprint, path)
     if cfg.fsdp:
         load_shards(path, model, optimizer, ckpt["optimizer"]["param_groups"])
@@ -683,17 +794,27 @@ LOG_COLUMNS = ["step", "progress_pct", "train_loss", "perplexity", "lr", "grad_n
                "elapsed_s", "val_loss", "val_bpb"]
 
 
-def open_log(log_file: str, step: int):
+def csv_text(rows: list[list]) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
+
+
+def start_log(log_file: str, step: int):
     """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows logged
     after it (before a crash) are trained again and must not appear twice."""
     kept = []
     if step > 0 and os.path.exists(log_file):
         with open(log_file, newline="") as f:
-            kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
-    log = open(log_file, "w", newline="")
-    writer = csv.writer(log)
-    writer.writerows([LOG_COLUMNS, *kept])
-    return log, writer
+            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(LOG_COLUMNS) and int(row[0]) <= step]
+    write_file(Path(log_file), csv_text([LOG_COLUMNS, *kept]).encode(), RUN_SPACE_FIX)
+
+
+def append_log(log_file: str, row: list):
+    """Append one row and close the file: a full disk cuts the log back to its last whole row."""
+    line = csv_text([row])
+    with space_for(log_file, len(line), RUN_SPACE_FIX), open(log_file, "a", newline="") as f:
+        f.write(line)
 
 
 def plot_log(log_file: str, png_path: str):
@@ -717,8 +838,10 @@ def plot_log(log_file: str, png_path: str):
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("tokens trained")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_file(Path(png_path), png.getvalue(), RUN_SPACE_FIX)
 
 
 class StopRequest:
@@ -740,8 +863,34 @@ class StopRequest:
         return bool(flag.item())
 
 
+def lock_ckpt_dir(ckpt_dir: str, master: bool, device: str):
+    """One run per ckpt_dir: two would interleave their checkpoints and overwrite each other's log. Rank 0 takes an
+    OS lock on <ckpt_dir>/.lock and every rank learns the outcome before any work, so all of them stop together
+    when another run holds it. Returns the lock (None on other ranks); closing it releases it."""
+    lock, refused = None, None
+    if master:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        try:
+            lock = lock_directory(Path(ckpt_dir) / ".lock", ckpt_dir,
+                                  "wait for that run to end or stop it, or pass another --ckpt_dir")
+        except UserError as e:
+            refused = e
+    if dist.is_initialized():
+        flag = torch.tensor(float(refused is not None), device=device)
+        dist.broadcast(flag, src=0)
+        if flag.item():
+            dist.destroy_process_group()
+            if not master:
+                sys.exit(2)  # rank 0 prints the reason
+    if refused:
+        raise refused
+    return lock
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig):
+    if cfg.max_minutes and "training_tokens" in getattr(cfg, "user_set", ()):
+        raise UserError("--max_minutes and --training_tokens both set the length of the run; pass only one of them")
     # --- Processes and devices. torchrun sets RANK/WORLD_SIZE; plain `python train.py` is rank 0 of 1. ---
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -771,7 +920,7 @@ def train(cfg: TrainConfig):
                            vocab_size=tokenizer.vocab_size)
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
                                vocab_size=tokenizer.vocab_size)
-    meta = json.loads((Path(cfg.dataset_dir) / "meta.json").read_text())
+    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes")
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
 
@@ -781,21 +930,30 @@ def train(cfg: TrainConfig):
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
     model = wrap_model(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)
-    total_updates = cfg.training_tokens // cfg.tokens_per_update
+    # With a time budget, the first updates are timed and the run's length is fixed from them (updates_in_budget).
+    # The budget covers the loop (training, evaluation, samples, checkpoints), as the log's elapsed_s does; the few
+    # seconds of start-up before it are not counted.
+    total_updates = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, total_updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
 
     # --- Resume, or refuse to mix a new run into a directory that holds another run's checkpoints. ---
+    lock = lock_ckpt_dir(cfg.ckpt_dir, master, device)
     step, elapsed_before = 0, 0.0
     existing = checkpoint_paths(cfg.ckpt_dir)
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if cfg.load_ckpt is True and not existing:
         raise UserError(f"--load_ckpt=True but {cfg.ckpt_dir} holds no checkpoint; train without it first")
     if cfg.load_ckpt and existing:
-        step, elapsed_before = resume(existing[-1], cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
+        # An FSDP run reads its own shards of the tensors in resume(), not the whole model here.
+        path, ckpt = newest_loadable_checkpoint(existing, master, tensors=not cfg.fsdp)
+        step, elapsed_before = resume(path, ckpt, cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
                                       device)
-        scheduler.training_steps = total_updates  # training_tokens may be raised to train for longer
+        if cfg.max_minutes:
+            total_updates = scheduler.training_steps  # a budgeted run keeps the length it planned
+        else:
+            scheduler.training_steps = total_updates  # training_tokens may be raised to train for longer
         if master:
-            print(f"resumed from {existing[-1]} at update {step} ({step * cfg.tokens_per_update:,} tokens)")
+            print(f"resumed from {path} at update {step} ({step * cfg.tokens_per_update:,} tokens)")
     elif existing:
         raise UserError(f"{cfg.ckpt_dir} already holds checkpoints of an earlier run; resume it with "
                         "--load_ckpt=True or choose another --ckpt_dir")
@@ -803,11 +961,11 @@ def train(cfg: TrainConfig):
     if master:
         if fitted:
             print(fitted)
-        os.makedirs(cfg.ckpt_dir, exist_ok=True)
-        log, writer = open_log(log_file, step)
+        start_log(log_file, step)
         peak_flops = measure_matmul_flops(device, dtype)
         flops_per_token = raw_model.flops_per_token()
-        print(f"{raw_model.num_params():,} parameters | {total_updates} updates of {cfg.tokens_per_update:,} tokens "
+        length = f"{cfg.max_minutes:g} min" if cfg.max_minutes else f"{total_updates} updates"
+        print(f"{raw_model.num_params():,} parameters | {length} of {cfg.tokens_per_update:,}-token updates "
               f"({accum_steps} micro-steps x {world_size} ranks x {cfg.batch_size}x{cfg.max_seq_len}) | "
               f"{device} {str(dtype).removeprefix('torch.')}" + (" | FSDP" if cfg.fsdp else " | DDP" * (world_size > 1))
               + (" | activation checkpointing" if cfg.activation_checkpointing else ""))
@@ -829,11 +987,18 @@ def train(cfg: TrainConfig):
     ckpt_every = max(1, cfg.token_ckpt // cfg.tokens_per_update)
     next_sample = 1.0
     start_step, start_time = step, time.time()
+    update_seconds = []
     while step < total_updates:
         t0 = time.time()
         lr = scheduler.step(step)
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
         step += 1
+        update_seconds.append(time.time() - t0)
+        if cfg.max_minutes and step <= BUDGET_PROBE_UPDATES:
+            timed = update_seconds[1:] or update_seconds  # without update 1's one-time costs (allocation, compiling)
+            total_updates = scheduler.training_steps = updates_in_budget(
+                cfg, step, elapsed_before + time.time() - start_time, statistics.median(timed),
+                raw_model.num_params(), device)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Nothing is saved: the last checkpoint on disk is the last good state.
             sys.exit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at update {step}; "
@@ -852,11 +1017,11 @@ def train(cfg: TrainConfig):
         if master:
             elapsed = elapsed_before + time.time() - start_time
             eta = (total_updates - step) * (time.time() - start_time) / (step - start_step)
-            writer.writerow([step, f"{100 * step / total_updates:.2f}", f"{loss:.4f}", f"{math.exp(loss):.2f}",
-                             f"{lr:.3e}", f"{grad_norm:.4f}", step * cfg.tokens_per_update, f"{tokens_per_sec:.0f}",
-                             f"{elapsed:.1f}", f"{val_loss:.4f}" if val_loss != "" else "",
-                             f"{val_bpb:.4f}" if val_bpb != "" else ""])
-            log.flush()
+            append_log(log_file, [step, f"{100 * step / total_updates:.2f}", f"{loss:.4f}", f"{math.exp(loss):.2f}",
+                                  f"{lr:.3e}", f"{grad_norm:.4f}", step * cfg.tokens_per_update,
+                                  f"{tokens_per_sec:.0f}", f"{elapsed:.1f}",
+                                  f"{val_loss:.4f}" if val_loss != "" else "",
+                                  f"{val_bpb:.4f}" if val_bpb != "" else ""])
             mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
             print(f"update {step}/{total_updates} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                   f"{tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min"
@@ -874,8 +1039,8 @@ def train(cfg: TrainConfig):
             break
 
     if master:
-        log.close()
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+        lock.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,99 @@
+"""Learning more per minute: --optimizer=muon (Muon for the blocks' matrices, AdamW for the rest) and --max_minutes
+(a wall-clock budget that fixes the run's length after timing its first updates)."""
+import csv
+import shutil
+
+import pytest
+import torch
+from test_train import TINY, assert_same_weights, final_weights, run
+
+import train
+from model import ModelConfig, Transformer
+from prepare import UserError
+from train import BUDGET_PROBE_UPDATES, MuonAndAdamW, checkpoint_paths, load_config, make_optimizer
+
+
+def rows(ckpt_dir) -> list[dict]:
+    with open(ckpt_dir / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# --- Muon ---------------------------------------------------------------------------------------------------------
+def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else():
+    model = Transformer(ModelConfig(vocab_size=64, n_embd=32, n_heads=2, n_kv_heads=1, n_layers=2, max_seq_len=16))
+    cfg = load_config(["--optimizer=muon", "--max_lr=1e-3", "--muon_lr=2e-2"])
+    opt = make_optimizer(model, cfg, "cpu")
+    assert isinstance(opt, MuonAndAdamW)
+    muon = [p for group in opt.muon.param_groups for p in group["params"]]
+    adamw = [p for group in opt.adamw.param_groups for p in group["params"]]
+    assert sorted(map(id, muon + adamw)) == sorted(map(id, model.parameters())), "every parameter in one group"
+    in_blocks = {id(p) for p in model.layers.parameters() if p.dim() == 2}
+    assert {id(p) for p in muon} == in_blocks and len(muon) == 2 * 7  # wq wk wv wo w1 w2 w3 per block
+    assert {id(model.tok_embeddings.weight), id(model.output.weight)} <= {id(p) for p in adamw}
+    # One schedule, two peaks: the Scheduler scales Muon's group by muon_lr / max_lr.
+    train.Scheduler(opt, "cosine", 100, 10, cfg.max_lr, cfg.min_lr).step(9)
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(2e-2)
+    assert [g["lr"] for g in opt.adamw.param_groups] == pytest.approx([1e-3, 1e-3])
+
+
+def test_muon_needs_a_positive_max_lr():
+    with pytest.raises(UserError, match="max_lr > 0"):
+        load_config(["--optimizer=muon", "--max_lr=0", "--min_lr=0"])
+
+
+def test_muon_resume_is_bitwise_identical(shakespeare_dir, tmp_path):
+    common = [*TINY, "--optimizer=muon", f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280",
+              "--token_ckpt=640", "--keep_ckpts=5"]  # 10 updates, checkpoints after 5 and 10
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run("train.py", *common, f"--ckpt_dir={straight}")
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000005.pt", resumed)
+    run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True")
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+    optimizer = torch.load(checkpoint_paths(straight)[-1], weights_only=True)["optimizer"]
+    assert set(optimizer) == {"muon", "adamw"} and optimizer["muon"]["state"], "Muon's momentum is saved"
+
+
+def test_muon_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
+    common = [*TINY, "--optimizer=muon", f"--dataset_dir={shakespeare_dir}", "--training_tokens=768"]  # 6 updates
+    run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}")
+    run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *common, f"--ckpt_dir={tmp_path / 'two'}")
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
+
+
+# --- the time budget -----------------------------------------------------------------------------------------------
+def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tmp_path):
+    budget_s = 6.0
+    out = run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
+              f"--max_minutes={budget_s / 60}").stdout
+    log = rows(tmp_path)
+    total = len(log)
+    assert total > 5 * BUDGET_PROBE_UPDATES, "a tiny model fits many updates in seconds"
+    assert f"update {total}/{total} " in out and log[-1]["val_bpb"], "the last update evaluates"
+    assert float(log[-1]["lr"]) == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
+    assert float(log[-2]["lr"]) > 2e-4
+    # The whole schedule fits the budget (loosely: shared CI machines are noisy; README has measured figures).
+    assert 0.4 * budget_s < float(log[-1]["elapsed_s"]) < 1.5 * budget_s
+
+
+def test_a_resumed_budgeted_run_keeps_its_schedule(shakespeare_dir, tmp_path):
+    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--max_minutes=0.05", "--token_ckpt=2560",
+              "--keep_ckpts=1000"]  # a checkpoint every 20 updates
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run("train.py", *common, f"--ckpt_dir={straight}")
+    middle = checkpoint_paths(straight)[len(checkpoint_paths(straight)) // 2]
+    assert torch.load(middle, weights_only=True)["step"] > BUDGET_PROBE_UPDATES, "resumed after the length was fixed"
+    resumed.mkdir()
+    shutil.copy(middle, resumed)
+    shutil.copy(straight / "log.csv", resumed)
+    run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True")
+    assert [r["lr"] for r in rows(resumed)] == [r["lr"] for r in rows(straight)]
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_a_budget_and_a_token_count_are_one_too_many(shakespeare_dir, tmp_path):
+    result = run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
+                 "--max_minutes=1", "--training_tokens=10000", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --max_minutes and --training_tokens both set the length of the run; "
+                                     "pass only one of them")
