@@ -54,8 +54,10 @@ class BenchOptions:
     gpu_memory: float = 80.0  # GB (10^9 bytes) per GPU, for the estimate's "fits" column
 
     def __post_init__(self):
-        if self.steps < 1 or self.warmup < 0 or self.world_size < 1 or self.gpu_memory <= 0:
-            raise UserError("--steps and --world_size must be at least 1, --warmup at least 0, --gpu_memory positive")
+        if self.steps < 1 or self.warmup < 0:
+            raise UserError("--steps must be at least 1 and --warmup at least 0")
+        if self.world_size < 1 or self.gpu_memory <= 0:
+            raise UserError("--world_size must be at least 1 and --gpu_memory positive")
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
