@@ -13,7 +13,7 @@ Two pipelines encode it with the same vocabulary:
   multiprocessing.Pool whose workers each call encode_ordinary on one document (imap, in chunks), then the tokens
   are copied into a uint16 buffer that is saved as a shard whenever it fills up.
 Each runs in a fresh subprocess, alternating, `--repeats` times; the median wall time is reported, with the peak
-resident memory of the largest process and of the whole process tree (sampled every 20 ms).
+resident memory of the largest process and of the whole process tree (sampled every 100 ms).
 
 A third figure is the tokenizer's own ceiling: encode_ordinary_batch on all cores over text already in memory, so
 no reading, parsing or writing at all. How close prepare.py comes to it says what is left to win.
@@ -163,7 +163,7 @@ def timed_process(command: list[str]) -> tuple[float, float, float]:
             largest, tree = max(largest, *rss), max(tree, sum(rss))
         except psutil.Error:  # a process ended while we looked
             pass
-        time.sleep(0.02)
+        time.sleep(0.1)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise UserError(f"{' '.join(command)} failed: {proc.stderr.read().decode()[-500:]}")

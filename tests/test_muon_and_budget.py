@@ -63,12 +63,12 @@ def test_muon_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_pa
 
 # --- the time budget -----------------------------------------------------------------------------------------------
 def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tmp_path):
-    budget_s = 6.0
+    budget_s = 8.0
     out = run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
               f"--max_minutes={budget_s / 60}").stdout
     log = rows(tmp_path)
     total = len(log)
-    assert total > 5 * BUDGET_PROBE_UPDATES, "a tiny model fits many updates in seconds"
+    assert total > BUDGET_PROBE_UPDATES, "the length was planned beyond the timed updates"
     assert f"update {total}/{total} " in out and log[-1]["val_bpb"], "the last update evaluates"
     assert float(log[-1]["lr"]) == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
     assert float(log[-2]["lr"]) > 2e-4
