@@ -3,6 +3,7 @@
     python bench.py                                        # the default model on data/shakespeare
     python bench.py config/llama_1b3.py --batch_size=4     # any config and overrides train.py accepts
     python bench.py --compile=True --dtype=float32 --steps=20 --warmup=5 --profile=True
+    python bench.py config/llama_7b.py --estimate=True --world_size=8 --gpu_memory=80   # memory, nothing run
 
 The model, optimizer, loader and update are train.py's own (nothing is re-implemented here), so what is measured
 is what `python train.py` runs. One timed step is one whole optimizer update: every micro-step's forward and
@@ -11,15 +12,22 @@ warm caches and, with --compile=True, compile the model, all of which happen onc
 
 MFU = (model FLOPs per token x tokens/s) / (FLOP/s of a large matmul measured here, on this device and dtype). It
 says how close training comes to what this hardware can do on the operation that dominates the model.
+
+--estimate=True runs nothing: it prints, per GPU, the bytes that parameters, gradients, optimizer state and
+activations take under DDP and under FSDP, with and without activation checkpointing, for --world_size GPUs of
+--gpu_memory GB each (see memory_estimate for what is counted).
 """
+import json
+import math
 import resource
 import statistics
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
-from model import Transformer
+from model import ModelConfig, Transformer
 from prepare import UserError, load_tokenizer, run_cli
 from train import (
     DatasetLoader,
@@ -41,10 +49,15 @@ class BenchOptions:
     steps: int = 10  # timed optimizer updates (the median is reported)
     warmup: int = 3  # untimed updates first (allocation, caches, compilation)
     profile: bool = False  # also profile one update and print the operators that take the most time
+    estimate: bool = False  # print a per-GPU memory estimate instead of timing anything
+    world_size: int = 8  # GPUs the estimate is for
+    gpu_memory: float = 80.0  # GB (10^9 bytes) per GPU, for the estimate's "fits" column
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0:
             raise UserError("--steps must be at least 1 and --warmup at least 0")
+        if self.world_size < 1 or self.gpu_memory <= 0:
+            raise UserError("--world_size must be at least 1 and --gpu_memory positive")
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -81,10 +94,77 @@ def profile_update(model, optimizer, loader, accum_steps, cfg, device, dtype, ro
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those of one Block), counted on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return model.num_params(), sum(p.numel() for p in model.layers[0].parameters())
+
+
+def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpointing: bool) -> dict[str, float]:
+    """Bytes per GPU at the peak of an update (the start of backward, gradients kept from earlier micro-steps).
+
+    Weights, gradients and AdamW's two moments are fp32 (4 bytes each per parameter). Under bf16 (dtype auto or
+    bfloat16) the matmuls run in bf16, so each layer also keeps bf16 copies:
+    - DDP: autocast's bf16 copy of every matrix, saved for backward (2 bytes per parameter); with more than one
+      rank, DDP's gradient buckets are a second fp32 copy of the gradients;
+    - FSDP: the sharded fp32 state is 1/world_size of the above; on top, weights are gathered whole in the compute
+      dtype for two Blocks at a time (one computing, the next prefetched) and for the root (embedding, final norm,
+      output) through the whole step; a Block's gradients are whole, then cast to fp32 for the reduce-scatter.
+    Activations, per token of a micro-batch (batch_size x max_seq_len), as saved by model.py's code (counted with
+    saved-tensor hooks): each RMSNorm keeps its fp32 input and normalised value and the bf16 copy the matmuls read
+    (8h + a*h bytes, a = 2 in bf16, 4 in fp32); attention keeps q, k, v after RoPE, the attention output and its
+    reshaped copy (a*(3h + 2kv), with grouped-query attention the repeated k, v instead: 5a*h); SwiGLU keeps
+    four tensors of the hidden width f (4a*f). Checkpointing keeps only each Block's fp32 input (4h) and redoes one
+    Block at a time in backward. The loss adds 12 bytes per vocabulary entry (fp32 log-probabilities and the two
+    gradients that replace them)."""
+    config = cfg.model_config(vocab_size)
+    n, per_block = parameter_counts(config)
+    root = n - config.n_layers * per_block
+    a = 4 if cfg.dtype == "float32" else 2
+    h, L = config.n_embd, config.n_layers
+    kv = h // config.n_heads * config.n_kv_heads
+    f = config.multiple_of * math.ceil(int(8 * h / 3) / config.multiple_of)
+    attention = 5 * a * h if kv < h else a * (3 * h + 2 * kv)
+    layer = 2 * (8 * h + a * h) + attention + 4 * a * f
+    kept = L * 4 * h + layer if checkpointing else L * layer
+    activations = cfg.batch_size * cfg.max_seq_len * (kept + 8 * h + a * h + 12 * vocab_size)
+    if fsdp:
+        params = 4 * n / world_size + a * (2 * per_block + root)
+        grads = 4 * n / world_size + a * root + (a + (4 if a != 4 else 0)) * per_block
+        optimizer = 8 * n / world_size
+    else:
+        params = 4 * n + (2 * n if a == 2 else 0)
+        grads = 4 * n * (2 if world_size > 1 else 1)
+        optimizer = 8 * n
+    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
+
+
+def print_estimate(cfg, opts: BenchOptions):
+    meta = Path(cfg.dataset_dir) / "meta.json"
+    # The vocabulary comes from the dataset; before it is prepared, from prepare.py's default (8192).
+    vocab_size = json.loads(meta.read_text())["vocab_size"] if meta.exists() else 8192
+    n, _ = parameter_counts(cfg.model_config(vocab_size))
+    print(f"{n / 1e9:.2f}B parameters (vocabulary {vocab_size}) | micro-batch {cfg.batch_size}x{cfg.max_seq_len} "
+          f"per GPU | {opts.world_size} GPUs of {opts.gpu_memory:g} GB | "
+          f"{'fp32' if cfg.dtype == 'float32' else 'bf16 compute'} | GB per GPU:")
+    print(f"{'':<10}{'params':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'total':>9}  fits")
+    for fsdp in (False, True):
+        for checkpointing in (False, True):
+            est = memory_estimate(cfg, vocab_size, opts.world_size, fsdp, checkpointing)
+            total = sum(est.values())
+            name = ("FSDP" if fsdp else "DDP") + (" + AC" if checkpointing else "")
+            print(f"{name:<10}" + "".join(f"{v / 1e9:9.1f}" for v in est.values())
+                  + f"{total / 1e9:9.1f}  {'yes' if total <= opts.gpu_memory * 1e9 else 'no'}")
+
+
 def main(argv: list[str]):
     own, rest = split_argv(argv)
     opts = load_config(own, cls=BenchOptions)
     cfg = load_config(rest)
+    if opts.estimate:
+        print_estimate(cfg, opts)
+        return
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)

@@ -3,12 +3,13 @@
     python train.py                                      # small default model on data/shakespeare
     python train.py config/llama_1b3.py --batch_size=4   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
+    torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py   # FSDP: weights sharded over the ranks
     python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
     python train.py --init_from=DIR                      # start from a Hugging Face Llama model's weights
 
 Reading order: TrainConfig and load_config (what can be set) -> DatasetLoader (tokens on disk -> (x, y)
-batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, train_update,
-evaluate) -> checkpoints -> train(), the loop itself.
+batches) -> Scheduler (learning rate per update) -> the pieces of one update (make_optimizer, wrap_model: none,
+DDP or FSDP, train_update, evaluate) -> checkpoints -> train(), the loop itself.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
@@ -17,20 +18,32 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import functools
 import hashlib
 import io
 import math
 import os
+import pickle
+import re
+import shutil
 import signal
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.utils.checkpoint
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from model import ModelConfig, Transformer
 from prepare import UserError, damaged, load_tokenizer, lock_directory, read_meta, run_cli, space_for, write_file
@@ -87,6 +100,9 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast); auto = bf16 where the hardware has it
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+    # Scale: beyond what one GPU's memory holds
+    fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks (FSDP2), not DDP
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of storing them
 
     def __post_init__(self):
         checks = [
@@ -102,6 +118,8 @@ class TrainConfig:
             (self.optimizer in ("adamw", "muon"), "--optimizer must be adamw or muon"),
             (self.optimizer == "adamw" or self.max_lr > 0, "--optimizer=muon needs max_lr > 0"),
             (self.muon_lr >= 0 and self.max_minutes >= 0, "--muon_lr and --max_minutes must not be negative"),
+            (not (self.fsdp and self.optimizer == "muon"),
+             "--optimizer=muon orthogonalises whole matrices, which --fsdp=True splits across ranks; use one of them"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,7 +145,8 @@ def _check_type(name: str, value, annotation):
 
 def load_config(argv: list[str], cls=TrainConfig):
     """Build a config (a TrainConfig unless told otherwise) from `config/x.py` files and `--key=value` overrides,
-    applied in the order given."""
+    applied in the order given. The result remembers which keys were set (`user_set`), so that a default can
+    adapt to the machine where a value the user chose must not."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
 
@@ -196,7 +215,9 @@ class DatasetLoader:
     one "group" of W batches is taken per step: rank r reads at offset + r*B*T, and offset advances by B*T*W, so
     ranks never read the same tokens. A shard that cannot fill another whole group is left (its tail, less than
     one batch per rank, is skipped) and the next shard starts; after the last shard the loader wraps around.
-    The position (shard, offset) is all the state there is, and it goes into checkpoints.
+    The position (shard, offset) is all the state there is, and it goes into checkpoints. It counts tokens, not
+    batches, so a run resumed on another number of ranks carries on from the same token: the first group then
+    starts at offset, whatever the group size was before.
     """
 
     def __init__(self, dataset_dir, split, batch_size, seq_len, rank=0, world_size=1, device="cpu", vocab_size=None):
@@ -225,19 +246,24 @@ class DatasetLoader:
         start = self.offset + self.rank * self.B * self.T
         chunk = torch.from_numpy(data[start:start + self.B * self.T + 1].astype(np.int64))
         self.offset += self.B * self.T * self.world_size
-        if self.offset // (self.B * self.T * self.world_size) >= self.batches_per_shard(self.shard):
-            self.shard, self.offset = (self.shard + 1) % len(self.shards), 0
+        self.skip_short_tail()
         if str(self.device).startswith("cuda"):
             # Page-locked memory lets the copy run asynchronously, overlapping with the GPU's work.
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         x, y = chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
         return x, y
 
+    def skip_short_tail(self):
+        """Move to the next shard when what is left of this one cannot fill another whole group."""
+        if self.offset + self.B * self.T * self.world_size + 1 > len(self.shards[self.shard]):
+            self.shard, self.offset = (self.shard + 1) % len(self.shards), 0
+
     def state_dict(self) -> dict:
         return {"shard": self.shard, "offset": self.offset}
 
     def load_state_dict(self, state: dict):
         self.shard, self.offset = state["shard"], state["offset"]
+        self.skip_short_tail()  # a position saved with fewer ranks may leave too little for this many
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,6 +410,68 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.tokens_per_update // per_micro_step
 
 
+def fit_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, str]:
+    """The default batch is sized for one process. When the user chose neither batch_size nor tokens_per_update
+    and the ranks cannot split it evenly, give each rank its share of the update's sequences (rounded down to a
+    whole number per rank) in micro-batches of at most batch_size. Returns the config and a line saying what
+    changed ("" when nothing did). Values the user set are left alone, to fail with accumulation_steps' error."""
+    fits = cfg.tokens_per_update % (cfg.batch_size * cfg.max_seq_len * world_size) == 0
+    if fits or {"batch_size", "tokens_per_update"} & getattr(cfg, "user_set", set()):
+        return cfg, ""
+    per_rank = max(1, cfg.tokens_per_update // cfg.max_seq_len // world_size)  # sequences per rank per update
+    batch = max(b for b in range(1, min(cfg.batch_size, per_rank) + 1) if per_rank % b == 0)
+    fitted = dataclasses.replace(cfg, batch_size=batch, tokens_per_update=per_rank * world_size * cfg.max_seq_len)
+    return fitted, (f"{world_size} ranks: batch_size {cfg.batch_size} -> {fitted.batch_size}, tokens_per_update "
+                    f"{cfg.tokens_per_update} -> {fitted.tokens_per_update} (set them to choose others)")
+
+
+def checkpoint_blocks(model: Transformer):
+    """Activation checkpointing: each Block keeps only its input for backward and runs its forward again there,
+    trading about a third more compute for activation memory that no longer grows with n_layers."""
+    for block in model.layers:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def wrap_model(model: Transformer, cfg: TrainConfig, device: str, dtype: torch.dtype, world_size: int):
+    """Decide how the model is spread over the ranks; returns the module to train.
+
+    - one process: the model itself;
+    - DDP (the default under torchrun): every rank holds all the weights, gradients and AdamW state, and gradients
+      are averaged with an all-reduce in backward;
+    - FSDP2 (--fsdp=True): each rank holds 1/world_size of every weight, gradient and AdamW moment. A Block's
+      weights are gathered (all-gather) just before its forward and its backward, and freed after; its gradients
+      are summed and scattered (reduce-scatter) so each rank keeps the slice it updates. Sharding Block by Block
+      means only one Block is ever whole in memory; the root call takes what is left (embedding, norm, output).
+    With FSDP the sharding happens in place: `model` itself becomes the sharded module (its parameters DTensors)."""
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    if cfg.fsdp:
+        mesh = init_device_mesh(device.split(":")[0], (world_size,))
+        # bf16 weights for compute, gradients reduced in fp32 so the sum over ranks loses nothing; the sharded
+        # master weights and AdamW's moments stay fp32.
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            if cfg.compile:
+                block.compile()  # per Block, so the hooks that gather and scatter stay outside the compiled code
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device != "cpu" else None)
+    return model
+
+
+def gradient_sync(model, sync: bool):
+    """Exchange gradients across ranks in this backward only if `sync`: with accumulation, only the last micro-step
+    of an update needs it (DDP's all-reduce, FSDP's reduce-scatter); the others just add to local gradients."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
 BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is re-estimated after each of these, then fixed
 
 
@@ -411,16 +499,18 @@ def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> t
     total_loss = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         x, y = loader.next_batch()
-        # DDP averages gradients across ranks during backward; only the last micro-step needs that exchange.
-        sync = micro_step == accum_steps - 1
-        with (contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
+        with gradient_sync(model, sync=micro_step == accum_steps - 1):
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                # Only the loss is kept: holding the logits through backward would cost vocab_size numbers per
+                # token, more than all of a small model's other activations together.
+                loss = model(x, y)[1]
             # Dividing by accum_steps makes the summed gradients the mean over all micro-batches.
             (loss / accum_steps).backward()
         total_loss += loss.detach()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over all ranks' shards, computed with a collective
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean_loss = total_loss / accum_steps
@@ -477,11 +567,17 @@ def next_sample_update(step: int, multiplier: float) -> float:
     return at
 
 
-def sample_text(model, tokenizer, device, max_new_tokens=64) -> str:
-    """A short generation from a document boundary: the quickest check that the model learns something."""
+def sample_text(model, tokenizer, device, seed, max_new_tokens=64) -> str:
+    """A short generation from a document boundary: the quickest check that the model learns something.
+
+    It draws from its own random stream, seeded here, for two reasons: a sharded model generates on every rank in
+    lockstep (each forward gathers weights from all of them), so all ranks must pick the same tokens and stop at the
+    same length; and sampling must not disturb the random state training continues with."""
     start = torch.tensor([[tokenizer.eot_id]], device=device)
     model.eval()  # no dropout while generating
-    out = model.generate(start, max_new_tokens, temperature=0.8, top_p=0.95, eos_token=tokenizer.eot_id)
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        torch.manual_seed(seed)
+        out = model.generate(start, max_new_tokens, temperature=0.8, top_p=0.95, eos_token=tokenizer.eot_id)
     model.train()
     return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_id])
 
@@ -512,14 +608,22 @@ def init_from_hf(cfg: TrainConfig, vocab_size: int) -> tuple[TrainConfig, Transf
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: each save is a new file, written whole and then renamed, so a crash never leaves a torn one.
+# Checkpoints, in one of two forms:
+# - ckpt_%08d.pt, one file written by rank 0: a single process or DDP, where rank 0 holds the whole state;
+# - ckpt_%08d/, a directory written by all the ranks of an FSDP run at once with torch.distributed.checkpoint
+#   (DCP): each rank writes the shards it holds (__<rank>_0.distcp), rank 0 adds DCP's index (.metadata) and
+#   train_state.pt (everything except the model's and the optimizer's tensors). No rank ever holds the whole model,
+#   and the shards can be read back by any number of ranks, each taking the slices it now owns.
+# Either is written under a .tmp name and renamed when complete, so a crash never leaves a torn checkpoint.
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})(\.pt)?")
 RUN_SPACE_FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the "
                  "checkpoints saved before are intact")
 
 
 def checkpoint_paths(ckpt_dir: str) -> list[Path]:
-    """Complete checkpoints in ckpt_dir, oldest first (the update number is in the name)."""
-    return sorted(Path(ckpt_dir).glob("ckpt_*.pt"))
+    """Complete checkpoints in ckpt_dir, of both forms, oldest first (the update number is in the name)."""
+    found = [p for p in Path(ckpt_dir).glob("ckpt_*") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name)[1]))
 
 
 def tokenizer_fingerprint(dataset_dir: str) -> str:
@@ -542,36 +646,128 @@ def checkpoint_bytes(state) -> int:
     return 0
 
 
-def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int) -> Path:
-    path = Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
+def write_state(path: Path, state: dict):
     # A full disk ends the run with one line; the checkpoints already saved are untouched.
-    with space_for(tmp, checkpoint_bytes(state), RUN_SPACE_FIX), open(tmp, "wb") as f:
+    with space_for(path, checkpoint_bytes(state), RUN_SPACE_FIX), open(path, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename makes it visible
-    os.replace(tmp, path)
-    for old in checkpoint_paths(ckpt_dir)[:-keep]:  # only now that the new one is complete
-        old.unlink()
+
+
+def write_shards(tmp: Path, state: dict, rank0: bool):
+    """Every rank writes its own shards of the model and optimizer state in parallel; rank 0 adds the rest."""
+    if rank0 and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while writing this same checkpoint
+    dist.barrier()
+    # DCP saves tensors only, so that loading never has to unpickle anything else (see read_dcp_index).
+    dcp.save({"model": state["model"], "optimizer": state["optimizer"]["state"]}, checkpoint_id=tmp)
+    if rank0:  # dcp.save returns on every rank once all shards and the index are written and synced
+        rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        write_state(tmp / "train_state.pt", rest | {"optimizer_param_groups": state["optimizer"]["param_groups"]})
+
+
+def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: bool = False) -> Path:
+    """Write a new checkpoint and delete all but the newest `keep`. Called by rank 0 alone, or with `sharded` (an
+    FSDP run, whose state holds DTensor shards) by every rank."""
+    name = f"ckpt_{step:08d}" + ("" if sharded else ".pt")
+    path, tmp = Path(ckpt_dir) / name, Path(ckpt_dir) / f"{name}.tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if sharded:
+        write_shards(tmp, state, rank0)
+    else:
+        write_state(tmp, state)
+    if rank0:
+        os.replace(tmp, path)
+        for old in checkpoint_paths(ckpt_dir)[:-keep]:  # only now that the new one is complete
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if sharded:
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP's index (.metadata) is a pickle that DCP loads with no weights_only guard: a crafted one could run code.
+    This reads it first admitting only the handful of plain classes an index is made of."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib._local", "PosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module, name):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            found = super().find_class(module, name)
+            if isinstance(found, (type, torch.dtype)) or name == "_get_layout":
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+
+
+def read_dcp_index(path: Path):
+    """A sharded checkpoint's index, read safely; it must describe tensors only (that is all train.py writes)."""
+    with open(path / ".metadata", "rb") as f:
+        index = _IndexUnpickler(f).load()
+    if not all(isinstance(md, TensorStorageMetadata) for md in index.state_dict_metadata.values()):
+        raise pickle.UnpicklingError("the index describes pickled objects, not only tensors")
+    return index
+
+
+def read_full_tensors(path: Path) -> dict:
+    """Every tensor of a sharded checkpoint, whole, into this one process (no process group needed)."""
+    index = read_dcp_index(path)
+    flat = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in index.state_dict_metadata.items()}
+    with warnings.catch_warnings():  # DCP warns that no process group is running: that is the point here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(flat, checkpoint_id=path, no_dist=True)
+    model = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
+    optimizer = {}  # DCP flattened {"optimizer": {param: {"exp_avg": ...}}} to "optimizer.<param>.exp_avg"
+    for key, value in flat.items():
+        if key.startswith("optimizer."):
+            param, moment = key.removeprefix("optimizer.").rsplit(".", 1)
+            optimizer.setdefault(param, {})[moment] = value
+    return {"model": model, "optimizer_state": optimizer}
+
+
+def load_checkpoint(path: Path, tensors: bool = True) -> dict:
+    """A checkpoint of either form as one dict of CPU tensors and plain values, in this one process (sample.py,
+    export.py and resuming use it). A sharded checkpoint's "optimizer" is keyed by parameter name, as DCP's
+    get_state_dict gives it. With tensors=False a sharded checkpoint's model and optimizer tensors are left out: an
+    FSDP run reads only its own shards of them (load_shards)."""
     try:
         # weights_only refuses arbitrary pickled objects, which could run code when loaded.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not path.is_dir():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        state["optimizer"] = {"param_groups": state.pop("optimizer_param_groups")}
+        if tensors:
+            full = read_full_tensors(path)
+            state["model"], state["optimizer"]["state"] = full["model"], full["optimizer_state"]
+        return state
     except Exception as e:
         raise UserError(f"cannot load checkpoint {path} safely ({type(e).__name__}); it is damaged or holds "
                         "arbitrary Python objects; delete it to resume from an older one") from None
 
 
-def newest_loadable_checkpoint(paths: list[Path], master: bool) -> tuple[Path, dict]:
+def load_shards(path: Path, model, optimizer, param_groups: list):
+    """An FSDP run resumes from a sharded checkpoint: each rank reads just the slices of every tensor it holds now,
+    whatever the number of ranks that wrote them."""
+    try:
+        read_dcp_index(path)
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's DTensors, filled in place
+        dcp.load({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=path)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path} safely ({type(e).__name__}); it is damaged or holds "
+                        "arbitrary Python objects; delete it to resume from an older one") from None
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": optimizer_state["state"], "param_groups": param_groups})
+
+
+def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: bool = True) -> tuple[Path, dict]:
     """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its rename) is
     renamed to *.damaged, so it no longer counts as the newest, and the one before it is tried: a restarted job
-    goes on by itself instead of waiting for a person to delete a file. The oldest one failing is an error."""
+    goes on by itself instead of waiting for a person to delete a file. The oldest one failing is an error.
+    `tensors` as in load_checkpoint."""
     for i in reversed(range(len(paths))):
         try:
-            return paths[i], load_checkpoint(paths[i])
+            return paths[i], load_checkpoint(paths[i], tensors)
         except UserError:
             if i == 0:
                 raise
@@ -582,7 +778,7 @@ def newest_loadable_checkpoint(paths: list[Path], master: bool) -> tuple[Path, d
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
-    """Refuse to resume with another architecture or another tokenizer than the checkpoint was trained with."""
+    """Refuse to resume with another architecture, tokenizer or update size than the checkpoint was trained with."""
     if ckpt["tokenizer"] != fingerprint:
         raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
                         "it was trained on or a new --ckpt_dir")
@@ -591,6 +787,45 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
         if saved != getattr(cfg, name):
             raise UserError(f"{path} has {name}={saved} but the config says {getattr(cfg, name)}; "
                             "resume with the same architecture or use a new --ckpt_dir")
+    if ckpt["config"]["tokens_per_update"] != cfg.tokens_per_update:  # updates are counted in these units
+        raise UserError(f"{path} has tokens_per_update={ckpt['config']['tokens_per_update']} but this run "
+                        f"{cfg.tokens_per_update}; pass --tokens_per_update={ckpt['config']['tokens_per_update']} "
+                        "with a batch_size that divides it")
+
+
+def rng_state(device: str) -> dict:
+    return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})
+
+
+def restore_rng(rng, rank: int, device: str):
+    """`rng` is rank 0's state (a .pt checkpoint) or a list of every rank's (a sharded one). A rank the list has no
+    entry for (resumed on more ranks) keeps its fresh seed."""
+    if isinstance(rng, list):
+        if rank >= len(rng):
+            return
+        rng = rng[rank]
+    torch.set_rng_state(rng["cpu"])
+    if device.startswith("cuda") and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler, loader, rank,
+           device) -> tuple[int, float]:
+    """Restore a run from a checkpoint (loaded by load_checkpoint with tensors=not cfg.fsdp), after checking it fits
+    this run. Returns (updates done, seconds trained)."""
+    if path.is_dir() != cfg.fsdp:
+        raise UserError(f"{path} was written by a{'n FSDP' if cfg.fsdp is False else ' non-FSDP'} run; resume it "
+                        f"with --fsdp={not cfg.fsdp}" + (" under torchrun" if not cfg.fsdp else ""))
+    check_resumable(ckpt, cfg, fingerprint, path)
+    if cfg.fsdp:
+        load_shards(path, model, optimizer, ckpt["optimizer"]["param_groups"])
+    else:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    loader.load_state_dict(ckpt["loader"])  # a position in tokens: valid for any number of ranks
+    restore_rng(ckpt["rng"], rank, device)
+    return ckpt["step"], ckpt["elapsed_s"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -699,8 +934,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
     # --- Processes and devices. torchrun sets RANK/WORLD_SIZE; plain `python train.py` is rank 0 of 1. ---
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise UserError("--fsdp=True shards the model across the processes torchrun starts; launch it as "
+                        "torchrun --standalone --nproc_per_node=N train.py ... (N=1 on one GPU)")
+    cfg, fitted = fit_batch(cfg, world_size)
+    accum_steps = accumulation_steps(cfg, world_size)
     device = pick_device(cfg.device)
-    if world_size > 1:
+    if world_size > 1 or cfg.fsdp:
         if device == "cuda":
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -709,14 +949,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
     dtype = pick_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where bf16 is not used
         torch.backends.cudnn.allow_tf32 = True
 
     # --- Data and tokenizer. ---
     tokenizer = load_tokenizer(cfg.dataset_dir)
-    accum_steps = accumulation_steps(cfg, world_size)
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, rank, world_size, device,
                            vocab_size=tokenizer.vocab_size)
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
@@ -727,11 +966,14 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
 
     # --- Model, optimizer, schedule. ---
     if cfg.init_from:
-        cfg, model = init_from_hf(cfg, tokenizer.vocab_size)
+        cfg, raw_model = init_from_hf(cfg, tokenizer.vocab_size)
     else:
-        model = Transformer(cfg.model_config(tokenizer.vocab_size))
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+        raw_model = Transformer(cfg.model_config(tokenizer.vocab_size))
+    raw_model = raw_model.to(device)
+    torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own random numbers (dropout)
+    # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
+    model = wrap_model(raw_model, cfg, device, dtype, world_size)
+    optimizer = make_optimizer(raw_model, cfg, device)
     # With a time budget, the first updates are timed and the run's length is fixed from them (updates_in_budget).
     # The budget covers the loop (training, evaluation, samples, checkpoints), as the log's elapsed_s does; the few
     # seconds of start-up before it are not counted.
@@ -746,46 +988,41 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
     if cfg.load_ckpt is True and not existing:
         raise UserError(f"--load_ckpt=True but {cfg.ckpt_dir} holds no checkpoint; train without it first")
     if cfg.load_ckpt and existing:
-        path, ckpt = newest_loadable_checkpoint(existing, master)
-        check_resumable(ckpt, cfg, fingerprint, path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        # An FSDP run reads its own shards of the tensors in resume(), not the whole model here.
+        path, ckpt = newest_loadable_checkpoint(existing, master, tensors=not cfg.fsdp)
+        step, elapsed_before = resume(path, ckpt, cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
+                                      device)
         if cfg.max_minutes:
             total_updates = scheduler.training_steps  # a budgeted run keeps the length it planned
         else:
             scheduler.training_steps = total_updates  # training_tokens may be raised to train for longer
-        loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.startswith("cuda") and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
         if master:
             print(f"resumed from {path} at update {step} ({step * cfg.tokens_per_update:,} tokens)")
     elif existing:
         raise UserError(f"{cfg.ckpt_dir} already holds checkpoints of an earlier run; resume it with "
                         "--load_ckpt=True or choose another --ckpt_dir")
 
-    raw_model = model  # the plain module: what checkpoints hold and what generates samples
-    if cfg.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device != "cpu" else None)
-
     if master:
+        if fitted:
+            print(fitted)
         start_log(log_file, step)
         peak_flops = measure_matmul_flops(device, dtype)
         flops_per_token = raw_model.flops_per_token()
         length = f"{cfg.max_minutes:g} min" if cfg.max_minutes else f"{total_updates} updates"
         print(f"{raw_model.num_params():,} parameters | {length} of {cfg.tokens_per_update:,}-token updates "
               f"({accum_steps} micro-steps x {world_size} ranks x {cfg.batch_size}x{cfg.max_seq_len}) | "
-              f"{device} {str(dtype).removeprefix('torch.')}")
+              f"{device} {str(dtype).removeprefix('torch.')}" + (" | FSDP" if cfg.fsdp else " | DDP" * (world_size > 1))
+              + (" | activation checkpointing" if cfg.activation_checkpointing else ""))
 
     def checkpoint_state():
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                "rng": {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()}
-                                                         if device.startswith("cuda") else {}),
+        if cfg.fsdp:  # this rank's shards (DTensors), optimizer state keyed by parameter name; every rank's RNG
+            model_state, optimizer_state = get_state_dict(raw_model, optimizer)
+            rng = [None] * world_size
+            dist.all_gather_object(rng, rng_state(device))
+        else:
+            model_state, optimizer_state, rng = raw_model.state_dict(), optimizer.state_dict(), rng_state(device)
+        return {"model": model_state, "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng,
                 "config": dataclasses.asdict(cfg), "tokenizer": fingerprint, "step": step,
                 "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_before + time.time() - start_time,
                 "argv": argv or []}  # the command line, for export.py's model card
@@ -811,16 +1048,20 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
             # Nothing is saved: the last checkpoint on disk is the last good state.
             sys.exit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at update {step}; "
                      f"resume from the last checkpoint in {cfg.ckpt_dir} with a lower max_lr")
+        tokens_per_sec = cfg.tokens_per_update / update_seconds[-1]
+        # Rank 0 alone evaluates and samples, except under FSDP: there every forward gathers weights from all ranks.
+        takes_part = master or cfg.fsdp
+        val_loss = val_bpb = sample = ""
+        if takes_part and (step % cfg.eval_interval == 0 or step == total_updates):
+            val_loss = evaluate(raw_model, val_loader, eval_batches, device, dtype)
+            # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
+            val_bpb = val_loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+        if takes_part and cfg.model_gen_multiplier and step >= round(next_sample):
+            sample = sample_text(raw_model, tokenizer, device, seed=cfg.seed + step)
+            next_sample = next_sample_update(step, cfg.model_gen_multiplier)
         if master:
-            dt = time.time() - t0
-            tokens_per_sec = cfg.tokens_per_update / dt
             elapsed = elapsed_before + time.time() - start_time
             eta = (total_updates - step) * (time.time() - start_time) / (step - start_step)
-            val_loss = val_bpb = ""
-            if step % cfg.eval_interval == 0 or step == total_updates:
-                val_loss = evaluate(raw_model, val_loader, eval_batches, device, dtype)
-                # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
-                val_bpb = val_loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
             append_log(log_file, [step, f"{100 * step / total_updates:.2f}", f"{loss:.4f}", f"{math.exp(loss):.2f}",
                                   f"{lr:.3e}", f"{grad_norm:.4f}", step * cfg.tokens_per_update,
                                   f"{tokens_per_sec:.0f}", f"{elapsed:.1f}",
@@ -830,13 +1071,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
             print(f"update {step}/{total_updates} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                   f"{tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min"
                   + (f" | val loss {val_loss:.4f} bpb {val_bpb:.4f}" if val_loss != "" else ""), flush=True)
-            if cfg.model_gen_multiplier and step >= round(next_sample):
-                print(f"--- sample at update {step} ---\n{sample_text(raw_model, tokenizer, device)}\n---")
-                next_sample = next_sample_update(step, cfg.model_gen_multiplier)
+            if sample:
+                print(f"--- sample at update {step} ---\n{sample}\n---")
         stopping = stop.agreed(device)
-        if master and (step % ckpt_every == 0 or step == total_updates or stopping):
-            path = save_checkpoint(cfg.ckpt_dir, step, checkpoint_state(), cfg.keep_ckpts)
-            print(f"saved {path}")
+        if (master or cfg.fsdp) and (step % ckpt_every == 0 or step == total_updates or stopping):
+            path = save_checkpoint(cfg.ckpt_dir, step, checkpoint_state(), cfg.keep_ckpts, sharded=cfg.fsdp)
+            if master:
+                print(f"saved {path}")
         if stopping:
             if master:
                 print(f"stopped by signal after update {step}; resume with --load_ckpt=True")

@@ -70,8 +70,9 @@ def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tm
     total = len(log)
     assert total > BUDGET_PROBE_UPDATES, "the length was planned beyond the timed updates"
     assert f"update {total}/{total} " in out and log[-1]["val_bpb"], "the last update evaluates"
-    assert float(log[-1]["lr"]) == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
-    assert float(log[-2]["lr"]) > 2e-4
+    lrs = [float(row["lr"]) for row in log]
+    assert lrs[-1] == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
+    assert lrs[len(lrs) // 2] == pytest.approx(0.5 * (2e-3 + 2e-4), rel=0.2), "halfway through the planned decay"
     # The whole schedule fits the budget (loosely: shared CI machines are noisy; README has measured figures).
     assert 0.4 * budget_s < float(log[-1]["elapsed_s"]) < 1.5 * budget_s
 

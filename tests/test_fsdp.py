@@ -1,0 +1,309 @@
+"""--fsdp=True: sharded training computes what unsharded training does, its checkpoints survive crashes and move
+between numbers of ranks, the default batch fits any world size, and the memory estimate matches a measurement.
+
+Every multi-rank run goes through torchrun on CPU (gloo), as a user would start it."""
+import csv
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from test_reliability import RunsCode
+from test_train import ROOT, TINY, assert_same_weights, run, toy_dataset
+
+import bench
+import train
+from prepare import UserError
+from train import DatasetLoader, accumulation_steps, checkpoint_paths, fit_batch, load_checkpoint, load_config
+
+# 128 tokens per update (2 ranks x 1 micro-step of 2 x 32, or 1 rank x 2 micro-steps), a checkpoint every 4
+# updates. A constant learning rate, so that a run resumed with more training_tokens follows the same schedule.
+SHARDED = [*TINY, "--fsdp=True", "--schedule=constant", "--token_ckpt=512", "--keep_ckpts=5"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def torchrun(ranks: int, *args, **kwargs):
+    return run(f"-m torch.distributed.run --standalone --nproc_per_node={ranks} train.py", *args, **kwargs)
+
+
+def logged(ckpt_dir) -> dict[int, dict]:
+    with open(Path(ckpt_dir) / "log.csv") as f:
+        return {int(row["step"]): row for row in csv.DictReader(f)}
+
+
+def assert_same_curve(a: dict, b: dict, steps, column="train_loss", tol=1e-4):
+    for step in steps:
+        assert abs(float(a[step][column]) - float(b[step][column])) <= tol, (step, a[step], b[step])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc): torchrun starts each rank in a session of its own."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children + [d for c in children for d in descendants(c)]
+
+
+def final_model(ckpt_dir) -> dict:
+    return load_checkpoint(checkpoint_paths(ckpt_dir)[-1])["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(shakespeare_dir, tmp_path_factory):
+    """An uninterrupted FSDP run on 2 ranks: 12 updates, sharded checkpoints after updates 4, 8 and 12."""
+    out = tmp_path_factory.mktemp("reference")
+    torchrun(2, *SHARDED, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={out}", "--training_tokens=1536")
+    return out
+
+
+# --- what an FSDP run computes -------------------------------------------------------------------------------
+def test_two_sharded_ranks_match_one_process_with_accumulation(reference, shakespeare_dir, tmp_path):
+    assert [p.name for p in checkpoint_paths(reference)] == ["ckpt_00000004", "ckpt_00000008", "ckpt_00000012"]
+    assert sorted(os.listdir(checkpoint_paths(reference)[-1])) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                                   "train_state.pt"]
+    # One process, no FSDP, 2 micro-steps per update; and activation checkpointing, which must change nothing.
+    run("train.py", *TINY, "--schedule=constant", f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
+        "--training_tokens=1536", "--activation_checkpointing=True")
+    # The same losses and the same global gradient norm (before clipping) at every update, the same weights after.
+    assert_same_curve(logged(reference), logged(tmp_path), range(1, 13))
+    assert_same_curve(logged(reference), logged(tmp_path), range(1, 13), column="grad_norm")
+    assert_same_weights(final_model(reference), final_model(tmp_path), atol=1e-6)
+
+
+# --- sharded checkpoints ---------------------------------------------------------------------------------------
+def test_a_sharded_checkpoint_resumes_on_one_rank_and_back_on_two(reference, shakespeare_dir, tmp_path):
+    args = [*SHARDED, f"--dataset_dir={shakespeare_dir}", "--load_ckpt=True"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    (one / "log.csv").write_text((reference / "log.csv").read_text())
+    shutil.copytree(reference / "ckpt_00000004", one / "ckpt_00000004")
+    # 2 ranks -> 1 rank (2 micro-steps each skipping the reduce-scatter but the last), with activation
+    # checkpointing, up to update 8 ...
+    out = torchrun(1, *args, f"--ckpt_dir={one}", "--training_tokens=1024", "--activation_checkpointing=True").stdout
+    assert "resumed from" in out and "at update 4" in out
+    assert_same_curve(logged(reference), logged(one), range(1, 9))
+    # ... then that 1-rank checkpoint on 2 ranks, to the end.
+    shutil.copytree(one, two)
+    torchrun(2, *args, f"--ckpt_dir={two}", "--training_tokens=1536")
+    assert_same_curve(logged(reference), logged(two), range(1, 13))
+    assert_same_weights(final_model(reference), final_model(two), atol=1e-5)
+    # sample.py reads a sharded checkpoint in one process
+    text = run("sample.py", f"--ckpt_dir={two}", "--prompt=ROMEO:", "--max_new_tokens=5").stdout
+    assert "ckpt_00000012 (update 12, 1,536 tokens)" in text
+
+
+def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
+    ckpt = load_checkpoint(checkpoint_paths(reference)[-1])
+    assert ckpt["step"] == 12 and ckpt["tokens"] == 1536 and ckpt["config"]["fsdp"] is True
+    assert ckpt["model"]["tok_embeddings.weight"].shape == (8192, 32)  # whole, not one rank's half
+    assert set(ckpt["optimizer"]["state"]["output.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
+    assert len(ckpt["rng"]) == 2  # one random state per rank
+    assert ckpt["loader"] == {"shard": 0, "offset": 12 * 128}
+
+
+def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(reference, shakespeare_dir,
+                                                                                        tmp_path):
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "train.py", *SHARDED, f"--dataset_dir={shakespeare_dir}",
+           f"--ckpt_dir={tmp_path}", "--training_tokens=1536", "--load_ckpt=auto"]
+
+    def interrupt(at_line: str, sig) -> tuple[str, str]:
+        # A new session makes the job its own process group: what a scheduler or a dying node takes down at once.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        seen = ""
+        for line in proc.stdout:
+            seen += line
+            if line.startswith(at_line):
+                if sig == signal.SIGKILL:  # a crash: the ranks die at once, wherever they are
+                    for pid in descendants(proc.pid):
+                        os.kill(pid, sig)
+                os.killpg(proc.pid, sig)
+                break
+        out, err = proc.communicate(timeout=120)
+        return seen + out, err
+
+    out, err = interrupt("update 2/", signal.SIGTERM)
+    assert "stopped by signal" in out, err
+    assert "train.py" not in err and "ChildFailedError" not in err, err  # every rank exited 0
+    assert checkpoint_paths(tmp_path)[-1].name in ("ckpt_00000002", "ckpt_00000003")
+    interrupt("update 5/", signal.SIGKILL)  # no handler runs anywhere
+    newest = int(checkpoint_paths(tmp_path)[-1].name[5:13])
+    assert newest < 12, "killed too late to test anything"
+    # What a kill while writing the next checkpoint leaves (maybe it did already); the resumed run rewrites it.
+    torn = tmp_path / f"ckpt_{(newest // 4 + 1) * 4:08d}.tmp"
+    torn.mkdir(exist_ok=True)
+    (torn / "__0_0.distcp").write_bytes(b"half a shard")
+    run(" ".join(cmd[1:]))
+    assert_same_weights(final_model(reference), final_model(tmp_path))  # bitwise
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_index_carrying_code_is_refused_and_never_run(reference, tmp_path):
+    ckpt = shutil.copytree(checkpoint_paths(reference)[-1], tmp_path / "ckpt_00000012")
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(UserError, match="arbitrary Python objects"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+SHARD_BYTES = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+from model import Transformer
+from train import load_config, make_optimizer, wrap_model
+fsdp = dist.is_torchelastic_launched()
+if fsdp:
+    dist.init_process_group("gloo")
+cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2", f"--fsdp={fsdp}"])
+model = Transformer(cfg.model_config(1000))
+wrap_model(model, cfg, "cpu", torch.float32, 2 if fsdp else 1)
+optimizer = make_optimizer(model, cfg, "cpu")
+x = torch.randint(0, 1000, (2, 16))
+model(x, x)[1].backward()
+optimizer.step()
+local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+weights = sum(local(p).nbytes for p in model.parameters())
+adamw = sum(local(t).nbytes for state in optimizer.state.values() for t in state.values())
+print(json.dumps({"weights": weights, "optimizer": adamw}))
+"""
+
+
+def test_fsdp_on_two_ranks_holds_half_the_weights_and_optimizer_state_per_rank(tmp_path):
+    script = tmp_path / "shard_bytes.py"
+    script.write_text(SHARD_BYTES)
+    whole = json.loads(subprocess.run([sys.executable, script, ROOT], capture_output=True, text=True,
+                                      check=True).stdout)
+    sharded = subprocess.run([*TORCHRUN, "--nproc_per_node=2", script, ROOT], capture_output=True, text=True,
+                             check=True).stdout
+    for line in sharded.splitlines():  # one line per rank
+        per_rank = json.loads(line)
+        for part in ("weights", "optimizer"):
+            assert 0.49 <= per_rank[part] / whole[part] <= 0.51, (part, per_rank, whole)
+
+
+PEAK_MEMORY = """
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from model import Transformer
+from train import DatasetLoader, load_config, make_optimizer, train_update
+cfg = load_config(sys.argv[2:])
+loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len)
+model = Transformer(cfg.model_config(8192))
+if cfg.activation_checkpointing:
+    from train import checkpoint_blocks
+    checkpoint_blocks(model)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+optimizer = make_optimizer(model, cfg, "cpu")
+for _ in range(2):
+    train_update(model, optimizer, loader, 2, cfg, "cpu", torch.float32)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak": peak - before, "weights": sum(p.nbytes for p in model.parameters())}))
+"""
+
+
+# One thread; and glibc told to return every freed block above 64 KiB to the system at once: by default it keeps
+# freed blocks of up to 32 MiB for reuse, and the resident size then overstates the tensors alive.
+MEASURE_TENSORS = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(shakespeare_dir, tmp_path, checkpointing):
+    args = [f"--dataset_dir={shakespeare_dir}", "--n_embd=256", "--n_heads=4", "--n_kv_heads=4", "--n_layers=4",
+            "--batch_size=8", "--max_seq_len=256", "--tokens_per_update=4096", "--dtype=float32",
+            f"--activation_checkpointing={checkpointing}"]
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_MEMORY)
+    measured = json.loads(subprocess.run([sys.executable, script, ROOT, *args], capture_output=True, text=True,
+                                         check=True, env=os.environ | MEASURE_TENSORS).stdout)
+    cfg = load_config(args)
+    estimate = bench.memory_estimate(cfg, 8192, world_size=1, fsdp=False, checkpointing=checkpointing)
+    # The weights were allocated before the measurement started; everything else during it.
+    grown = sum(estimate.values()) - measured["weights"]
+    assert abs(grown - measured["peak"]) <= 0.25 * measured["peak"], (estimate, measured)
+
+
+# --- the mission's command line, and what is refused ----------------------------------------------------------
+@pytest.mark.parametrize("world_size, batch, tokens", [(1, 16, 4096), (2, 8, 4096), (3, 5, 3840), (5, 3, 3840),
+                                                       (6, 2, 3072), (7, 2, 3584), (8, 2, 4096)])
+def test_the_default_batch_fits_any_number_of_ranks(world_size, batch, tokens):
+    cfg, note = fit_batch(load_config([]), world_size)
+    assert (cfg.batch_size, cfg.tokens_per_update) == (batch, tokens)
+    assert accumulation_steps(cfg, world_size) == tokens // (batch * 256 * world_size)
+    assert (note == "") == (world_size == 1)
+    if note:
+        assert note.startswith(f"{world_size} ranks: batch_size 16 -> {batch}")
+
+
+def test_a_batch_the_user_chose_is_never_changed():
+    for argv in (["--batch_size=16"], ["--tokens_per_update=4096"]):
+        cfg, note = fit_batch(load_config(argv), 8)
+        assert note == ""
+        with pytest.raises(UserError, match="not a multiple of batch_size"):
+            accumulation_steps(cfg, 8)
+
+
+def test_fsdp_without_torchrun_is_refused_before_anything_is_written(shakespeare_dir, tmp_path):
+    with pytest.raises(UserError, match="launch it as torchrun"):
+        train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path / 'out'}", "--fsdp=True"])
+    assert not (tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, message", [(["--fsdp=True", "--n_layers=2"], "n_layers=1 but the config says 2"),
+                                            ([], "written by an FSDP run; resume it with --fsdp=True")])
+def test_resuming_a_sharded_checkpoint_differently_is_refused(reference, shakespeare_dir, tmp_path, monkeypatch,
+                                                              extra, message):
+    ckpt_dir = shutil.copytree(reference, tmp_path / "copy")
+    # torchrun's environment for a single rank, in this process
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        with pytest.raises(UserError, match=message):
+            train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt_dir}", "--load_ckpt=True",
+                        *extra])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert sorted(p.name for p in checkpoint_paths(ckpt_dir)) == [p.name for p in checkpoint_paths(reference)]
+
+
+def test_the_loader_position_carries_over_to_another_number_of_ranks(tmp_path):
+    path = toy_dataset(tmp_path, [1000])
+    B, T = 2, 4
+    read = []
+
+    def take(world_size, groups, state=None):
+        loaders = [DatasetLoader(path, "train", B, T, rank, world_size) for rank in range(world_size)]
+        for loader in loaders:
+            if state:
+                loader.load_state_dict(state)
+        for _ in range(groups):
+            for loader in loaders:
+                read.extend(loader.next_batch()[0].flatten().tolist())
+        return loaders[0].state_dict()
+
+    state = take(2, 3)  # 2 ranks: 3 groups of 16 tokens
+    state = take(1, 5, state)  # then 1 rank, 5 groups of 8
+    state = take(3, 2, state)  # then 3 ranks, 2 groups of 24
+    assert read == list(range(len(read))) and len(read) == 3 * 16 + 5 * 8 + 2 * 24  # no token skipped or repeated
