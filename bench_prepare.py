@@ -84,18 +84,21 @@ def build_corpus(root: Path, megabytes: int, formats: list[str]) -> dict[str, Pa
         return {f: paths[f] for f in formats}
     root.mkdir(parents=True, exist_ok=True)
     paths["txt"].mkdir(exist_ok=True)
-    writer = pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())]))
+    writer = pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())])) if "parquet" in formats else None
     batch = []
     with open(paths["jsonl"], "w") as jsonl:
         for i, text in enumerate(corpus_documents(megabytes)):
-            jsonl.write(json.dumps({"text": text}) + "\n")
-            (paths["txt"] / f"{i:06d}.txt").write_text(text)
+            if "jsonl" in formats:
+                jsonl.write(json.dumps({"text": text}) + "\n")
+            if "txt" in formats:
+                (paths["txt"] / f"{i:06d}.txt").write_text(text)
             batch.append(text)
-            if len(batch) == 1000:
+            if len(batch) == 1000 and writer:
                 writer.write_table(pa.table({"text": batch}))
                 batch = []
-    writer.write_table(pa.table({"text": batch}))
-    writer.close()
+    if writer:
+        writer.write_table(pa.table({"text": batch}))
+        writer.close()
     return {f: paths[f] for f in formats}
 
 
