@@ -86,10 +86,9 @@ def build_corpus(root: Path, megabytes: int, formats: list[str]) -> dict[str, Pa
     paths["txt"].mkdir(exist_ok=True)
     writer = pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())])) if "parquet" in formats else None
     batch = []
-    with open(paths["jsonl"], "w") as jsonl:
+    with open(paths["jsonl"] if "jsonl" in formats else os.devnull, "w") as jsonl:
         for i, text in enumerate(corpus_documents(megabytes)):
-            if "jsonl" in formats:
-                jsonl.write(json.dumps({"text": text}) + "\n")
+            jsonl.write(json.dumps({"text": text}) + "\n")
             if "txt" in formats:
                 (paths["txt"] / f"{i:06d}.txt").write_text(text)
             batch.append(text)
