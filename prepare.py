@@ -306,12 +306,11 @@ def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
     script gets its tokenizer."""
     if (Path(dataset_dir) / "config.json").exists() and not (Path(dataset_dir) / "meta.json").exists():
         return model_dir_tokenizer(Path(dataset_dir))
-    meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern")
+    meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern", "special_tokens")
     if meta["tokenizer"] == "gpt2":
         return gpt2_tokenizer()
     if meta["tokenizer"] == "hf":  # special_tokens' one entry is the document separator
-        separator = next(iter(read_meta(dataset_dir, "special_tokens")["special_tokens"]))
-        return HFTokenizer(Path(dataset_dir) / "tokenizer.json", separator)
+        return HFTokenizer(Path(dataset_dir) / "tokenizer.json", next(iter(meta["special_tokens"])))
     path = Path(dataset_dir) / "tokenizer.tiktoken"
     try:
         ranks = read_ranks(path)

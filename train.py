@@ -184,6 +184,13 @@ def load_config(argv: list[str], cls=TrainConfig):
     return cfg
 
 
+def replace_config(cfg: TrainConfig, **changes) -> TrainConfig:
+    """dataclasses.replace that keeps user_set (which is not a field, so replace alone would drop it)."""
+    new = dataclasses.replace(cfg, **changes)
+    new.user_set = getattr(cfg, "user_set", frozenset())
+    return new
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data: shards of token ids on disk -> (x, y) batches, with every rank reading its own slices.
 def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
@@ -420,7 +427,7 @@ def fit_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, str]:
         return cfg, ""
     per_rank = max(1, cfg.tokens_per_update // cfg.max_seq_len // world_size)  # sequences per rank per update
     batch = max(b for b in range(1, min(cfg.batch_size, per_rank) + 1) if per_rank % b == 0)
-    fitted = dataclasses.replace(cfg, batch_size=batch, tokens_per_update=per_rank * world_size * cfg.max_seq_len)
+    fitted = replace_config(cfg, batch_size=batch, tokens_per_update=per_rank * world_size * cfg.max_seq_len)
     return fitted, (f"{world_size} ranks: batch_size {cfg.batch_size} -> {fitted.batch_size}, tokens_per_update "
                     f"{cfg.tokens_per_update} -> {fitted.tokens_per_update} (set them to choose others)")
 
@@ -599,9 +606,7 @@ def init_from_hf(cfg: TrainConfig, vocab_size: int) -> tuple[TrainConfig, Transf
     if vocab_size > fields["vocab_size"]:
         raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {cfg.init_from}'s embedding only "
                         f"{fields['vocab_size']}; prepare the data with --tokenizer={cfg.init_from}")
-    user_set = getattr(cfg, "user_set", frozenset())
-    cfg = dataclasses.replace(cfg, **{name: v for name, v in fields.items() if name != "vocab_size"})
-    cfg.user_set = user_set  # replace() builds a new object without it
+    cfg = replace_config(cfg, **{name: v for name, v in fields.items() if name != "vocab_size"})
     model = Transformer(cfg.model_config(fields["vocab_size"]))
     model.load_state_dict(weights)
     return cfg, model

@@ -252,6 +252,11 @@ def test_the_default_batch_fits_any_number_of_ranks(world_size, batch, tokens):
         assert note.startswith(f"{world_size} ranks: batch_size 16 -> {batch}")
 
 
+def test_fitting_the_batch_keeps_the_record_of_what_the_user_set():
+    cfg, note = fit_batch(load_config(["--n_layers=2"]), 3)
+    assert note and cfg.user_set == {"n_layers"}  # --init_from's contradiction check still sees it
+
+
 def test_a_batch_the_user_chose_is_never_changed():
     for argv in (["--batch_size=16"], ["--tokens_per_update=4096"]):
         cfg, note = fit_batch(load_config(argv), 8)
