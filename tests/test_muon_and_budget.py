@@ -10,7 +10,7 @@ from test_train import TINY, assert_same_weights, final_weights, run
 import train
 from model import ModelConfig, Transformer
 from prepare import UserError
-from train import BUDGET_PROBE_UPDATES, MuonAndAdamW, checkpoint_paths, load_config, make_optimizer
+from train import BUDGET_PROBE_UPDATES, Muon, MuonAndAdamW, checkpoint_paths, load_config, make_optimizer, orthogonalize
 
 
 def rows(ckpt_dir) -> list[dict]:
@@ -34,6 +34,31 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else():
     train.Scheduler(opt, "cosine", 100, 10, cfg.max_lr, cfg.min_lr).step(9)
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(2e-2)
     assert [g["lr"] for g in opt.adamw.param_groups] == pytest.approx([1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_orthogonalize_sets_every_singular_value_near_one(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert torch.linalg.svdvals(g).max() > 3 * torch.linalg.svdvals(g).min()
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert s.min() > 0.6 and s.max() < 1.25, s
+
+
+def test_muon_step_equals_torch_optim_muon_up_to_its_bfloat16_arithmetic():
+    # torch.optim.Muon orthogonalizes in bfloat16, ours in float32 (much faster on CPUs without bf16 instructions):
+    # three steps from the same weights and gradients agree to bfloat16's precision.
+    w = torch.randn(96, 32, generator=torch.Generator().manual_seed(1))
+    ours, theirs = w.clone().requires_grad_(), w.clone().requires_grad_()
+    mine = Muon([ours], lr=0.02, weight_decay=0.1)
+    reference = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for seed in range(3):
+        ours.grad = torch.randn(96, 32, generator=torch.Generator().manual_seed(seed))
+        theirs.grad = ours.grad.clone()
+        mine.step()
+        reference.step()
+    moved = (theirs - w).norm()
+    assert moved > 0.5, "the weights moved"
+    assert (ours - theirs).norm() < 0.03 * moved  # bfloat16 keeps 8 bits of mantissa: ~0.4% per number
 
 
 def test_muon_needs_a_positive_max_lr():
