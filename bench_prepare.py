@@ -5,7 +5,8 @@
 
 The corpus is built once per size from text already on this machine: Python source files from the installed
 packages and Shakespeare's plays, one document each, cycled until the size is reached. It is written three ways
-(one .jsonl file, one .parquet file, a directory of .txt files) so the same documents go through every reader.
+(one .jsonl file, one .parquet file laid out as Hugging Face datasets writes them, a directory of .txt files) so the
+same documents go through every reader.
 
 Two pipelines encode it with the same vocabulary:
 - prepare.py itself (`--tokenizer=<dataset or gpt2>`: no BPE training, just the validation split and encoding);
@@ -74,6 +75,14 @@ def corpus_documents(megabytes: int):
         yield text
 
 
+# The parquet file is laid out as Hugging Face datasets (5.2) writes one with to_parquet or push_to_hub: row groups
+# of up to 100 MB of text (datasets.config.MAX_ROW_GROUP_SIZE) in pages of 256 KiB to 1 MiB (content-defined
+# chunking), with a page index. Row groups of 1000 of these documents, as this script wrote before, put each row
+# group's column in one dictionary page of up to 18 MB (pyarrow checks a dictionary's size only every 1024 rows),
+# which a reader has to hold whole.
+PARQUET_ROW_GROUP_BYTES = 100_000_000
+
+
 def build_corpus(root: Path, megabytes: int, formats: list[str]) -> dict[str, Path]:
     """The same documents as corpus.jsonl, corpus.parquet and txt/NNNNNN.txt under root (reused if present)."""
     import pyarrow as pa
@@ -84,19 +93,25 @@ def build_corpus(root: Path, megabytes: int, formats: list[str]) -> dict[str, Pa
         return {f: paths[f] for f in formats}
     root.mkdir(parents=True, exist_ok=True)
     paths["txt"].mkdir(exist_ok=True)
-    writer = pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())])) if "parquet" in formats else None
-    batch = []
+    writer = None
+    if "parquet" in formats:
+        writer = pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())]),
+                                  use_content_defined_chunking=True, write_page_index=True)
+    row_group, row_group_bytes = [], 0
     with open(paths["jsonl"] if "jsonl" in formats else os.devnull, "w") as jsonl:
         for i, text in enumerate(corpus_documents(megabytes)):
             jsonl.write(json.dumps({"text": text}) + "\n")
             if "txt" in formats:
                 (paths["txt"] / f"{i:06d}.txt").write_text(text)
-            batch.append(text)
-            if len(batch) == 1000 and writer:
-                writer.write_table(pa.table({"text": batch}))
-                batch = []
+            if writer:
+                row_group.append(text)
+                row_group_bytes += len(text.encode())
+                if row_group_bytes >= PARQUET_ROW_GROUP_BYTES:
+                    writer.write_table(pa.table({"text": row_group}))  # one call, one row group
+                    row_group, row_group_bytes = [], 0
     if writer:
-        writer.write_table(pa.table({"text": batch}))
+        if row_group:
+            writer.write_table(pa.table({"text": row_group}))
         writer.close()
     return {f: paths[f] for f in formats}
 
