@@ -23,9 +23,9 @@ becomes two documents). The size of a Hugging Face stream is unknown, so there e
 k = round(1 / val_fraction). Either way the BPE is trained on training text only.
 
 Memory stays flat however large the corpus: documents are streamed, the BPE reads at most BPE_TRAIN_BYTES of
-training text, and tokens collect in one buffer of --shard_tokens that is saved as a shard whenever it fills up
-(a Hugging Face stream interleaves the splits, so there each split has its own buffer). A .txt or .md file is
-one document and is read whole: split a huge plain-text corpus across files, or use .jsonl / .parquet.
+training text, and each document's tokens are appended to its split's open shard file as soon as they are encoded
+(see ShardWriter), so --shard_tokens sets the size of the files, not of memory. A .txt or .md file is one document
+and is read whole: split a huge plain-text corpus across files, or use .jsonl / .parquet.
 The dataset is built in a temporary directory next to --out_dir and renamed into place when it is complete.
 One prepare.py at a time per --out_dir: a second one stops at once, naming the first (see lock_directory).
 """
@@ -34,6 +34,7 @@ import contextlib
 import errno
 import fcntl
 import importlib.resources
+import io
 import json
 import os
 import re
@@ -108,10 +109,7 @@ def space_for(path, needed: int, fix: str):
     writing, becomes one line naming the file, the space it needs, the space free and `fix`. The partial write is
     undone (a new file removed, an appended one cut back), so it does not go on holding the space that ran out."""
     path = Path(path)
-    free = shutil.disk_usage(path.parent).free
-    if free < needed:
-        raise UserError(f"could not write {path} (not enough free space, checked before writing): it needs about "
-                        f"{human_size(needed)} and {human_size(free)} is free; {fix}")
+    check_space(path, needed, fix)
     size_before = path.stat().st_size if path.exists() else None
     try:
         yield
@@ -122,10 +120,23 @@ def space_for(path, needed: int, fix: str):
             path.unlink(missing_ok=True)
         else:
             os.truncate(path, size_before)
-        reason = os.strerror(e.errno) if getattr(e, "errno", None) else "disk full"
-        free = shutil.disk_usage(path.parent).free
-        raise UserError(f"could not write {path} ({reason}): it needs about {human_size(needed)} and "
-                        f"{human_size(free)} is free; {fix}") from None
+        raise full_disk_error(path, needed, e, fix) from None
+
+
+def check_space(path: Path, needed: int, fix: str):
+    """Stop before writing `path` (about `needed` bytes) when its disk has less than that free."""
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise UserError(f"could not write {path} (not enough free space, checked before writing): it needs about "
+                        f"{human_size(needed)} and {human_size(free)} is free; {fix}")
+
+
+def full_disk_error(path: Path, needed: int, e: Exception, fix: str) -> UserError:
+    """The one line for a write of `path` that failed with is_full_disk(e)."""
+    reason = os.strerror(e.errno) if getattr(e, "errno", None) else "disk full"
+    free = shutil.disk_usage(path.parent).free
+    return UserError(f"could not write {path} ({reason}): it needs about {human_size(needed)} and "
+                     f"{human_size(free)} is free; {fix}")
 
 
 def write_file(path: Path, data: bytes, fix: str):
@@ -494,39 +505,85 @@ def capped(texts, max_bytes: int):
 DATASET_SPACE_FIX = "free space on that disk or choose an --out_dir on another; no dataset was changed"
 
 
+def npy_header(dtype, length: int) -> bytes:
+    """The header np.save writes before a 1-D array of `length` items of `dtype`. Its format version is 1.0, the one
+    np.save picks for every 1-D array: 1.0 holds headers up to 64 kB, and this one is about 128 bytes."""
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": (length,)})
+    return header.getvalue()
+
+
 class ShardWriter:
-    """Collects one split's tokens in a fixed buffer and saves it as <split>_NNNNNN.npy each time it fills up."""
+    """Streams one split's tokens into <split>_NNNNNN.npy shards of shard_tokens each (the last one shorter).
+
+    A shard is opened when its first tokens come, behind the header of an empty array; tokens are appended as they
+    arrive, through the file's small write buffer, so memory holds none of them; when the shard is full, or the split
+    ends, the header is rewritten with the real length. Each file is byte for byte what np.save would write."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype):
-        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
-        self.buffer = None  # the only place tokens accumulate, so memory stays flat; allocated on first use
-        self.filled = 0
-        self.shards = {}  # file name -> token count
+        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, np.dtype(dtype)
+        self.header_bytes = len(npy_header(self.dtype, 0))
+        self.file = None  # the open shard, if any
+        self.path, self.needed, self.filled = None, 0, 0  # its path, its estimated size in bytes, its tokens so far
+        self.shards = {}  # file name -> token count, for every finished shard
 
-    def add(self, tokens):
-        if self.buffer is None:
-            self.buffer = np.empty(self.shard_tokens, dtype=self.dtype)
+    def add(self, tokens, tokens_to_come: float | None = None):
+        """Append tokens, converted to the shards' dtype (no copy if they have it). tokens_to_come estimates how
+        many tokens the split still has, these included; it sizes the space check when a shard is opened (None:
+        unknown, so the shard is expected to fill up)."""
         tokens = np.asarray(tokens, dtype=self.dtype)
         while len(tokens):
+            if self.file is None:
+                self.start(self.shard_tokens if tokens_to_come is None else min(self.shard_tokens, tokens_to_come))
             n = min(len(tokens), self.shard_tokens - self.filled)
-            self.buffer[self.filled: self.filled + n] = tokens[:n]
+            with self.writing():
+                self.file.write(tokens[:n])
             self.filled += n
             tokens = tokens[n:]
             if self.filled == self.shard_tokens:
-                self.flush()
+                self.finish()
 
-    def flush(self):
-        if self.filled:
-            name = f"{self.split}_{len(self.shards):06d}.npy"
-            tokens = self.buffer[: self.filled]
-            with space_for(self.out_dir / name, tokens.nbytes, DATASET_SPACE_FIX), open(self.out_dir / name, "wb") as f:
-                np.save(f, tokens)
-            self.shards[name] = self.filled
-            self.filled = 0
+    def start(self, expected_tokens: float):
+        """Open the next shard, checking first that the disk has room for about expected_tokens."""
+        self.path = self.out_dir / f"{self.split}_{len(self.shards):06d}.npy"
+        self.needed = self.header_bytes + int(expected_tokens) * self.dtype.itemsize
+        check_space(self.path, self.needed, DATASET_SPACE_FIX)
+        with self.writing():
+            self.file = open(self.path, "wb")
+            self.file.write(npy_header(self.dtype, 0))  # a placeholder until the length is known
+
+    def finish(self):
+        """Put the shard's real length into its header and close it."""
+        header = npy_header(self.dtype, self.filled)
+        # np.save leaves room in a 1-D header for a length of 21 digits, then pads it to a multiple of 64 bytes, so
+        # its size never depends on the length; were it to, the new header would overwrite the first tokens.
+        if len(header) != self.header_bytes:
+            raise RuntimeError(f"numpy's .npy header for {self.filled:,} tokens is not {self.header_bytes} bytes")
+        with self.writing():
+            self.file.seek(0)
+            self.file.write(header)
+            self.file.close()
+        self.shards[self.path.name] = self.filled
+        self.file, self.filled = None, 0
 
     def close(self):
-        self.flush()
-        self.buffer = None
+        if self.file is not None:
+            self.finish()
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A full disk while the shard is written ends as in space_for: in one line, the partial shard removed."""
+        try:
+            yield
+        except OSError as e:
+            if not is_full_disk(e):
+                raise
+            if self.file is not None:  # None: the disk had no room even to create the file
+                with contextlib.suppress(OSError):  # closing flushes what the file still buffers: it fails again
+                    self.file.close()
+            self.path.unlink(missing_ok=True)
+            raise full_disk_error(self.path, self.needed, e, DATASET_SPACE_FIX) from None
 
 
 def batches(pairs, max_chars: int):
@@ -560,21 +617,31 @@ def encoded_batches(pairs, tokenizer: Tokenizer):
             yield pending[0], pending[1].result()
 
 
+def tokens_to_come(tokens: int, tokens_written: int, text_bytes: dict, total_bytes: int | None) -> float | None:
+    """An estimate of the tokens a split has still to write, counting the `tokens` of the document in hand: the text
+    not yet encoded at the rate so far. Local text has every training document first, so while training is written
+    the estimate counts the validation text as well, which needs the space right after. A stream's size is unknown."""
+    if total_bytes is None:
+        return None
+    done = sum(text_bytes.values())
+    return tokens + (total_bytes - done) * tokens_written / done
+
+
 def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None) -> dict:
     """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the disk and RAM when ids fit in 16 bits
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
     text_bytes = {"train": 0, "val": 0}
-    eot = np.array([tokenizer.eot_id])
+    tokens_written = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for batch, encoded in encoded_batches(pairs, tokenizer):
             for (split, text), ids in zip(batch, encoded, strict=True):
-                if split == "val" and total_bytes is not None:
-                    writers["train"].close()  # local text puts all training documents first: free their buffer
-                writers[split].add(ids)
-                writers[split].add(eot)  # every document ends with <|endoftext|>
+                tokens = np.empty(len(ids) + 1, dtype)  # the ids' one copy, in the shards' dtype
+                tokens[:-1], tokens[-1] = ids, tokenizer.eot_id  # every document ends with <|endoftext|>
                 size = utf8_size(text)
                 text_bytes[split] += size
+                tokens_written += len(tokens)
+                writers[split].add(tokens, tokens_to_come(len(tokens), tokens_written, text_bytes, total_bytes))
                 bar.update(size)
     for writer in writers.values():
         writer.close()
