@@ -621,9 +621,9 @@ def tokens_to_come(tokens: int, tokens_written: int, text_bytes: dict, total_byt
     """An estimate of the tokens a split has still to write, counting the `tokens` of the document in hand: the text
     not yet encoded at the rate so far. Local text has every training document first, so while training is written
     the estimate counts the validation text as well, which needs the space right after. A stream's size is unknown."""
-    if total_bytes is None:
-        return None
     done = sum(text_bytes.values())
+    if total_bytes is None or not done:  # not done: only empty documents so far, no rate to go by
+        return None
     return tokens + (total_bytes - done) * tokens_written / done
 
 
