@@ -37,6 +37,7 @@ min_lr = 1e-5
 beta1 = 0.9
 beta2 = 0.95
 weight_decay = 0.1
+optimizer = "adamw"  # the guide's (and FSDP needs it: Muon orthogonalises whole matrices)
 grad_clip = 1.0
 
 training_tokens = 45_000_000_000  # 85,830 updates

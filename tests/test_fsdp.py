@@ -25,6 +25,8 @@ from train import DatasetLoader, accumulation_steps, checkpoint_paths, fit_batch
 
 # 128 tokens per update (2 ranks x 1 micro-step of 2 x 32, or 1 rank x 2 micro-steps), a checkpoint every 4
 # updates. A constant learning rate, so that a run resumed with more training_tokens follows the same schedule.
+# FSDP trains with the guide's AdamW: Muon needs whole matrices, which FSDP splits across ranks.
+TINY = [*TINY, "--optimizer=adamw"]
 SHARDED = [*TINY, "--fsdp=True", "--schedule=constant", "--token_ckpt=512", "--keep_ckpts=5"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -169,7 +171,8 @@ from train import load_config, make_optimizer, wrap_model
 fsdp = dist.is_torchelastic_launched()
 if fsdp:
     dist.init_process_group("gloo")
-cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2", f"--fsdp={fsdp}"])
+cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2", f"--fsdp={fsdp}",
+                  "--optimizer=adamw"])
 model = Transformer(cfg.model_config(1000))
 wrap_model(model, cfg, "cpu", torch.float32, 2 if fsdp else 1)
 optimizer = make_optimizer(model, cfg, "cpu")
@@ -228,7 +231,7 @@ MEASURE_TENSORS = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
 def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(shakespeare_dir, tmp_path, checkpointing):
     args = [f"--dataset_dir={shakespeare_dir}", "--n_embd=256", "--n_heads=4", "--n_kv_heads=4", "--n_layers=4",
             "--batch_size=8", "--max_seq_len=256", "--tokens_per_update=4096", "--dtype=float32",
-            f"--activation_checkpointing={checkpointing}"]
+            "--optimizer=adamw", f"--activation_checkpointing={checkpointing}"]
     script = tmp_path / "peak.py"
     script.write_text(PEAK_MEMORY)
     measured = json.loads(subprocess.run([sys.executable, script, ROOT, *args], capture_output=True, text=True,
