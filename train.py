@@ -905,15 +905,14 @@ def append_log(log_file: str, row: list):
 
 def plot_log(log_file: str, png_path: str):
     """Loss (train and validation) and learning rate against tokens trained, from the CSV log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no window, and the plotting backend of a notebook that calls train.main is left alone.
+    from matplotlib.figure import Figure
 
     with open(log_file) as f:
         rows = list(csv.DictReader(f))
     tokens = [int(r["tokens"]) for r in rows]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig = Figure(figsize=(8, 6))
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
     ax_loss.plot(tokens, [float(r["train_loss"]) for r in rows], label="train")
     val = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     if val:
@@ -926,7 +925,6 @@ def plot_log(log_file: str, png_path: str):
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
     write_file(Path(png_path), png.getvalue(), RUN_SPACE_FIX)
 
 
