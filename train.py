@@ -523,15 +523,16 @@ def gradient_sync(model, sync: bool):
 BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is re-estimated after each of these, then fixed
 
 
-def updates_in_budget(cfg: TrainConfig, step: int, seconds_used: float, update_seconds: float, n_params: int,
-                      device: str) -> int:
+def updates_in_budget(cfg: TrainConfig, step: int, seconds_used: float, update_seconds: float, eval_tokens: int,
+                      n_params: int, device: str) -> int:
     """--max_minutes: how many updates in all fit in the budget, given the time used so far and what one update costs.
 
     The time left, less one last evaluation and checkpoint, is divided by the cost of an update plus its share of
-    the evaluations (a forward pass over eval_tokens every eval_interval updates; forward alone is about a third of
-    forward + backward) and of the checkpoints (12 bytes per parameter, weights and AdamW's two moments, at a
-    conservative 200 MB/s, every token_ckpt tokens). Rank 0's answer is every rank's, so all run the same updates."""
-    eval_seconds = update_seconds * cfg.eval_tokens / cfg.tokens_per_update / 3
+    the evaluations (a forward pass over the eval_tokens an evaluation reads, fewer than cfg.eval_tokens when the
+    validation split is smaller, every eval_interval updates; forward alone is about a third of forward + backward)
+    and of the checkpoints (12 bytes per parameter, weights and AdamW's two moments, at a conservative 200 MB/s,
+    every token_ckpt tokens). Rank 0's answer is every rank's, so all run the same updates."""
+    eval_seconds = update_seconds * eval_tokens / cfg.tokens_per_update / 3
     ckpt_seconds = 12 * n_params / 200e6
     per_update = (update_seconds + eval_seconds / cfg.eval_interval
                   + ckpt_seconds * cfg.tokens_per_update / cfg.token_ckpt)
@@ -1087,7 +1088,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
             timed = update_seconds[1:] or update_seconds  # without update 1's one-time costs (allocation, compiling)
             total_updates = scheduler.training_steps = updates_in_budget(
                 cfg, step, elapsed_before + time.time() - start_time, statistics.median(timed),
-                raw_model.num_params(), device)
+                eval_batches * cfg.batch_size * cfg.max_seq_len, raw_model.num_params(), device)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Nothing is saved: the last checkpoint on disk is the last good state.
             sys.exit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at update {step}; "
