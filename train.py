@@ -1053,8 +1053,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
         start_log(log_file, step)
         peak_flops = measure_matmul_flops(device, dtype)
         flops_per_token = raw_model.flops_per_token()
-        length = f"{cfg.max_minutes:g} min" if cfg.max_minutes else f"{total_updates} updates"
-        print(f"{raw_model.num_params():,} parameters | {length} of {cfg.tokens_per_update:,}-token updates "
+        size = f"{cfg.tokens_per_update:,} tokens"
+        plan = (f"updates of {size} for {cfg.max_minutes:g} min" if cfg.max_minutes
+                else f"{total_updates} updates of {size}")
+        print(f"{raw_model.num_params():,} parameters | {plan} "
               f"({accum_steps} micro-steps x {world_size} ranks x {cfg.batch_size}x{cfg.max_seq_len}) | "
               f"{device} {str(dtype).removeprefix('torch.')}" + (" | FSDP" if cfg.fsdp else " | DDP" * (world_size > 1))
               + (" | activation checkpointing" if cfg.activation_checkpointing else ""))
