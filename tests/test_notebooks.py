@@ -23,7 +23,7 @@ NOTEBOOKS = {
     "04_lr_scheduler": 3,
     "05_training_loop": 2,
     "06_a_run_of_train_py": 1,
-    "07_learning_per_minute": 3,
+    "07_learning_per_minute": 4,
 }
 
 
