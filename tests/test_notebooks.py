@@ -51,13 +51,6 @@ def read(name: str):
     return nb
 
 
-@pytest.fixture(autouse=True)
-def passive_openmp(monkeypatch):
-    # Spinning OpenMP threads crawl (~8x slower) when other processes share the cores; waiting passively costs
-    # nothing on an idle machine. The kernel inherits this environment.
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-
-
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_and_draws_its_figures(name, shakespeare_dir):
     assert execute(read(name), name) == NOTEBOOKS[name]

@@ -189,6 +189,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
 
 # --- whole runs, as a user starts them --------------------------------------------------------------------------
 def test_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
+    # The default optimizer: Muon for the blocks' matrices and AdamW for the rest, so both are checked under DDP.
     common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=768"]  # 6 updates
     run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}")  # 1 rank x 2 micro-steps of 2x32 tokens
     run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *common,
@@ -197,8 +198,9 @@ def test_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
 
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tmp_path):
-    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280", "--token_ckpt=640",
-              "--keep_ckpts=5"]  # 10 updates, checkpoints after 5 and 10
+    # The guide's AdamW for every weight; the next test resumes the default, Muon + AdamW.
+    common = [*TINY, "--optimizer=adamw", f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280",
+              "--token_ckpt=640", "--keep_ckpts=5"]  # 10 updates, checkpoints after 5 and 10
     straight = tmp_path / "straight"
     run("train.py", *common, f"--ckpt_dir={straight}")
     assert [p.name for p in checkpoint_paths(straight)] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
@@ -219,7 +221,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tm
 
 def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weights(shakespeare_dir, tmp_path):
     # Dropout and sampling both draw from the RNG, so a resumed run matches only if it restores the RNG and prints
-    # samples at the same updates as the uninterrupted run (1, 2, 4, 8), not afresh from update 1 of its own.
+    # samples at the same updates as the uninterrupted run (1, 2, 4, 8), not afresh from update 1 of its own. The
+    # default optimizer: Muon's momentum must come back from the checkpoint too.
     common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1024", "--token_ckpt=512",
               "--dropout=0.1", "--model_gen_multiplier=2"]  # 8 updates, checkpoints after 4 and 8
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -230,6 +233,8 @@ def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weigh
     out = run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout
     assert re.findall(r"sample at update (\d+)", out) == ["8"]
     assert_same_weights(final_weights(straight), final_weights(resumed))
+    optimizer = torch.load(checkpoint_paths(straight)[-1], weights_only=True)["optimizer"]
+    assert set(optimizer) == {"muon", "adamw"} and optimizer["muon"]["state"], "Muon's momentum is saved"
 
 
 def test_prepare_train_resume_sample_end_to_end(tmp_path):
