@@ -33,7 +33,8 @@ def test_there_is_one_notebook_per_guide_section():
 
 def execute(nb, name: str) -> int:
     """Run `nb` in a fresh kernel started in notebooks/, as Jupyter would; return the number of figures drawn."""
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+    # A kernel can take a while to start when the other test worker keeps the cores busy: wait up to 5 minutes.
+    client = NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}})
     # The kernel must be this interpreter (the venv's), not whatever `python` is first on PATH. The client keeps
     # owning the kernel manager it creates here, so it also shuts the kernel down.
