@@ -104,7 +104,8 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
 def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpointing: bool) -> dict[str, float]:
     """Bytes per GPU at the peak of an update (the start of backward, gradients kept from earlier micro-steps).
 
-    Weights, gradients and AdamW's two moments are fp32 (4 bytes each per parameter). Under bf16 (dtype auto or
+    Weights, gradients and AdamW's two moments are fp32 (4 bytes each per parameter); with --optimizer=muon the
+    blocks' matrices keep Muon's one momentum instead (4 bytes; FSDP needs AdamW). Under bf16 (dtype auto or
     bfloat16) the matmuls run in bf16, so each layer also keeps bf16 copies:
     - DDP: autocast's bf16 copy of every matrix, saved for backward (2 bytes per parameter); with more than one
       rank, DDP's gradient buckets are a second fp32 copy of the gradients;
@@ -136,7 +137,8 @@ def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpoin
     else:
         params = 4 * n + (2 * n if a == 2 else 0)
         grads = 4 * n * (2 if world_size > 1 else 1)
-        optimizer = 8 * n
+        in_muon = L * (per_block - 2 * h) if cfg.optimizer == "muon" else 0  # all but a Block's two norm gains
+        optimizer = 8 * n - 4 * in_muon
     return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
 
 
@@ -148,7 +150,7 @@ def print_estimate(cfg, opts: BenchOptions):
     print(f"{n / 1e9:.2f}B parameters (vocabulary {vocab_size}) | micro-batch {cfg.batch_size}x{cfg.max_seq_len} "
           f"per GPU | {opts.world_size} GPUs of {opts.gpu_memory:g} GB | "
           f"{'fp32' if cfg.dtype == 'float32' else 'bf16 compute'} | GB per GPU:")
-    print(f"{'':<10}{'params':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'total':>9}  fits")
+    print(f"{'':<10}{'params':>9}{'grads':>9}{'optim.':>9}{'activ.':>9}{'total':>9}  fits")
     for fsdp in (False, True):
         for checkpointing in (False, True):
             est = memory_estimate(cfg, vocab_size, opts.world_size, fsdp, checkpointing)

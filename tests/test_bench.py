@@ -6,6 +6,7 @@ from test_train import TINY, run
 
 import bench
 from prepare import UserError
+from train import load_config
 
 
 def number(pattern: str, text: str) -> float:
@@ -41,3 +42,14 @@ def test_bench_without_a_dataset_is_a_user_error(tmp_path):
 def test_bench_rejects_a_zero_step_count():
     with pytest.raises(UserError, match="--steps must be at least 1"):
         bench.main(["--steps=0"])
+
+
+def test_the_memory_estimate_counts_the_optimizer_the_run_uses():
+    # AdamW keeps two fp32 moments per parameter; Muon one momentum for each of the blocks' matrices, which in the
+    # default model hold 4 blocks x (4 x 128x128 attention + 3 x 128x384 SwiGLU) = 851,968 parameters.
+    def optimizer_bytes(argv):
+        estimate = bench.memory_estimate(load_config(argv), 8192, world_size=1, fsdp=False, checkpointing=False)
+        return estimate["optimizer"]
+    n = 2_950_272
+    assert optimizer_bytes(["--optimizer=adamw"]) == 8 * n
+    assert optimizer_bytes(["--optimizer=muon"]) == 8 * n - 4 * 851_968
