@@ -112,7 +112,7 @@ def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
     assert ckpt["model"]["tok_embeddings.weight"].shape == (8192, 32)  # whole, not one rank's half
     assert set(ckpt["optimizer"]["state"]["output.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
     assert len(ckpt["rng"]) == 2  # one random state per rank
-    assert ckpt["loader"] == {"shard": 0, "offset": 12 * 128}
+    assert ckpt["loader"] == {"shard": 0, "offset": 12 * 128, "passes": 0}
 
 
 def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(reference, shakespeare_dir,

@@ -162,8 +162,17 @@ def test_ranks_never_share_tokens_and_skip_at_most_one_batch_per_shard(tmp_path,
             continue  # too short to feed every rank once: skipped whole
         in_shard = sum(starts[shard] <= t < starts[shard + 1] for t in used)
         assert n - in_shard <= world_size * B * T, "more than one batch per rank skipped in a shard"
-    # after an epoch every rank is back at the start
-    assert loaders[0].next_batch()[0][0, 0].item() == 0
+    # the next pass starts over, int(0.618 * T) = 4 tokens in (see the next test)
+    assert loaders[0].next_batch()[0][0, 0].item() == 4
+
+
+def test_each_pass_over_the_data_cuts_it_into_new_windows(tmp_path):
+    loader = DatasetLoader(toy_dataset(tmp_path, [100]), "train", batch_size=2, seq_len=8)
+    first_token = {}
+    while loader.passes < 4:
+        first_token.setdefault(loader.passes, loader.next_batch()[0][0, 0].item())
+    assert first_token == {0: 0, 1: 4, 2: 1, 3: 6}  # int(pass * 0.618 * 8) % 8
+    assert loader.state_dict()["passes"] == 4  # saved in checkpoints, so a resumed run cuts where this one would
 
 
 def test_loader_position_round_trips(tmp_path):
