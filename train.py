@@ -535,8 +535,7 @@ def gradient_sync(model, sync: bool):
     return model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
-BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length is re-estimated after each of the first updates (these, or
-# the warm-up if it is longer: its learning rates do not depend on the length), then fixed
+BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is re-estimated after each of these, then fixed
 
 
 def updates_in_budget(cfg: TrainConfig, step: int, seconds_used: float, update_seconds: float, eval_tokens: int,
@@ -1038,8 +1037,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
     # With a time budget, the first updates are timed and the run's length is fixed from them (updates_in_budget).
     # The budget covers the loop (training, evaluation, samples, checkpoints), as the log's elapsed_s does; the few
     # seconds of start-up before it are not counted.
-    probe_updates = max(BUDGET_PROBE_UPDATES, cfg.warmup_iterations)  # timed; then the length is fixed
-    total_updates = probe_updates if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
+    total_updates = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, total_updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
 
     # --- Resume, or refuse to mix a new run into a directory that holds another run's checkpoints. ---
@@ -1103,7 +1101,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
         step += 1
         update_seconds.append(time.time() - t0)
-        if cfg.max_minutes and step <= probe_updates:
+        if cfg.max_minutes and step <= BUDGET_PROBE_UPDATES:
             timed = update_seconds[1:] or update_seconds  # without update 1's one-time costs (allocation, compiling)
             total_updates = scheduler.training_steps = updates_in_budget(
                 cfg, step, elapsed_before + time.time() - start_time, statistics.median(timed),
