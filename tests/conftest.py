@@ -26,7 +26,8 @@ def shakespeare_dir() -> Path:
     Tests must treat it as read-only: notebooks and users share it."""
     out = ROOT / "data" / "shakespeare"
     out.parent.mkdir(exist_ok=True)
-    with open(out.parent / ".shakespeare.lock", "w") as lock:
+    # Not prepare.py's own lock file (data/.shakespeare.lock), which prepare.main takes without waiting.
+    with open(out.parent / ".shakespeare-fixture.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "meta.json").exists():
             import prepare
