@@ -182,19 +182,21 @@ optimizer.step()
 local = lambda t: t.to_local() if isinstance(t, DTensor) else t
 weights = sum(local(p).nbytes for p in model.parameters())
 adamw = sum(local(t).nbytes for state in optimizer.state.values() for t in state.values())
-print(json.dumps({"weights": weights, "optimizer": adamw}))
+rank = dist.get_rank() if fsdp else 0
+with open(f"{sys.argv[2]}.{rank}.json", "w") as f:  # a file per rank: two ranks printing to one pipe can interleave
+    json.dump({"weights": weights, "optimizer": adamw}, f)
 """
 
 
 def test_fsdp_on_two_ranks_holds_half_the_weights_and_optimizer_state_per_rank(tmp_path):
     script = tmp_path / "shard_bytes.py"
     script.write_text(SHARD_BYTES)
-    whole = json.loads(subprocess.run([sys.executable, script, ROOT], capture_output=True, text=True,
-                                      check=True).stdout)
-    sharded = subprocess.run([*TORCHRUN, "--nproc_per_node=2", script, ROOT], capture_output=True, text=True,
-                             check=True).stdout
-    for line in sharded.splitlines():  # one line per rank
-        per_rank = json.loads(line)
+    subprocess.run([sys.executable, script, ROOT, tmp_path / "whole"], capture_output=True, check=True)
+    whole = json.loads((tmp_path / "whole.0.json").read_text())
+    subprocess.run([*TORCHRUN, "--nproc_per_node=2", script, ROOT, tmp_path / "sharded"], capture_output=True,
+                   check=True)
+    for rank in (0, 1):
+        per_rank = json.loads((tmp_path / f"sharded.{rank}.json").read_text())
         for part in ("weights", "optimizer"):
             assert 0.49 <= per_rank[part] / whole[part] <= 0.51, (part, per_rank, whole)
 
