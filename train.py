@@ -535,7 +535,16 @@ def gradient_sync(model, sync: bool):
     return model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
-BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is re-estimated after each of these, then fixed
+BUDGET_PROBE_UPDATES = 10  # --max_minutes: the length of the run is planned after each of the first 10 updates
+
+
+def replans_length(step: int) -> bool:
+    """--max_minutes: the run's length is planned after each of the first BUDGET_PROBE_UPDATES updates and planned
+    again each time the count doubles (20, 40, 80, ...). A machine's speed drifts over minutes (shared, throttled or
+    warming up), and a length fixed from the first seconds cannot follow it; each re-plan starts from the time
+    really used so far. A run resumed at or after the last re-plan follows the schedule it left exactly."""
+    doublings = step // BUDGET_PROBE_UPDATES
+    return step <= BUDGET_PROBE_UPDATES or (step % BUDGET_PROBE_UPDATES == 0 and doublings & (doublings - 1) == 0)
 
 
 def updates_in_budget(cfg: TrainConfig, step: int, seconds_used: float, update_seconds: float, eval_tokens: int,
@@ -1034,7 +1043,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
     model = wrap_model(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)
-    # With a time budget, the first updates are timed and the run's length is fixed from them (updates_in_budget).
+    # With a time budget, the first updates are timed and the run's length is planned from them (updates_in_budget),
+    # then planned again as the run goes on (replans_length).
     # The budget covers the loop (training, evaluation, samples, checkpoints), as the log's elapsed_s does; the few
     # seconds of start-up before it are not counted.
     total_updates = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
@@ -1101,8 +1111,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
         step += 1
         update_seconds.append(time.time() - t0)
-        if cfg.max_minutes and step <= BUDGET_PROBE_UPDATES:
-            timed = update_seconds[1:] or update_seconds  # without update 1's one-time costs (allocation, compiling)
+        if cfg.max_minutes and replans_length(step):
+            # The speed of the latest updates (the latest half of the run), without update 1's one-time costs
+            # (allocation, compiling).
+            timed = update_seconds[1:][-max(step // 2, BUDGET_PROBE_UPDATES):] or update_seconds
             total_updates = scheduler.training_steps = updates_in_budget(
                 cfg, step, elapsed_before + time.time() - start_time, statistics.median(timed),
                 eval_batches * cfg.batch_size * cfg.max_seq_len, raw_model.num_params(), device)

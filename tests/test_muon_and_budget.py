@@ -1,5 +1,5 @@
 """Learning more per minute: --optimizer=muon (Muon for the blocks' matrices, AdamW for the rest) and --max_minutes
-(a wall-clock budget that fixes the run's length after timing its first updates). Muon is the default optimizer, so
+(a wall-clock budget that plans the run's length from timing its updates). Muon is the default optimizer, so
 tests/test_train.py's whole runs check that it resumes bitwise and that two ranks match one with accumulation."""
 import csv
 import shutil
@@ -11,7 +11,16 @@ from test_train import TINY, assert_same_weights, final_weights, run
 import train
 from model import ModelConfig, Transformer
 from prepare import UserError
-from train import BUDGET_PROBE_UPDATES, Muon, MuonAndAdamW, checkpoint_paths, load_config, make_optimizer, orthogonalize
+from train import (
+    BUDGET_PROBE_UPDATES,
+    Muon,
+    MuonAndAdamW,
+    checkpoint_paths,
+    load_config,
+    make_optimizer,
+    orthogonalize,
+    replans_length,
+)
 
 
 def rows(ckpt_dir) -> list[dict]:
@@ -83,13 +92,21 @@ def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tm
     assert 0.4 * budget_s < float(log[-1]["elapsed_s"]) < 1.5 * budget_s
 
 
+def test_the_length_is_planned_after_each_of_the_first_updates_then_each_time_their_count_doubles():
+    assert [step for step in range(1, 400) if replans_length(step)] == [*range(1, 11), 20, 40, 80, 160, 320]
+
+
 def test_a_resumed_budgeted_run_keeps_its_schedule(shakespeare_dir, tmp_path):
     common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--max_minutes=0.1", "--token_ckpt=2560",
               "--keep_ckpts=1000"]  # a checkpoint every 20 updates
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run("train.py", *common, f"--ckpt_dir={straight}")
-    middle = checkpoint_paths(straight)[len(checkpoint_paths(straight)) // 2]
-    assert torch.load(middle, weights_only=True)["step"] > BUDGET_PROBE_UPDATES, "resumed after the length was fixed"
+    total = len(rows(straight))
+    last_plan = max(step for step in range(1, total) if replans_length(step))
+    # Resumed where the straight run had planned its length for the last time: the timings of the resumed run,
+    # which differ, then play no part.
+    middle = next(path for path in checkpoint_paths(straight)
+                  if last_plan <= torch.load(path, weights_only=True)["step"] < total)
     resumed.mkdir()
     shutil.copy(middle, resumed)
     shutil.copy(straight / "log.csv", resumed)
