@@ -253,6 +253,17 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespear
     assert (ckpt / "ckpt_00000004.pt.damaged").exists()  # kept for a look, but no longer the newest
 
 
+def test_sample_py_skips_a_damaged_newest_checkpoint_and_leaves_it_in_place(straight, tmp_path):
+    ckpt = Path(shutil.copytree(straight, tmp_path / "run"))
+    newest = ckpt / "ckpt_00000006.pt"
+    os.truncate(newest, newest.stat().st_size - 100)
+    result = run("sample.py", f"--ckpt_dir={ckpt}", "--max_new_tokens=5")
+    assert result.stderr.splitlines() == [f"warning: {newest} cannot be loaded (damaged or unsafe); sampling from "
+                                          f"{ckpt}/ckpt_00000004.pt"]
+    assert result.stdout.startswith(f"# {ckpt}/ckpt_00000004.pt (update 4,")
+    assert checkpoint_paths(ckpt)[-1] == newest, "sampling only reads: training renames a damaged checkpoint"
+
+
 # --- two processes in one directory --------------------------------------------------------------------------------
 def test_two_runs_started_on_one_ckpt_dir_exactly_one_runs(shakespeare_dir, tmp_path):
     argv = [sys.executable, "train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
