@@ -287,7 +287,7 @@ def export(cfg: ExportConfig) -> Path:
     paths = [Path(cfg.ckpt)] if cfg.ckpt else checkpoint_paths(cfg.ckpt_dir)
     if not paths:
         raise UserError(f"no checkpoint in {cfg.ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
-    ckpt = load_checkpoint(paths[-1])
+    ckpt = load_checkpoint(paths[-1], tensors="model")  # the optimizer's state is never read
     train_cfg = TrainConfig(**ckpt["config"])
     tokenizer = load_tokenizer(train_cfg.dataset_dir)
     if tokenizer_fingerprint(train_cfg.dataset_dir) != ckpt["tokenizer"]:

@@ -39,7 +39,7 @@ def main(argv: list[str]):
     if not paths:
         raise UserError(f"no checkpoint in {cfg.ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
     # Reading only: a damaged newest checkpoint is skipped (train.py renames it when it resumes), not touched.
-    path, ckpt = newest_loadable_checkpoint(paths, master=False)
+    path, ckpt = newest_loadable_checkpoint(paths, master=False, tensors="model")
     if path != paths[-1]:
         print(f"warning: {paths[-1]} cannot be loaded (damaged or unsafe); sampling from {path}", file=sys.stderr)
     train_cfg = TrainConfig(**ckpt["config"])

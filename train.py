@@ -781,10 +781,12 @@ def read_dcp_index(path: Path):
     return index
 
 
-def read_full_tensors(path: Path) -> dict:
-    """Every tensor of a sharded checkpoint, whole, into this one process (no process group needed)."""
+def read_full_tensors(path: Path, model_only: bool) -> dict:
+    """Every tensor of a sharded checkpoint (or, model_only, the model's), whole, into this one process (no process
+    group needed)."""
     index = read_dcp_index(path)
-    flat = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in index.state_dict_metadata.items()}
+    flat = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in index.state_dict_metadata.items()
+            if key.startswith("model.") or not model_only}
     with warnings.catch_warnings():  # DCP warns that no process group is running: that is the point here
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(flat, checkpoint_id=path, no_dist=True)
@@ -797,19 +799,22 @@ def read_full_tensors(path: Path) -> dict:
     return {"model": model, "optimizer_state": optimizer}
 
 
-def load_checkpoint(path: Path, tensors: bool = True) -> dict:
+def load_checkpoint(path: Path, tensors: str = "all") -> dict:
     """A checkpoint of either form as one dict of CPU tensors and plain values, in this one process (sample.py,
     export.py and resuming use it). A sharded checkpoint's "optimizer" is keyed by parameter name, as DCP's
-    get_state_dict gives it. With tensors=False a sharded checkpoint's model and optimizer tensors are left out: an
-    FSDP run reads only its own shards of them (load_shards)."""
+    get_state_dict gives it. `tensors`: "all"; "model" for a reader of the weights alone (sample.py, export.py),
+    which then never reads the optimizer's tensors, twice the weights' size under AdamW: a .pt file is memory-mapped
+    (only what is used is read; its tensors stay backed by the file, so not for resuming) and a sharded one reads the
+    model's tensors only; "none" leaves a sharded checkpoint's model and optimizer out: an FSDP run reads only its
+    own shards of them (load_shards)."""
     try:
         # weights_only refuses arbitrary pickled objects, which could run code when loaded.
         if not path.is_dir():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=tensors == "model")
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
         state["optimizer"] = {"param_groups": state.pop("optimizer_param_groups")}
-        if tensors:
-            full = read_full_tensors(path)
+        if tensors != "none":
+            full = read_full_tensors(path, model_only=tensors == "model")
             state["model"], state["optimizer"]["state"] = full["model"], full["optimizer_state"]
         return state
     except Exception as e:
@@ -831,7 +836,7 @@ def load_shards(path: Path, model, optimizer, param_groups: list):
                    optim_state_dict={"state": optimizer_state["state"], "param_groups": param_groups})
 
 
-def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: bool = True) -> tuple[Path, dict]:
+def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: str = "all") -> tuple[Path, dict]:
     """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its rename) is
     renamed to *.damaged, so it no longer counts as the newest, and the one before it is tried: a restarted job
     goes on by itself instead of waiting for a person to delete a file. The oldest one failing is an error.
@@ -882,8 +887,8 @@ def restore_rng(rng, rank: int, device: str):
 
 def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler, loader, rank,
            device) -> tuple[int, float]:
-    """Restore a run from a checkpoint (loaded by load_checkpoint with tensors=not cfg.fsdp), after checking it fits
-    this run. Returns (updates done, seconds trained)."""
+    """Restore a run from a checkpoint (loaded by load_checkpoint, with tensors="none" under FSDP), after checking it
+    fits this run. Returns (updates done, seconds trained)."""
     if path.is_dir() != cfg.fsdp:
         raise UserError(f"{path} was written by a{'n FSDP' if cfg.fsdp is False else ' non-FSDP'} run; resume it "
                         f"with --fsdp={not cfg.fsdp}" + (" under torchrun" if not cfg.fsdp else ""))
@@ -1059,7 +1064,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None):
         raise UserError(f"--load_ckpt=True but {cfg.ckpt_dir} holds no checkpoint; train without it first")
     if cfg.load_ckpt and existing:
         # An FSDP run reads its own shards of the tensors in resume(), not the whole model here.
-        path, ckpt = newest_loadable_checkpoint(existing, master, tensors=not cfg.fsdp)
+        path, ckpt = newest_loadable_checkpoint(existing, master, tensors="none" if cfg.fsdp else "all")
         step, elapsed_before = resume(path, ckpt, cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
                                       device)
         if cfg.max_minutes:

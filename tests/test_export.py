@@ -163,6 +163,34 @@ def test_bfloat16_export_and_an_existing_out_dir(gqa_export, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"], "no temporary directory is left behind"
 
 
+READ_PEAK = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from train import load_checkpoint
+def peak():  # bytes, from the kernel's accounting of this process (file pages mapped and read count too)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak is now the current size: imports had their own peaks
+before = peak()
+ckpt = load_checkpoint(Path(sys.argv[2]), tensors=sys.argv[3])
+assert sum(float(t.sum()) for t in ckpt["model"].values()) == 0  # every weight read
+print(peak() - before)
+"""
+
+
+def test_reading_the_weights_alone_leaves_the_optimizer_state_on_disk(tmp_path):
+    # AdamW keeps two moments per weight: export.py and sample.py would read three times the bytes they need.
+    weights = 8 * 2**20  # 32 MiB in fp32
+    state = {"model": {"w": torch.zeros(weights)}, "step": 1,
+             "optimizer": {"state": {0: {"exp_avg": torch.ones(weights), "exp_avg_sq": torch.ones(weights)}}}}
+    path = tmp_path / "ckpt_00000001.pt"
+    torch.save(state, path)
+    peak = {tensors: int(subprocess.run([sys.executable, "-c", READ_PEAK, ROOT, path, tensors], capture_output=True,
+                                        text=True, check=True).stdout)
+            for tensors in ("all", "model")}
+    assert peak["all"] > 2.5 * 4 * weights and peak["model"] < 1.5 * 4 * weights, peak
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Back in: train.py --init_from and prepare.py --tokenizer
 def test_export_then_init_from_is_bitwise_the_checkpoint(exported, shakespeare_dir):

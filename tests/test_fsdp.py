@@ -113,6 +113,9 @@ def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
     assert set(ckpt["optimizer"]["state"]["output.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
     assert len(ckpt["rng"]) == 2  # one random state per rank
     assert ckpt["loader"] == {"shard": 0, "offset": 12 * 128, "passes": 0}
+    weights_only = load_checkpoint(checkpoint_paths(reference)[-1], tensors="model")  # what sample.py, export.py read
+    assert weights_only["optimizer"]["state"] == {}
+    assert_same_weights(weights_only["model"], ckpt["model"])
 
 
 def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(reference, shakespeare_dir,
