@@ -31,7 +31,7 @@ def rows(ckpt_dir) -> list[dict]:
 # --- Muon ---------------------------------------------------------------------------------------------------------
 def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else():
     model = Transformer(ModelConfig(vocab_size=64, n_embd=32, n_heads=2, n_kv_heads=1, n_layers=2, max_seq_len=16))
-    cfg = load_config(["--optimizer=muon", "--max_lr=1e-3", "--muon_lr=2e-2"])
+    cfg = load_config(["--optimizer=muon", "--max_lr=1e-3", "--muon_lr=2e-2", "--embedding_lr=5e-3"])
     opt = make_optimizer(model, cfg, "cpu")
     assert isinstance(opt, MuonAndAdamW)
     muon = [p for group in opt.muon.param_groups for p in group["params"]]
@@ -40,10 +40,13 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else():
     in_blocks = {id(p) for p in model.layers.parameters() if p.dim() == 2}
     assert {id(p) for p in muon} == in_blocks and len(muon) == 2 * 7  # wq wk wv wo w1 w2 w3 per block
     assert {id(model.tok_embeddings.weight), id(model.output.weight)} <= {id(p) for p in adamw}
-    # One schedule, two peaks: the Scheduler scales Muon's group by muon_lr / max_lr.
+    # One schedule, three peaks: the Scheduler scales Muon's group by muon_lr / max_lr and the embedding's (a group
+    # of its own) by embedding_lr / max_lr; the output layer and the norm gains peak at max_lr.
     train.Scheduler(opt, "cosine", 100, 10, cfg.max_lr, cfg.min_lr).step(9)
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(2e-2)
-    assert [g["lr"] for g in opt.adamw.param_groups] == pytest.approx([1e-3, 1e-3])
+    peaks = {id(p): group["lr"] for group in opt.adamw.param_groups for p in group["params"]}
+    assert peaks.pop(id(model.tok_embeddings.weight)) == pytest.approx(5e-3)
+    assert list(peaks.values()) == pytest.approx([1e-3] * len(peaks))
 
 
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
