@@ -908,7 +908,12 @@ def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler
         load_shards(path, model, optimizer, ckpt["optimizer"]["param_groups"])
     else:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError) as e:  # another --optimizer, or the parameter groups of another train.py
+            raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer} "
+                            f"({type(e).__name__}); resume with the optimizer and the train.py it was saved with, "
+                            "or use a new --ckpt_dir") from None
     scheduler.load_state_dict(ckpt["scheduler"])
     loader.load_state_dict(ckpt["loader"])  # a position in tokens: valid for any number of ranks
     restore_rng(ckpt["rng"], rank, device)

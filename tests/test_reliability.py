@@ -74,6 +74,12 @@ def test_resuming_with_another_architecture_is_refused(shakespeare_dir, trained,
         train.main(tiny(shakespeare_dir, ckpt, "--n_layers=2", "--load_ckpt=True"))
 
 
+def test_resuming_with_another_optimizer_is_refused(shakespeare_dir, trained, tmp_path):
+    ckpt = shutil.copytree(trained, tmp_path / "copy")  # trained with the default, Muon
+    with pytest.raises(UserError, match="does not fit --optimizer=adamw"):
+        train.main(tiny(shakespeare_dir, ckpt, "--optimizer=adamw", "--load_ckpt=True"))
+
+
 def test_resuming_on_another_tokenizers_data_is_refused(trained, tmp_path):
     import prepare
 
