@@ -5,11 +5,34 @@ import time
 import pytest
 import torch
 
+import model as model_py
 from model import Attention, FeedForward, ModelConfig, Transformer, apply_rope, rope_tables, sample
 from prepare import UserError
 
 # Small enough that a forward pass takes about a millisecond on a laptop CPU.
 TINY = dict(vocab_size=64, max_seq_len=16, n_embd=32, n_heads=4, n_kv_heads=2, n_layers=2, multiple_of=16)
+
+
+def logit_tolerance(logits: torch.Tensor) -> float:
+    """How far apart two fp32 computations of the same logits may be when they only sum in other orders (another
+    kernel, a KV cache, another library's code): each logit ends a chain of sums of a few hundred products, each
+    rounded to 24 bits, so they agree to a few millionths of the largest logit. A ten-thousandth of it leaves room
+    for any CPU's kernels; a real mistake (a wrong weight layout, a missing rotation) moves logits by percents."""
+    return 1e-4 * logits.abs().max().item()
+
+
+def recording_top_two_gaps(monkeypatch) -> list[float]:
+    """Make generate() record, at every step, how far its best logit lies above the second best."""
+    gaps = []
+
+    def sample(logits, *args, **kwargs):
+        top2 = logits.float().topk(2, dim=-1).values
+        gaps.append((top2[:, 0] - top2[:, 1]).min().item())
+        return real_sample(logits, *args, **kwargs)
+
+    real_sample = model_py.sample
+    monkeypatch.setattr(model_py, "sample", sample)
+    return gaps
 
 
 def tiny_model(seed=0, **overrides):
@@ -73,6 +96,7 @@ def complex_rope(x, theta):
 def test_rope_matches_complex_number_reference():
     x = torch.randn(2, 3, 50, 16)
     cos, sin = rope_tables(16, 50, 500.0)
+    # fp32 against float64: each output is two products of values below ~4, rounded to 24 bits (about 5e-7 each).
     torch.testing.assert_close(apply_rope(x, cos, sin), complex_rope(x, 500.0), atol=1e-5, rtol=1e-5)
 
 
@@ -83,6 +107,7 @@ def test_rope_scores_depend_only_on_relative_position():
     def score(m, n):  # query at position m, key at position n
         return (apply_rope(q.expand(64, 16), cos, sin)[m] @ apply_rope(k.expand(64, 16), cos, sin)[n]).item()
 
+    # Dot products of 16 rotated values of size ~1: fp32 rounding of the angles at position 60 stays below 1e-5.
     assert score(5, 2) == pytest.approx(score(45, 42), abs=1e-4)
     assert score(7, 7) == pytest.approx(score(60, 60), abs=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
@@ -113,6 +138,7 @@ def test_gqa_shapes_and_equivalence_to_full_attention():
     cos, sin = rope_tables(8, 16, 10_000.0)
     out = gqa(x, cos, sin)
     assert out.shape == (3, 16, 32)
+    # The same products, summed by kernels of other shapes: fp32's default tolerance (rtol 1.3e-6, atol 1e-5).
     torch.testing.assert_close(out, mha(x, cos, sin))
 
 
@@ -145,6 +171,7 @@ def test_bf16_autocast_forward_matches_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits_bf16, loss_bf16 = model(idx, targets)
     assert logits_bf16.dtype == torch.bfloat16 and loss_bf16.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa (0.4% per rounding); the loss itself is computed in fp32 from bf16 logits.
     assert loss_bf16.item() == pytest.approx(loss.item(), abs=0.05)
 
 
@@ -157,18 +184,34 @@ def test_torch_compile_matches_eager():
         start = time.time()
         _, compiled_loss = torch.compile(model, fullgraph=True)(idx, targets)
     print(f"compiled in {time.time() - start:.1f} s")
+    # Compiled kernels fuse and reorder fp32 sums: a few ulps of a loss near 4, far below 1e-4.
     assert compiled_loss.item() == pytest.approx(loss.item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("prompt_len, new_tokens", [(5, 8), (5, 30), (40, 6)])  # inside, past and over the window
-def test_cached_and_uncached_greedy_generation_agree(prompt_len, new_tokens):
+def test_cached_and_uncached_greedy_generation_agree(prompt_len, new_tokens, monkeypatch):
     model = tiny_model()
     prompt = torch.randint(0, 64, (3, prompt_len))
-    cached = model.generate(prompt, new_tokens, temperature=0)
+    gaps = recording_top_two_gaps(monkeypatch)
     uncached = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    cached = model.generate(prompt, new_tokens, temperature=0)
     assert cached.shape == (3, prompt_len + new_tokens)
     assert torch.equal(cached[:, :prompt_len], prompt)  # the whole prompt is returned, even when longer than 16
+    # The two paths sum in other orders, so their logits agree to rounding (the next test). Every step's best token
+    # led the second by more than that, so the same tokens are the only right answer.
+    assert min(gaps) > 2 * logit_tolerance(model(prompt[:, -16:])[0])
     assert torch.equal(cached, uncached)
+
+
+def test_a_kv_cache_step_gives_the_logits_of_the_whole_context():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        whole = model(idx)[0]
+        caches = [model_py.KVCache(16) for _ in model.layers]
+        steps = [model(idx[:, :5], caches=caches)[0]]  # a 5-token prompt, then one token at a time
+        steps += [model(idx[:, t:t + 1], caches=caches, start_pos=t)[0] for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=logit_tolerance(whole), rtol=0)
 
 
 def test_kv_cache_runs_one_position_per_token_and_halves_a_full_window():

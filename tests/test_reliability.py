@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from processes import communicate
 from test_train import ROOT, TINY, assert_same_weights, final_weights, run
 
 import train
@@ -140,7 +141,7 @@ def test_sigterm_finishes_the_update_saves_and_exits_cleanly(shakespeare_dir, tm
         if line.startswith("update 3/"):
             os.killpg(proc.pid, signal.SIGTERM)
             break
-    out, err = proc.communicate(timeout=60)
+    out, err = communicate(proc, timeout=60)
     assert "stopped by signal" in out, err
     if not launcher:
         assert proc.returncode == 0, err
