@@ -27,19 +27,11 @@ from pathlib import Path
 
 import torch
 
+from configurator import UserError, load_config, run_cli
+from hardware import measure_matmul_flops, pick_device, pick_dtype, synchronize
 from model import ModelConfig, Transformer
-from prepare import UserError, load_tokenizer, run_cli
-from train import (
-    DatasetLoader,
-    accumulation_steps,
-    load_config,
-    make_optimizer,
-    measure_matmul_flops,
-    pick_device,
-    pick_dtype,
-    synchronize,
-    train_update,
-)
+from prepare import load_tokenizer
+from train import DatasetLoader, TrainConfig, accumulation_steps, make_optimizer, train_update
 
 
 @dataclass
@@ -162,8 +154,8 @@ def print_estimate(cfg, opts: BenchOptions):
 
 def main(argv: list[str]):
     own, rest = split_argv(argv)
-    opts = load_config(own, cls=BenchOptions)
-    cfg = load_config(rest)
+    opts = load_config(own, BenchOptions)
+    cfg = load_config(rest, TrainConfig)
     if opts.estimate:
         print_estimate(cfg, opts)
         return

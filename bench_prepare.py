@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare import UserError, gpt2_tokenizer, load_tokenizer, run_cli, shakespeare_documents
+from configurator import UserError, load_config, run_cli
+from prepare import gpt2_tokenizer, load_tokenizer, shakespeare_documents
 
 
 @dataclass
@@ -201,10 +202,6 @@ def tokenizer_ceiling(corpus: Path, tokenizer: str) -> float:
 
 
 def main(argv: list[str]):
-    # Imported here, not at the top: train imports torch, and the recipe's process (this file with --recipe)
-    # would pay ~4 s and ~240 MB of RSS for it (counted again in each forked worker), which prepare.py does not.
-    from train import load_config
-
     cfg = load_config(argv, PrepareBenchConfig)
     # GPT-2's vocabulary offline, as the tests find it (a machine with a network needs nothing)
     shared_cache = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"

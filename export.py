@@ -5,13 +5,14 @@
 
 The directory (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
 README.md) is what the rest of the ecosystem starts from: transformers' AutoModelForCausalLM and AutoTokenizer,
-vLLM, llama.cpp's GGUF converter, lm-evaluation-harness, the Hub. The way back in is `python train.py
---init_from=DIR` (read_hf_model below) and `python prepare.py --tokenizer=DIR`.
+vLLM, lm-evaluation-harness, the Hub. The way back in is `python train.py --init_from=DIR` (hf_architecture below) and
+`python prepare.py --tokenizer=DIR`.
 
-Reading order: parameter names -> config.json, both ways -> reading a directory's weights -> the tokenizer
-(tiktoken's ranks -> tokenizer.json) -> the model card -> export().
+Reading order: parameter names -> config.json, both ways -> reading a directory (hf_architecture, load_hf_weights)
+-> the tokenizer (tiktoken's ranks -> tokenizer.json) -> the model card -> export().
 """
 import csv
+import dataclasses
 import json
 import shlex
 import shutil
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_model
+from configurator import UserError, load_config, run_cli
 from model import ModelConfig, Transformer, ffn_width
-from prepare import EOT, UserError, load_tokenizer, publish, read_meta, run_cli
-from train import TrainConfig, checkpoint_paths, load_checkpoint, load_config, tokenizer_fingerprint
+from prepare import EOT, publish, read_meta
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameter names. Both models pair rotary dimension i with i + head_dim/2 ("rotate half"), use the same
@@ -99,31 +101,48 @@ def model_config_from_hf(hf: dict, where: str, multiple_of: int) -> dict:
     return fields | {"multiple_of": multiple_of}
 
 
-def read_hf_model(directory: str, multiple_of: int) -> tuple[dict, dict]:
-    """(ModelConfig fields, state dict in model.py's names, fp32) of a Hugging Face LlamaForCausalLM directory."""
-    from safetensors.torch import load_file
+def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
+    """train.py --init_from=DIR, first step, before anything is built or written: the run's config (a TrainConfig)
+    with DIR's architecture, from its config.json, and the size of DIR's embedding.
 
-    root = Path(directory)
+    A setting the user chose (cfg.user_set) that contradicts config.json is refused, and so is a dataset whose
+    vocabulary the embedding cannot hold. The config returned holds config.json's values, so checkpoints record
+    them; the training choices (max_seq_len, dropout, batch, schedule) stay the run's."""
+    root = Path(cfg.init_from)
     try:
         hf = json.loads((root / "config.json").read_text())
     except (OSError, ValueError):
         raise UserError(f"{root} has no readable config.json; --init_from takes a Hugging Face model directory") \
             from None
-    fields = model_config_from_hf(hf, str(root / "config.json"), multiple_of)
+    fields = model_config_from_hf(hf, str(root / "config.json"), cfg.multiple_of)
+    for name, value in fields.items():
+        if name in cfg.user_set and getattr(cfg, name) != value:
+            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command line) contradicts "
+                            f"{root}/config.json ({name}={value}); drop it: with --init_from the architecture comes "
+                            "from config.json")
+    if vocab_size > fields["vocab_size"]:
+        raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {root}'s embedding only "
+                        f"{fields['vocab_size']}; prepare the data with --tokenizer={root}")
+    return dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k != "vocab_size"}), fields["vocab_size"]
+
+
+def load_hf_weights(model: Transformer, directory: str):
+    """train.py --init_from=DIR, second step: DIR's safetensors weights into `model` (built with hf_architecture's
+    config), each tensor renamed to model.py's name, checked against its shape and kept in fp32 for training."""
+    from safetensors.torch import load_file
+
+    root = Path(directory)
     index = root / "model.safetensors.index.json"  # big models are split over several files
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]
     if not (root / files[0]).exists():
         raise UserError(f"{root} has no model.safetensors; only safetensors weights are read (re-save the model "
                         "with transformers' save_pretrained)")
-    tensors = {name: t for file in files for name, t in load_file(root / file).items()}
-    with torch.device("meta"):  # only the names and shapes are needed
-        expected = {hf_name(n): (n, t.shape) for n, t in Transformer(ModelConfig(**fields)).state_dict().items()}
-    if fields["tie_embeddings"]:
-        del expected["lm_head.weight"]  # the same matrix as the embedding
+    tied = model.config.tie_embeddings
+    expected = {hf_name(n): (n, t.shape) for n, t in model.state_dict().items() if not (tied and n == "output.weight")}
     weights = {}
-    for name, tensor in tensors.items():
-        if name.endswith("rotary_emb.inv_freq") or (fields["tie_embeddings"] and name == "lm_head.weight"):
+    for name, tensor in ((n, t) for file in files for n, t in load_file(root / file).items()):
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue  # derived from the config (older transformers saved it), or a copy of the embedding
         if name not in expected:
             raise UserError(f"{root} holds the tensor {name}, which model.py has no place for; it is not a plain "
@@ -134,9 +153,9 @@ def read_hf_model(directory: str, multiple_of: int) -> tuple[dict, dict]:
         weights[ours] = tensor.float()  # training keeps fp32 weights, whatever the file holds
     if expected:
         raise UserError(f"{root} lacks the tensor {next(iter(expected))}; the checkpoint is incomplete")
-    if fields["tie_embeddings"]:
+    if tied:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    return fields, weights
+    model.load_state_dict(weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,20 +239,21 @@ def final_validation(log_file: Path, step: int) -> dict | None:
     return rows[-1] if rows else None
 
 
-def model_card(ckpt: dict, path: Path, cfg: TrainConfig, meta: dict, model_cfg: ModelConfig, n_params: int) -> str:
-    row = final_validation(Path(cfg.log_file) if cfg.log_file else path.parent / "log.csv", ckpt["step"])
+def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_params: int) -> str:
+    cfg = ckpt["config"]  # the training run's whole config
+    row = final_validation(Path(cfg["log_file"]) if cfg["log_file"] else path.parent / "log.csv", ckpt["step"])
     val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte (update {row['step']}, "
-           f"{cfg.eval_tokens:,} validation tokens)" if row else "not recorded (no log.csv next to the checkpoint)")
+           f"{cfg['eval_tokens']:,} validation tokens)" if row else "not recorded (no log.csv next to the checkpoint)")
     command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`" if "argv" in ckpt \
         else "not recorded (the checkpoint predates it)"
     c = model_cfg
     architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / {c.n_kv_heads} "
                     f"key-value heads, SwiGLU width {ffn_width(c.n_embd, c.multiple_of)}, RoPE theta {c.theta:g}, "
                     f"tied embeddings: {'yes' if c.tie_embeddings else 'no'}")
-    trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg.tokens_per_update:,} tokens, "
+    trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg['tokens_per_update']:,} tokens, "
                f"{ckpt['elapsed_s'] / 60:.1f} minutes)")
-    if cfg.init_from:
-        trained += f", starting from the weights of `{cfg.init_from}`"
+    if cfg["init_from"]:
+        trained += f", starting from the weights of `{cfg['init_from']}`"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -247,7 +267,7 @@ Pretrained from scratch by next-token prediction, exported from `{path}` by expo
 | parameters | {n_params:,} |
 | architecture | {architecture} |
 | context | {c.max_seq_len} tokens (the length it was trained on) |
-| dataset | `{cfg.dataset_dir}`: {meta.get("source", "unknown source")} |
+| dataset | `{cfg["dataset_dir"]}`: {meta.get("source", "unknown source")} |
 | tokenizer | {meta.get("tokenizer")}, {meta.get("vocab_size"):,} ids; every document ends with the end-of-text token |
 | tokens trained | {trained} |
 | final validation loss | {val} |
@@ -269,6 +289,7 @@ class ExportConfig:
     ckpt_dir: str = "out"
     out_dir: str = ""  # "" means <ckpt_dir>/hf
     ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir
+    dataset_dir: str = ""  # whose tokenizer to export; "" means the dataset the checkpoint was trained on
     dtype: str = "float32"  # of the saved weights: float32 (exactly as trained) or bfloat16 (half the size)
     overwrite: bool = False  # replace an existing out_dir
 
@@ -282,23 +303,13 @@ def export(cfg: ExportConfig) -> Path:
         raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype={cfg.dtype}: use float32 or bfloat16")
-    if cfg.ckpt and not Path(cfg.ckpt).exists():
-        raise UserError(f"--ckpt={cfg.ckpt} does not exist; pass a checkpoint path, or --ckpt_dir for its newest")
-    paths = [Path(cfg.ckpt)] if cfg.ckpt else checkpoint_paths(cfg.ckpt_dir)
-    if not paths:
-        raise UserError(f"no checkpoint in {cfg.ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
-    ckpt = load_checkpoint(paths[-1], tensors="model")  # the optimizer's state is never read
-    train_cfg = TrainConfig(**ckpt["config"])
-    tokenizer = load_tokenizer(train_cfg.dataset_dir)
-    if tokenizer_fingerprint(train_cfg.dataset_dir) != ckpt["tokenizer"]:
-        raise UserError(f"{train_cfg.dataset_dir} now has another tokenizer than {paths[-1]} was trained with; "
-                        "restore that dataset to export the model with its vocabulary")
-    state = ckpt["model"]
-    model_cfg = train_cfg.model_config(state["tok_embeddings.weight"].shape[0])
+    # Only the weights are read, never the optimizer's state.
+    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="exporting")
+    model_cfg = model.config
     # A tied output matrix is the embedding: it is stored once, and tie_word_embeddings says so.
-    tensors = {hf_name(name): t.to(getattr(torch, cfg.dtype)).contiguous() for name, t in state.items()
+    tensors = {hf_name(name): t.to(getattr(torch, cfg.dtype)).contiguous() for name, t in ckpt["model"].items()
                if not (model_cfg.tie_embeddings and name == "output.weight")}
-    meta = read_meta(train_cfg.dataset_dir)
+    meta = read_meta(cfg.dataset_dir or ckpt["config"]["dataset_dir"])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -315,7 +326,7 @@ def export(cfg: ExportConfig) -> Path:
         (tmp_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_tokenizer(tokenizer, tmp_dir, model_cfg.max_seq_len)
         n_params = sum(t.numel() for t in tensors.values())
-        (tmp_dir / "README.md").write_text(model_card(ckpt, paths[-1], train_cfg, meta, model_cfg, n_params))
+        (tmp_dir / "README.md").write_text(model_card(ckpt, path, meta, model_cfg, n_params))
         publish(tmp_dir, out_dir, cfg.overwrite)
     except (OSError, SafetensorError) as e:  # a full disk, most likely; an existing out_dir is left as it was
         raise UserError(f"cannot write {out_dir} ({type(e).__name__}: {e}); free space there or choose another "

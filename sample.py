@@ -2,21 +2,13 @@
 
     python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_p=0.9
 """
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from model import Transformer
-from prepare import UserError, load_tokenizer, run_cli
-from train import (
-    TrainConfig,
-    checkpoint_paths,
-    load_config,
-    newest_loadable_checkpoint,
-    pick_device,
-    tokenizer_fingerprint,
-)
+from checkpoint import load_model
+from configurator import UserError, load_config, run_cli
+from hardware import pick_device
 
 
 @dataclass
@@ -32,27 +24,18 @@ class SampleConfig:
     device: str = "auto"
     seed: int = 1337
 
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"sampling needs --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1 (got "
+                            f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
+
 
 def main(argv: list[str]):
     cfg = load_config(argv, SampleConfig)
-    paths = checkpoint_paths(cfg.ckpt_dir)
-    if not paths:
-        raise UserError(f"no checkpoint in {cfg.ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
     # Reading only: a damaged newest checkpoint is skipped (train.py renames it when it resumes), not touched.
-    path, ckpt = newest_loadable_checkpoint(paths, master=False, tensors="model")
-    if path != paths[-1]:
-        print(f"warning: {paths[-1]} cannot be loaded (damaged or unsafe); sampling from {path}", file=sys.stderr)
-    train_cfg = TrainConfig(**ckpt["config"])
-    dataset_dir = cfg.dataset_dir or train_cfg.dataset_dir
-    tokenizer = load_tokenizer(dataset_dir)
-    if tokenizer_fingerprint(dataset_dir) != ckpt["tokenizer"]:
-        raise UserError(f"{dataset_dir} has another tokenizer than {path} was trained with; "
-                        "pass the training dataset with --dataset_dir")
+    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, dataset_dir=cfg.dataset_dir, purpose="sampling from")
     device = pick_device(cfg.device)
-    # The embedding's rows, not the tokenizer's size: a model imported with --init_from may have spare rows.
-    model = Transformer(train_cfg.model_config(ckpt["model"]["tok_embeddings.weight"].shape[0]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    model.to(device)
     torch.manual_seed(cfg.seed)
 
     prompt = tokenizer.encode(cfg.prompt) if cfg.prompt else [tokenizer.eot_id]

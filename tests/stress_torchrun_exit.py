@@ -38,7 +38,7 @@ def one_run(mode: str, ckpt_dir: Path, timeout: float) -> dict:
         time.sleep(0.1)
     hung = proc.poll() is None
     if hung:
-        spy = shutil.which("py-spy")
+        spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
         for pid in descendants(proc.pid):
             if spy:
                 dump = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True)

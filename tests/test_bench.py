@@ -5,8 +5,8 @@ import pytest
 from test_train import TINY, run
 
 import bench
-from prepare import UserError
-from train import load_config
+from configurator import UserError, load_config
+from train import TrainConfig
 
 
 def number(pattern: str, text: str) -> float:
@@ -48,8 +48,9 @@ def test_the_memory_estimate_counts_the_optimizer_the_run_uses():
     # AdamW keeps two fp32 moments per parameter; Muon one momentum for each of the blocks' matrices, which in the
     # default model hold 4 blocks x (4 x 128x128 attention + 3 x 128x384 SwiGLU) = 851,968 parameters.
     def optimizer_bytes(argv):
-        estimate = bench.memory_estimate(load_config(argv), 8192, world_size=1, fsdp=False, checkpointing=False)
-        return estimate["optimizer"]
+        cfg = load_config(argv, TrainConfig)
+        return bench.memory_estimate(cfg, 8192, world_size=1, fsdp=False, checkpointing=False)["optimizer"]
+
     n = 2_950_272
     assert optimizer_bytes(["--optimizer=adamw"]) == 8 * n
     assert optimizer_bytes(["--optimizer=muon"]) == 8 * n - 4 * 851_968

@@ -14,10 +14,11 @@ from test_model import logit_tolerance, recording_top_two_gaps
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import prepare
-from export import ExportConfig, export, model_config_from_hf, write_tokenizer
+from checkpoint import checkpoint_paths, load_checkpoint
+from configurator import UserError, load_config
+from export import ExportConfig, export, hf_architecture, load_hf_weights, model_config_from_hf, write_tokenizer
 from model import Transformer
-from prepare import UserError
-from train import TrainConfig, checkpoint_paths, init_from_hf, load_checkpoint, load_config
+from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"mha": ["--n_heads=4", "--n_kv_heads=4"], "gqa": ["--n_heads=4", "--n_kv_heads=2"]}
@@ -69,6 +70,14 @@ def exported(request, exports):
 @pytest.fixture
 def gqa_export(exports):
     return exports("gqa")
+
+
+def init_from_hf(cfg, vocab_size):
+    """What train.py does with --init_from: the directory's architecture, then a model holding its weights."""
+    cfg, vocab_size = hf_architecture(cfg, vocab_size)
+    model = Transformer(cfg.model_config(vocab_size))
+    load_hf_weights(model, cfg.init_from)
+    return cfg, model
 
 
 def our_model(ckpt):
@@ -172,7 +181,7 @@ READ_PEAK = """
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from train import load_checkpoint
+from checkpoint import load_checkpoint
 def peak():  # bytes, from the kernel's accounting of this process (file pages mapped and read count too)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # the peak is now the current size: imports had their own peaks
@@ -200,7 +209,8 @@ def test_reading_the_weights_alone_leaves_the_optimizer_state_on_disk(tmp_path):
 # Back in: train.py --init_from and prepare.py --tokenizer
 def test_export_then_init_from_is_bitwise_the_checkpoint(exported, shakespeare_dir):
     ckpt, hf_dir = exported  # the default --dtype=float32
-    cfg, model = init_from_hf(load_config([f"--init_from={hf_dir}", f"--dataset_dir={shakespeare_dir}"]), 8192)
+    cfg, model = init_from_hf(load_config([f"--init_from={hf_dir}", f"--dataset_dir={shakespeare_dir}"], TrainConfig),
+                              8192)
     for name in ("n_embd", "n_heads", "n_kv_heads", "n_layers", "multiple_of", "eps", "theta", "tie_embeddings"):
         assert getattr(cfg, name) == ckpt["config"][name], name
     state = model.state_dict()
@@ -227,7 +237,8 @@ def tied_gqa_llama(tmp_path_factory, exports):
 
 def test_a_tied_gqa_transformers_model_imports_with_the_same_logits(tied_gqa_llama, shakespeare_dir):
     theirs, directory = tied_gqa_llama
-    cfg, ours = init_from_hf(load_config([f"--init_from={directory}", f"--dataset_dir={shakespeare_dir}"]), 8192)
+    cfg, ours = init_from_hf(load_config([f"--init_from={directory}", f"--dataset_dir={shakespeare_dir}"],
+                                         TrainConfig), 8192)
     assert (cfg.n_kv_heads, cfg.multiple_of, cfg.eps, cfg.theta, cfg.tie_embeddings) == (1, 192, 1e-6, 500_000.0, True)
     assert ours.output.weight is ours.tok_embeddings.weight
     assert ours.num_params() == theirs.num_parameters()
@@ -241,9 +252,9 @@ def test_a_contradicting_setting_or_a_too_large_vocabulary_is_refused(tied_gqa_l
     directory = tied_gqa_llama[1]
     # refused even when the value chosen is TrainConfig's default: what counts is that the user set it
     with pytest.raises(UserError, match=r"n_kv_heads=4 \(set in a config .* contradicts .*n_kv_heads=1"):
-        init_from_hf(load_config([f"--init_from={directory}", "--n_kv_heads=4"]), 8192)
+        init_from_hf(load_config([f"--init_from={directory}", "--n_kv_heads=4"], TrainConfig), 8192)
     with pytest.raises(UserError, match="vocabulary has 50257 ids but .* embedding only 8192"):
-        init_from_hf(load_config([f"--init_from={directory}"]), 50257)
+        init_from_hf(load_config([f"--init_from={directory}"], TrainConfig), 50257)
 
 
 def test_rope_scaling_is_refused_on_the_command_line_before_anything_is_written(tmp_path):

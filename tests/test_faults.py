@@ -20,12 +20,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from processes import communicate
 from test_train import ROOT, TINY, assert_same_weights, final_weights, run
 
+import checkpoint
 import prepare
 import train
-from prepare import UserError
-from train import checkpoint_paths
+from checkpoint import checkpoint_paths
+from configurator import UserError
 
 FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the checkpoints saved "
        "before are intact")
@@ -89,8 +92,8 @@ class FullDisk:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """full_disk(name, room): writes to files called `name` (through prepare's and train's open) fail with ENOSPC
-    once `room` bytes in all have gone to them."""
+    """full_disk(name, room): writes to files called `name` (through the open of prepare.py, train.py and
+    checkpoint.py) fail with ENOSPC once `room` bytes in all have gone to them."""
     def fill(name: str, room: int):
         disk = {"room": room}
 
@@ -98,7 +101,7 @@ def full_disk(monkeypatch):
             file = open(path, mode, *args, **kwargs)
             return FullDisk(file, disk) if Path(path).name == name and set(mode) & set("wax") else file
 
-        for module in (prepare, train):
+        for module in (prepare, train, checkpoint):
             monkeypatch.setattr(module, "open", open_on_full_disk, raising=False)
     return fill
 
@@ -155,11 +158,11 @@ def test_disk_full_while_drawing_the_plot_leaves_no_partial_png(straight, tmp_pa
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: SimpleNamespace(free=3000))
-    state = {"model": {"w": train.torch.zeros(1000)}, "step": 1}  # 4,000 bytes of tensor, 512 of zip records
+    state = {"model": {"w": torch.zeros(1000)}, "step": 1}  # 4,000 bytes of tensor, 512 of zip records
     with pytest.raises(UserError, match=re.escape(f"could not write {tmp_path}/ckpt_00000001.pt.tmp (not enough free "
                                                   "space, checked before writing): it needs about 4.5 kB and 3.0 kB "
                                                   "is free; free space")):
-        train.save_checkpoint(str(tmp_path), 1, state, keep=1)
+        checkpoint.save_checkpoint(str(tmp_path), 1, state, keep=1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -279,9 +282,14 @@ def test_two_runs_started_on_one_ckpt_dir_exactly_one_runs(shakespeare_dir, tmp_
     assert refused.returncode == 2 and running.poll() is None
     assert re.fullmatch(rf"error: {tmp_path} is in use by process {running.pid} \(python[0-9.]* train\.py .*\); "
                         r"wait for that run to end or stop it, or pass another --ckpt_dir", one_line(err))
+    seen = ""
+    for line in running.stdout:  # the run is in its loop, where a SIGTERM stops it cleanly, once it reports an update
+        seen += line
+        if line.startswith("update "):
+            break
     running.send_signal(signal.SIGTERM)
-    out, err = running.communicate(timeout=60)
-    assert running.returncode == 0 and "stopped by signal" in out, err
+    out, err = communicate(running, timeout=60)
+    assert running.returncode == 0 and "stopped by signal" in seen + out, err
 
 
 def test_under_torchrun_every_rank_stops_when_the_ckpt_dir_is_taken(shakespeare_dir, tmp_path):

@@ -21,8 +21,9 @@ from test_train import LOGGED, OTHER_ROUNDING, ROOT, TINY, assert_same_weights, 
 
 import bench
 import train
-from prepare import UserError
-from train import DatasetLoader, accumulation_steps, checkpoint_paths, fit_batch, load_checkpoint, load_config
+from checkpoint import checkpoint_paths, load_checkpoint
+from configurator import UserError, load_config
+from train import DatasetLoader, TrainConfig, accumulation_steps, fit_batch
 
 # 128 tokens per update (2 ranks x 1 micro-step of 2 x 32, or 1 rank x 2 micro-steps), a checkpoint every 4
 # updates. A constant learning rate, so that a run resumed with more training_tokens follows the same schedule.
@@ -160,12 +161,13 @@ import json, sys, torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, sys.argv[1])
 from model import Transformer
-from train import load_config, make_optimizer, wrap_model
+from configurator import load_config
+from train import TrainConfig, make_optimizer, wrap_model
 fsdp = dist.is_torchelastic_launched()
 if fsdp:
     dist.init_process_group("gloo")
 cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2", f"--fsdp={fsdp}",
-                  "--optimizer=adamw"])
+                  "--optimizer=adamw"], TrainConfig)
 model = Transformer(cfg.model_config(1000))
 wrap_model(model, cfg, "cpu", torch.float32, 2 if fsdp else 1)
 optimizer = make_optimizer(model, cfg, "cpu")
@@ -197,8 +199,9 @@ PEAK_MEMORY = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from model import Transformer
-from train import DatasetLoader, load_config, make_optimizer, train_update
-cfg = load_config(sys.argv[2:])
+from configurator import load_config
+from train import DatasetLoader, TrainConfig, make_optimizer, train_update
+cfg = load_config(sys.argv[2:], TrainConfig)
 loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len)
 model = Transformer(cfg.model_config(8192))
 if cfg.activation_checkpointing:
@@ -230,7 +233,7 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(shakespeare_di
     script.write_text(PEAK_MEMORY)
     measured = json.loads(subprocess.run([sys.executable, script, ROOT, *args], capture_output=True, text=True,
                                          check=True, env=os.environ | MEASURE_TENSORS).stdout)
-    cfg = load_config(args)
+    cfg = load_config(args, TrainConfig)
     estimate = bench.memory_estimate(cfg, 8192, world_size=1, fsdp=False, checkpointing=checkpointing)
     # The weights were allocated before the measurement started; everything else during it.
     grown = sum(estimate.values()) - measured["weights"]
@@ -241,7 +244,7 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(shakespeare_di
 @pytest.mark.parametrize("world_size, batch, tokens", [(1, 16, 4096), (2, 8, 4096), (3, 5, 3840), (5, 3, 3840),
                                                        (6, 2, 3072), (7, 2, 3584), (8, 2, 4096)])
 def test_the_default_batch_fits_any_number_of_ranks(world_size, batch, tokens):
-    cfg, note = fit_batch(load_config([]), world_size)
+    cfg, note = fit_batch(load_config([], TrainConfig), world_size)
     assert (cfg.batch_size, cfg.tokens_per_update) == (batch, tokens)
     assert accumulation_steps(cfg, world_size) == tokens // (batch * 256 * world_size)
     assert (note == "") == (world_size == 1)
@@ -250,13 +253,13 @@ def test_the_default_batch_fits_any_number_of_ranks(world_size, batch, tokens):
 
 
 def test_fitting_the_batch_keeps_the_record_of_what_the_user_set():
-    cfg, note = fit_batch(load_config(["--n_layers=2"]), 3)
-    assert note and cfg.user_set == {"n_layers"}  # --init_from's contradiction check still sees it
+    cfg, note = fit_batch(load_config(["--n_layers=2"], TrainConfig), 3)
+    assert note and set(cfg.user_set) == {"n_layers"}  # --init_from's contradiction check still sees it
 
 
 def test_a_batch_the_user_chose_is_never_changed():
     for argv in (["--batch_size=16"], ["--tokens_per_update=4096"]):
-        cfg, note = fit_batch(load_config(argv), 8)
+        cfg, note = fit_batch(load_config(argv, TrainConfig), 8)
         assert note == ""
         with pytest.raises(UserError, match="not a multiple of batch_size"):
             accumulation_steps(cfg, 8)

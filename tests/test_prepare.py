@@ -14,7 +14,7 @@ import pytest
 import tiktoken.load
 
 import prepare
-from prepare import UserError
+from configurator import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 UNICODE_SAMPLES = [
@@ -238,9 +238,9 @@ def test_overwrite_replaces_only_a_finished_dataset(shakespeare_dir, tmp_path):
     (["--out_dir=x", "--input=good.txt", "--text_field=body", "--input=good.jsonl"], "pass --text_field"),
     (["--out_dir=existing", "--input=good.txt"], "already exists; pass --overwrite"),
     (["--input=good.txt"], "pass --out_dir"),
-    (["--vocab_sise=300"], "unknown option '--vocab_sise=300'"),
-    (["--vocab_size"], "needs a value"),
-    (["--vocab_size=big"], "not a valid int"),
+    (["--vocab_sise=300"], "unknown config key 'vocab_sise' in the command line; did you mean vocab_size?"),
+    (["--vocab_size"], "'--vocab_size' has no value"),
+    (["--vocab_size=big"], "--vocab_size expects int, got 'big'"),
     (["--val_fraction=1.5"], "between 0 and 1"),
     (["--out_dir=x", "--input=good.txt", "--tokenizer=not_a_dataset"], "`python prepare.py`"),
 ])

@@ -13,8 +13,8 @@ from processes import communicate
 from test_train import ROOT, TINY, assert_same_weights, final_weights, run
 
 import train
-from prepare import UserError
-from train import checkpoint_paths
+from checkpoint import checkpoint_paths
+from configurator import UserError
 
 
 @pytest.fixture(scope="module")

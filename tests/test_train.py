@@ -13,8 +13,9 @@ import pytest
 import torch
 from processes import communicate
 
-from prepare import UserError
-from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps, checkpoint_paths, load_config
+from checkpoint import checkpoint_paths
+from configurator import UserError, load_config
+from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 # A model small enough that a few updates take a second or two on a laptop CPU.
@@ -70,19 +71,19 @@ def assert_same_weights(a, b, atol=0.0):
 
 # --- configuration ---------------------------------------------------------------------------------------------
 def test_overrides_parse_python_literals_and_bare_strings():
-    cfg = load_config(["--n_layers=3", "--max_lr=3e-4", "--min_lr=0", "--device=cpu", "--compile=True"])
+    cfg = load_config(["--n_layers=3", "--max_lr=3e-4", "--min_lr=0", "--device=cpu", "--compile=True"], TrainConfig)
     assert (cfg.n_layers, cfg.max_lr, cfg.min_lr, cfg.device, cfg.compile) == (3, 3e-4, 0, "cpu", True)
 
 
 def test_config_file_then_overrides_in_order(tmp_path):
     path = tmp_path / "small.py"
     path.write_text("import math\nn_layers = 2\nmax_lr = 2e-3\n")
-    cfg = load_config([str(path), "--n_layers=5"])
+    cfg = load_config([str(path), "--n_layers=5"], TrainConfig)
     assert (cfg.n_layers, cfg.max_lr) == (5, 2e-3)
 
 
 def test_llama_1b3_config_holds_the_guides_run():
-    cfg = load_config(["config/llama_1b3.py"])
+    cfg = load_config(["config/llama_1b3.py"], TrainConfig)
     assert (cfg.n_embd, cfg.n_heads, cfg.n_layers, cfg.multiple_of, cfg.max_seq_len, cfg.batch_size) == \
         (2048, 32, 24, 256, 2048, 4)
     assert (cfg.tokens_per_update, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr) == (2**19, 500, 1e-4, 1e-5)
@@ -102,14 +103,14 @@ def test_llama_1b3_config_holds_the_guides_run():
 ])
 def test_bad_configuration_is_one_clear_error(argv, message):
     with pytest.raises(UserError, match=message):
-        load_config(argv)
+        load_config(argv, TrainConfig)
 
 
 def test_config_file_that_raises_names_the_file(tmp_path):
     path = tmp_path / "broken.py"
     path.write_text("n_layers = undefined_name\n")
     with pytest.raises(UserError, match="broken.py' raised NameError"):
-        load_config([str(path)])
+        load_config([str(path)], TrainConfig)
 
 
 def test_accumulation_must_divide_evenly():

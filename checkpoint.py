@@ -1,0 +1,248 @@
+"""The checkpoint format on disk: writing and reading both forms, finding the newest one that loads, one run per
+directory. What a checkpoint holds, and how a run resumes from it, is train.py's business (checkpoint_state, resume).
+
+A checkpoint is one of:
+- ckpt_%08d.pt, one file written by rank 0: a single process or DDP, where rank 0 holds the whole state;
+- ckpt_%08d/, a directory written by all the ranks of an FSDP run at once with torch.distributed.checkpoint (DCP):
+  each rank writes the shards it holds (__<rank>_0.distcp), rank 0 adds DCP's index (.metadata) and train_state.pt
+  (everything except the model's and the optimizer's tensors). No rank ever holds the whole model, and the shards
+  can be read back by any number of ranks, each taking the slices it owns then.
+Either is written under a .tmp name and renamed when complete, so a crash never leaves a torn checkpoint. Reading
+never unpickles anything but tensors and plain values (torch.load's weights_only, and a guard on DCP's index), so
+a checkpoint from someone else cannot run code.
+
+Reading order: names -> writing -> reading -> the newest loadable one -> load_model (sample.py, export.py) -> the
+directory lock.
+"""
+import os
+import pickle
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from configurator import UserError
+from model import ModelConfig, Transformer
+from prepare import load_tokenizer, lock_directory, space_for, tokenizer_fingerprint
+
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})(\.pt)?")
+# What a run says when its disk is full: the checkpoints already saved are intact, so it can go on from them.
+SPACE_FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the checkpoints "
+             "saved before are intact")
+
+
+def checkpoint_paths(ckpt_dir: str) -> list[Path]:
+    """Complete checkpoints in ckpt_dir, of both forms, oldest first (the update number is in the name)."""
+    found = [p for p in Path(ckpt_dir).glob("ckpt_*") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name)[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+def checkpoint_bytes(state) -> int:
+    """A little over the size of torch.save(state) on disk: the bytes of each tensor plus its record in the zip
+    file (about 300 bytes; 512 counted). The plain data beside the tensors is tiny."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() + 512
+    if isinstance(state, dict):
+        return sum(checkpoint_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in state)
+    return 0
+
+
+def write_state(path: Path, state: dict):
+    # A full disk ends the run with one line; the checkpoints already saved are untouched.
+    with space_for(path, checkpoint_bytes(state), SPACE_FIX), open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
+
+
+def write_shards(tmp: Path, state: dict, rank0: bool):
+    """Every rank writes its own shards of the model and optimizer state in parallel; rank 0 adds the rest."""
+    if rank0 and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while writing this same checkpoint
+    dist.barrier()
+    # DCP saves tensors only, so that loading never has to unpickle anything else (see read_dcp_index).
+    dcp.save({"model": state["model"], "optimizer": state["optimizer"]["state"]}, checkpoint_id=tmp)
+    if rank0:  # dcp.save returns on every rank once all shards and the index are written and synced
+        rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        write_state(tmp / "train_state.pt", rest | {"optimizer_param_groups": state["optimizer"]["param_groups"]})
+
+
+def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: bool = False) -> Path:
+    """Write a new checkpoint and delete all but the newest `keep`. Called by rank 0 alone, or with `sharded` (an
+    FSDP run, whose state holds DTensor shards) by every rank."""
+    name = f"ckpt_{step:08d}" + ("" if sharded else ".pt")
+    path, tmp = Path(ckpt_dir) / name, Path(ckpt_dir) / f"{name}.tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if sharded:
+        write_shards(tmp, state, rank0)
+    else:
+        write_state(tmp, state)
+    if rank0:
+        os.replace(tmp, path)
+        for old in checkpoint_paths(ckpt_dir)[:-keep]:  # only now that the new one is complete
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if sharded:
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+def unsafe(path: Path, e: Exception) -> UserError:
+    return UserError(f"cannot load checkpoint {path} safely ({type(e).__name__}); it is damaged or holds arbitrary "
+                     "Python objects; delete it to resume from an older one")
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP's index (.metadata) is a pickle that DCP loads with no weights_only guard: a crafted one could run code.
+    This reads it first admitting only the handful of plain classes an index is made of."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib._local", "PosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module, name):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            found = super().find_class(module, name)
+            if isinstance(found, (type, torch.dtype)) or name == "_get_layout":
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+
+
+def read_dcp_index(path: Path):
+    """A sharded checkpoint's index, read safely; it must describe tensors only (that is all train.py writes)."""
+    with open(path / ".metadata", "rb") as f:
+        index = _IndexUnpickler(f).load()
+    if not all(isinstance(md, TensorStorageMetadata) for md in index.state_dict_metadata.values()):
+        raise pickle.UnpicklingError("the index describes pickled objects, not only tensors")
+    return index
+
+
+def read_full_tensors(path: Path, model_only: bool) -> dict:
+    """Every tensor of a sharded checkpoint (or, model_only, the model's), whole, into this one process (no process
+    group needed)."""
+    index = read_dcp_index(path)
+    flat = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in index.state_dict_metadata.items()
+            if key.startswith("model.") or not model_only}
+    with warnings.catch_warnings():  # DCP warns that no process group is running: that is the point here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(flat, checkpoint_id=path, no_dist=True)
+    model = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
+    optimizer = {}  # DCP flattened {"optimizer": {param: {"exp_avg": ...}}} to "optimizer.<param>.exp_avg"
+    for key, value in flat.items():
+        if key.startswith("optimizer."):
+            param, moment = key.removeprefix("optimizer.").rsplit(".", 1)
+            optimizer.setdefault(param, {})[moment] = value
+    return {"model": model, "optimizer_state": optimizer}
+
+
+def load_checkpoint(path: Path, tensors: str = "all") -> dict:
+    """A checkpoint of either form as one dict of CPU tensors and plain values, in this one process. A sharded
+    checkpoint's "optimizer" is keyed by parameter name, as DCP's get_state_dict gives it. `tensors`: "all"; "model"
+    for a reader of the weights alone (sample.py, export.py), which then never reads the optimizer's tensors, twice
+    the weights' size under AdamW: a .pt file is memory-mapped (only what is used is read; its tensors stay backed by
+    the file, so not for resuming) and a sharded one reads the model's tensors only; "none" leaves a sharded
+    checkpoint's model and optimizer out: an FSDP run reads only its own shards of them (load_shards)."""
+    try:
+        # weights_only refuses arbitrary pickled objects, which could run code when loaded.
+        if not path.is_dir():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=tensors == "model")
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        state["optimizer"] = {"param_groups": state.pop("optimizer_param_groups")}
+        if tensors != "none":
+            full = read_full_tensors(path, model_only=tensors == "model")
+            state["model"], state["optimizer"]["state"] = full["model"], full["optimizer_state"]
+        return state
+    except Exception as e:
+        raise unsafe(path, e) from None
+
+
+def load_shards(path: Path, model, optimizer, param_groups: list):
+    """An FSDP run resumes from a sharded checkpoint: each rank reads just the slices of every tensor it holds now,
+    whatever the number of ranks that wrote them."""
+    try:
+        read_dcp_index(path)
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's DTensors, filled in place
+        dcp.load({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=path)
+    except Exception as e:
+        raise unsafe(path, e) from None
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": optimizer_state["state"], "param_groups": param_groups})
+
+
+def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: str = "all") -> tuple[Path, dict]:
+    """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its rename) is
+    renamed to *.damaged by the run's master, so it no longer counts as the newest, and the one before it is tried:
+    a restarted job goes on by itself instead of waiting for a person to delete a file. A reader that is not a run's
+    master (sample.py, export.py) leaves it in place. The oldest one failing is an error. `tensors` as in
+    load_checkpoint."""
+    for i in reversed(range(len(paths))):
+        try:
+            return paths[i], load_checkpoint(paths[i], tensors)
+        except UserError:
+            if i == 0:
+                raise
+            if master:
+                paths[i].rename(paths[i].with_name(paths[i].name + ".damaged"))
+                print(f"warning: {paths[i]} cannot be loaded (damaged or unsafe), renamed it to {paths[i].name}"
+                      f".damaged; resuming from the previous checkpoint {paths[i - 1]}", file=sys.stderr)
+
+
+def load_model(ckpt_dir: str, ckpt: str = "", dataset_dir: str = "", purpose: str = "reading"
+               ) -> tuple[Path, dict, Transformer, object]:
+    """(path, checkpoint, model, tokenizer) for a reader of a trained model: sample.py and export.py.
+
+    The checkpoint is `ckpt`, or the newest one in ckpt_dir that loads (a warning names a damaged newer one, which
+    is left in place; `purpose` says what is done instead); only its weights are read. The tokenizer is
+    dataset_dir's, by default the one of the dataset the model was trained on, and must be the one it was trained
+    with. The model is built with the checkpoint's architecture, in eval mode, on the CPU."""
+    if ckpt and not Path(ckpt).exists():
+        raise UserError(f"--ckpt={ckpt} does not exist; pass a checkpoint path, or --ckpt_dir for its newest")
+    paths = [Path(ckpt)] if ckpt else checkpoint_paths(ckpt_dir)
+    if not paths:
+        raise UserError(f"no checkpoint in {ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
+    path, state = newest_loadable_checkpoint(paths, master=False, tensors="model")
+    if path != paths[-1]:
+        print(f"warning: {paths[-1]} cannot be loaded (damaged or unsafe); {purpose} {path}", file=sys.stderr)
+    dataset_dir = dataset_dir or state["config"]["dataset_dir"]
+    tokenizer = load_tokenizer(dataset_dir)
+    if tokenizer_fingerprint(dataset_dir) != state["tokenizer"]:
+        raise UserError(f"{dataset_dir} has another tokenizer than {path} was trained with; pass the training "
+                        "dataset with --dataset_dir, or restore it")
+    # The embedding's rows, not the tokenizer's size: a model imported with --init_from may have spare rows.
+    vocab_size = state["model"]["tok_embeddings.weight"].shape[0]
+    model = Transformer(ModelConfig.from_dict(state["config"], vocab_size=vocab_size))
+    model.load_state_dict(state["model"])
+    return path, state, model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def lock_ckpt_dir(ckpt_dir: str, master: bool):
+    """One run per ckpt_dir: two would interleave their checkpoints and overwrite each other's log. Rank 0 takes an
+    OS lock on <ckpt_dir>/.lock and every rank learns the outcome before any work, so that all of them stop together
+    (with rank 0's reason) when another run holds it. Returns the lock (None on other ranks); closing it releases
+    it."""
+    lock, refusal = None, [None]
+    if master:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        try:
+            lock = lock_directory(Path(ckpt_dir) / ".lock", ckpt_dir,
+                                  "wait for that run to end or stop it, or pass another --ckpt_dir")
+        except UserError as e:
+            refusal = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise UserError(refusal[0])
+    return lock

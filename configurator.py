@@ -1,0 +1,109 @@
+"""Every script's options: the fields of a dataclass, set from config files and `--key=value` on the command line.
+
+    python train.py config/llama_1b3.py --batch_size=4 --compile=True
+    python prepare.py --input=a.txt --input=notes/ --out_dir=data/mine --overwrite
+
+A config file is plain Python that assigns some of the fields; `--key=value` values are Python literals (a bare word
+such as --device=cpu is a string); they are applied in the order given, so later ones win. A value must have its
+field's type, a list field (prepare.py's --input) collects every value given, and a bool field may be given bare
+(--overwrite means --overwrite=True). A name that is not a field is an error that lists the close ones.
+
+A mistake here, or anywhere a user can make one, is a UserError: the script prints its message as one line and exits
+with status 2 (run_cli), never a traceback.
+"""
+import ast
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix. run_cli prints its message as one line and exits with status 2."""
+
+    exit_status = 2
+
+
+def run_cli(main):
+    """Run main(argv) as a script: a UserError becomes one line on stderr and exit status 2, not a traceback.
+
+    Under torchrun the processes of one machine read the same options and files, so they meet the same mistake
+    together: only the first of them (LOCAL_RANK 0) prints it, and every one exits with the error's status."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+
+
+def _check_type(name: str, value, annotation):
+    """Reject a value whose type differs from the field's (ints are fine where floats are expected)."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False  # bool is a subclass of int, but --n_layers=True is certainly a mistake
+    else:
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+    if not ok:
+        expected = " or ".join(t.__name__ for t in allowed)
+        raise UserError(f"--{name} expects {expected}, got {value!r}; fix the value")
+
+
+def _parse(text: str, annotation):
+    """A command-line value: the text itself for a str field (so --prompt=42 is "42"), else a Python literal."""
+    if annotation is str:
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --device=cpu is a string
+
+
+def load_config(argv: list[str], cls):
+    """A `cls` (a dataclass) built from `config/x.py` files and `--key=value` overrides, applied in the order given.
+
+    If cls has a `user_set` field, it receives the names the user set (a tuple), so that a default can adapt to the
+    machine where a value the user chose must not."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "user_set"}
+    values = {}
+
+    def set_value(name, value, where):
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"the names are in {cls.__name__}"
+            raise UserError(f"unknown config key '{name}' in {where}; {hint}")
+        annotation = fields[name].type
+        if typing.get_origin(annotation) is list:  # repeatable: every value given is kept, in order
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                _check_type(name, item, typing.get_args(annotation)[0])
+            values[name] = values.get(name, []) + items
+            return
+        _check_type(name, value, annotation)
+        values[name] = value
+
+    for arg in argv:
+        if arg.startswith("--"):
+            name, has_value, text = arg[2:].partition("=")
+            annotation = fields[name].type if name in fields else None
+            if not has_value and annotation is not bool:
+                raise UserError(f"'{arg}' has no value; write it as {arg}=VALUE")
+            element = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
+            set_value(name, _parse(text, element) if has_value else True, "the command line")
+        else:
+            if not os.path.isfile(arg):
+                raise UserError(f"config file '{arg}' does not exist; pass a path such as config/llama_1b3.py")
+            scope = {}
+            try:
+                exec(Path(arg).read_text(), scope)
+            except Exception as e:
+                raise UserError(f"config file '{arg}' raised {type(e).__name__}: {e}; fix the file") from None
+            for name, value in scope.items():
+                if not name.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
+                    set_value(name, value, arg)
+    if "user_set" in {f.name for f in dataclasses.fields(cls)}:
+        values["user_set"] = tuple(values)
+    return cls(**values)
