@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from processes import communicate
+from processes import alive, communicate, descendants, kill_tree
 from test_train import ROOT, TINY, assert_same_weights, final_weights, run
 
 import train
@@ -149,6 +149,24 @@ def test_sigterm_finishes_the_update_saves_and_exits_cleanly(shakespeare_dir, tm
         assert "train.py" not in err and "ChildFailedError" not in err, err
     step = torch.load(checkpoint_paths(tmp_path)[-1], weights_only=True)["step"]
     assert step >= 3
+
+
+def test_when_torchrun_returns_every_rank_has_exited(shakespeare_dir, tmp_path):
+    # A rank that hangs while tearing down its process group keeps torchrun waiting forever; a hang here fails the
+    # test after the timeout, with every process killed.
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train.py", *tiny(shakespeare_dir, tmp_path / "run", "--training_tokens=768")],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    ranks, deadline = set(), time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        ranks.update(descendants(proc.pid))  # collected while they run: an orphan loses its parent
+        time.sleep(0.1)
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+        raise AssertionError(f"torchrun was still running after 180 s:\n{(tmp_path / 'out.txt').read_text()}")
+    assert proc.returncode == 0, (tmp_path / "out.txt").read_text()
+    assert len(ranks) >= 2 and not [pid for pid in ranks if alive(pid)]
 
 
 def test_kill_9_at_random_moments_then_auto_resume_matches_an_uninterrupted_run(shakespeare_dir, tmp_path):
