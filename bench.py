@@ -97,7 +97,9 @@ def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpoin
     """Bytes per GPU at the peak of an update (the start of backward, gradients kept from earlier micro-steps).
 
     Weights, gradients and AdamW's two moments are fp32 (4 bytes each per parameter); with --optimizer=muon the
-    blocks' matrices keep Muon's one momentum instead (4 bytes; FSDP needs AdamW). Under bf16 (dtype auto or
+    blocks' matrices keep Muon's one momentum instead (4 bytes), sharded like the rest under FSDP. (Muon's step also
+    holds whole, for a moment, the matrices a rank orthogonalizes: about 1/world_size of them, after backward has
+    freed the activations, so not at this peak.) Under bf16 (dtype auto or
     bfloat16) the matmuls run in bf16, so each layer also keeps bf16 copies:
     - DDP: autocast's bf16 copy of every matrix, saved for backward (2 bytes per parameter); with more than one
       rank, DDP's gradient buckets are a second fp32 copy of the gradients;
@@ -122,15 +124,15 @@ def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpoin
     layer = 2 * (8 * h + a * h) + attention + 4 * a * f
     kept = L * 4 * h + layer if checkpointing else L * layer
     activations = cfg.batch_size * cfg.max_seq_len * (kept + 8 * h + a * h + 12 * vocab_size)
+    in_muon = L * (per_block - 2 * h) if cfg.optimizer == "muon" else 0  # all but a Block's two norm gains
+    optimizer = 8 * n - 4 * in_muon
     if fsdp:
         params = 4 * n / world_size + a * (2 * per_block + root)
         grads = 4 * n / world_size + a * root + (a + (4 if a != 4 else 0)) * per_block
-        optimizer = 8 * n / world_size
+        optimizer /= world_size
     else:
         params = 4 * n + (2 * n if a == 2 else 0)
         grads = 4 * n * (2 if world_size > 1 else 1)
-        in_muon = L * (per_block - 2 * h) if cfg.optimizer == "muon" else 0  # all but a Block's two norm gains
-        optimizer = 8 * n - 4 * in_muon
     return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
 
 

@@ -168,16 +168,16 @@ def load_checkpoint(path: Path, tensors: str = "all") -> dict:
         raise unsafe(path, e) from None
 
 
-def load_shards(path: Path, model, optimizer, param_groups: list):
+def load_shards(path: Path, model, optimizers, param_groups: list):
     """An FSDP run resumes from a sharded checkpoint: each rank reads just the slices of every tensor it holds now,
-    whatever the number of ranks that wrote them."""
+    whatever the number of ranks that wrote them. `optimizers`: one torch optimizer, or several (Muon and AdamW)."""
     try:
         read_dcp_index(path)
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's DTensors, filled in place
+        model_state, optimizer_state = get_state_dict(model, optimizers)  # this rank's DTensors, filled in place
         dcp.load({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=path)
     except Exception as e:
         raise unsafe(path, e) from None
-    set_state_dict(model, optimizer, model_state_dict=model_state,
+    set_state_dict(model, optimizers, model_state_dict=model_state,
                    optim_state_dict={"state": optimizer_state["state"], "param_groups": param_groups})
 
 

@@ -130,8 +130,6 @@ class TrainConfig:
             (self.optimizer == "adamw" or self.max_lr > 0, "--optimizer=muon needs max_lr > 0"),
             (min(self.muon_lr, self.embedding_lr, self.max_minutes) >= 0,
              "--muon_lr, --embedding_lr and --max_minutes must not be negative"),
-            (not (self.fsdp and self.optimizer == "muon"),
-             "--fsdp=True needs --optimizer=adamw: Muon orthogonalises whole matrices, which FSDP splits across ranks"),
         ]
         for ok, message in checks:
             if not ok:
@@ -453,7 +451,8 @@ def training_state(model, optimizer, fsdp: bool, world_size: int, device: str) -
     this rank's shards (DTensors), the optimizer's state keyed by parameter name, and every rank's RNG (a list)."""
     if not fsdp:
         return model.state_dict(), optimizer.state_dict(), rng_state(device)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    # Muon + AdamW are two optimizers: DCP saves each one's state under the parameters' names.
+    model_state, optimizer_state = get_state_dict(model, getattr(optimizer, "optimizers", optimizer))
     rng = [None] * world_size
     dist.all_gather_object(rng, rng_state(device))
     return model_state, optimizer_state, rng
@@ -492,6 +491,9 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
     if path.is_dir() != cfg.fsdp:
         raise UserError(f"{path} was written by a{'n FSDP' if cfg.fsdp is False else ' non-FSDP'} run; resume it "
                         f"with --fsdp={not cfg.fsdp}" + (" under torchrun" if not cfg.fsdp else ""))
+    if ckpt["config"]["optimizer"] != cfg.optimizer:
+        raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer}; resume with "
+                        f"--optimizer={ckpt['config']['optimizer']}, or use a new --ckpt_dir")
     if ckpt["tokenizer"] != fingerprint:
         raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
                         "it was trained on or a new --ckpt_dir")
@@ -512,14 +514,14 @@ def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler
     (updates done, seconds trained)."""
     check_resumable(ckpt, cfg, fingerprint, path)
     if cfg.fsdp:
-        load_shards(path, model, optimizer, ckpt["optimizer"]["param_groups"])
+        load_shards(path, model, getattr(optimizer, "optimizers", optimizer), ckpt["optimizer"]["param_groups"])
     else:
         model.load_state_dict(ckpt["model"])
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, ValueError) as e:  # another --optimizer
+        except (KeyError, ValueError) as e:  # parameter groups that another version of make_optimizer made
             raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer} "
-                            f"({type(e).__name__}); resume with the optimizer it was saved with, or use a new "
+                            f"({type(e).__name__}); resume with the train.py it was saved with, or use a new "
                             "--ckpt_dir") from None
     # A budgeted run keeps the length it planned; otherwise training_tokens sets it (it may be raised, to go on).
     scheduler.load_state_dict(ckpt["scheduler"] | ({} if cfg.max_minutes else

@@ -47,10 +47,12 @@ def test_bench_rejects_a_zero_step_count():
 def test_the_memory_estimate_counts_the_optimizer_the_run_uses():
     # AdamW keeps two fp32 moments per parameter; Muon one momentum for each of the blocks' matrices, which in the
     # default model hold 4 blocks x (4 x 128x128 attention + 3 x 128x384 SwiGLU) = 851,968 parameters.
-    def optimizer_bytes(argv):
+    def optimizer_bytes(argv, fsdp=False):
         cfg = load_config(argv, TrainConfig)
-        return bench.memory_estimate(cfg, 8192, world_size=1, fsdp=False, checkpointing=False)["optimizer"]
+        return bench.memory_estimate(cfg, 8192, world_size=4, fsdp=fsdp, checkpointing=False)["optimizer"]
 
     n = 2_950_272
     assert optimizer_bytes(["--optimizer=adamw"]) == 8 * n
     assert optimizer_bytes(["--optimizer=muon"]) == 8 * n - 4 * 851_968
+    # FSDP shards it, Muon's momentum like AdamW's moments: a quarter on each of 4 ranks.
+    assert optimizer_bytes(["--optimizer=muon"], fsdp=True) == (8 * n - 4 * 851_968) / 4

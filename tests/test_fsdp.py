@@ -20,17 +20,19 @@ from test_reliability import RunsCode
 from test_train import LOGGED, OTHER_ROUNDING, ROOT, TINY, assert_same_weights, drift_tolerance, run, toy_dataset
 
 import bench
+import muon
 import train
 from checkpoint import checkpoint_paths, load_checkpoint
 from configurator import UserError, load_config
 from train import DatasetLoader, TrainConfig, accumulation_steps, fit_batch
 
-# 128 tokens per update (2 ranks x 1 micro-step of 2 x 32, or 1 rank x 2 micro-steps), a checkpoint every 4
-# updates. A constant learning rate, so that a run resumed with more training_tokens follows the same schedule.
-# FSDP trains with the guide's AdamW: Muon needs whole matrices, which FSDP splits across ranks.
-TINY = [*TINY, "--optimizer=adamw"]
-SHARDED = [*TINY, "--fsdp=True", "--schedule=constant", "--token_ckpt=512", "--keep_ckpts=5"]
-MAX_LR = train.TrainConfig.max_lr  # AdamW's learning rate for every weight, constant
+# 384 tokens per update: micro-batches of 2 x 32 tokens, 6 micro-steps on one rank, 3 on each of 2, 2 on each of 3.
+# The default optimizer, Muon for the blocks' matrices and AdamW for the rest. A constant learning rate, so that a
+# run resumed with more training_tokens follows the same schedule. A checkpoint every 4 updates.
+TINY = [*TINY, "--tokens_per_update=384"]
+SHARDED = [*TINY, "--fsdp=True", "--schedule=constant", "--token_ckpt=1536", "--keep_ckpts=5"]
+TWELVE = "--training_tokens=4608"  # 12 updates
+PEAK_LR = train.TrainConfig.embedding_lr  # the largest learning rate of a Muon run: the token embedding's
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -56,54 +58,71 @@ def final_model(ckpt_dir) -> dict:
 def reference(shakespeare_dir, tmp_path_factory):
     """An uninterrupted FSDP run on 2 ranks: 12 updates, sharded checkpoints after updates 4, 8 and 12."""
     out = tmp_path_factory.mktemp("reference")
-    torchrun(2, *SHARDED, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={out}", "--training_tokens=1536")
+    torchrun(2, *SHARDED, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={out}", TWELVE)
     return out
 
 
 # --- what an FSDP run computes -------------------------------------------------------------------------------
-def test_two_sharded_ranks_match_one_process_with_accumulation(reference, shakespeare_dir, tmp_path):
+def test_two_and_three_sharded_ranks_match_one_process_with_accumulation(reference, shakespeare_dir, tmp_path):
     assert [p.name for p in checkpoint_paths(reference)] == ["ckpt_00000004", "ckpt_00000008", "ckpt_00000012"]
     assert sorted(os.listdir(checkpoint_paths(reference)[-1])) == [".metadata", "__0_0.distcp", "__1_0.distcp",
                                                                    "train_state.pt"]
-    # One process, no FSDP, 2 micro-steps per update; and activation checkpointing, which must change nothing.
-    run("train.py", *TINY, "--schedule=constant", f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
-        "--training_tokens=1536", "--activation_checkpointing=True", env=os.environ | OTHER_ROUNDING)
+    common = [*TINY, "--schedule=constant", f"--dataset_dir={shakespeare_dir}", TWELVE]
+    # One process, no FSDP, 6 micro-steps per update; and activation checkpointing, which must change nothing.
+    run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}", "--activation_checkpointing=True",
+        env=os.environ | OTHER_ROUNDING)
+    torchrun(3, *common, "--fsdp=True", f"--ckpt_dir={tmp_path / 'three'}")
+    torchrun(3, *common, f"--ckpt_dir={tmp_path / 'ddp_three'}")  # DDP, each rank orthogonalizing a third
     # The same losses and the same global gradient norm (before clipping) at every update, the same weights after.
-    assert_same_curve(logged(reference), logged(tmp_path), range(1, 13))
-    assert_same_curve(logged(reference), logged(tmp_path), range(1, 13), column="grad_norm")
-    assert_same_weights(final_model(reference), final_model(tmp_path), atol=drift_tolerance(MAX_LR, 12))
+    for other in ("one", "three", "ddp_three"):
+        assert_same_curve(logged(reference), logged(tmp_path / other), range(1, 13))
+        assert_same_curve(logged(reference), logged(tmp_path / other), range(1, 13), column="grad_norm")
+        assert_same_weights(final_model(reference), final_model(tmp_path / other), atol=drift_tolerance(PEAK_LR, 12))
+
+
+def test_adamw_sharded_on_two_ranks_matches_one_process(shakespeare_dir, tmp_path):
+    common = [*TINY, "--optimizer=adamw", "--schedule=constant", f"--dataset_dir={shakespeare_dir}",
+              "--training_tokens=1536"]  # 4 updates
+    run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}", env=os.environ | OTHER_ROUNDING)
+    torchrun(2, *common, "--fsdp=True", f"--ckpt_dir={tmp_path / 'two'}")
+    assert_same_curve(logged(tmp_path / "one"), logged(tmp_path / "two"), range(1, 5))
+    assert_same_weights(final_model(tmp_path / "one"), final_model(tmp_path / "two"),
+                        atol=drift_tolerance(train.TrainConfig.max_lr, 4))
 
 
 # --- sharded checkpoints ---------------------------------------------------------------------------------------
-def test_a_sharded_checkpoint_resumes_on_one_rank_and_back_on_two(reference, shakespeare_dir, tmp_path):
+def test_a_two_rank_checkpoint_resumes_on_one_rank_then_on_three(reference, shakespeare_dir, tmp_path):
     args = [*SHARDED, f"--dataset_dir={shakespeare_dir}", "--load_ckpt=True"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, three = tmp_path / "one", tmp_path / "three"
     one.mkdir()
     (one / "log.csv").write_text((reference / "log.csv").read_text())
     shutil.copytree(reference / "ckpt_00000004", one / "ckpt_00000004")
-    # 2 ranks -> 1 rank (2 micro-steps each skipping the reduce-scatter but the last), with activation
+    # 2 ranks -> 1 rank (6 micro-steps each skipping the reduce-scatter but the last), with activation
     # checkpointing, up to update 8 ...
-    out = torchrun(1, *args, f"--ckpt_dir={one}", "--training_tokens=1024", "--activation_checkpointing=True",
+    out = torchrun(1, *args, f"--ckpt_dir={one}", "--training_tokens=3072", "--activation_checkpointing=True",
                    env=os.environ | OTHER_ROUNDING).stdout
     assert "resumed from" in out and "at update 4" in out
     assert_same_curve(logged(reference), logged(one), range(1, 9))
-    # ... then that 1-rank checkpoint on 2 ranks, to the end.
-    shutil.copytree(one, two)
-    torchrun(2, *args, f"--ckpt_dir={two}", "--training_tokens=1536")
-    assert_same_curve(logged(reference), logged(two), range(1, 13))
-    assert_same_weights(final_model(reference), final_model(two), atol=drift_tolerance(MAX_LR, 12))
+    # ... then that 1-rank checkpoint on 3 ranks, to the end: Muon's momentum and AdamW's moments re-sharded.
+    shutil.copytree(one, three)
+    torchrun(3, *args, f"--ckpt_dir={three}", TWELVE)
+    assert_same_curve(logged(reference), logged(three), range(1, 13))
+    assert_same_weights(final_model(reference), final_model(three), atol=drift_tolerance(PEAK_LR, 12))
     # sample.py reads a sharded checkpoint in one process
-    text = run("sample.py", f"--ckpt_dir={two}", "--prompt=ROMEO:", "--max_new_tokens=5").stdout
-    assert "ckpt_00000012 (update 12, 1,536 tokens)" in text
+    text = run("sample.py", f"--ckpt_dir={three}", "--prompt=ROMEO:", "--max_new_tokens=5").stdout
+    assert "ckpt_00000012 (update 12, 4,608 tokens)" in text
 
 
 def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
     ckpt = load_checkpoint(checkpoint_paths(reference)[-1])
-    assert ckpt["step"] == 12 and ckpt["tokens"] == 1536 and ckpt["config"]["fsdp"] is True
+    assert ckpt["step"] == 12 and ckpt["tokens"] == 4608 and ckpt["config"]["fsdp"] is True
     assert ckpt["model"]["tok_embeddings.weight"].shape == (8192, 32)  # whole, not one rank's half
-    assert set(ckpt["optimizer"]["state"]["output.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
+    state = ckpt["optimizer"]["state"]
+    assert set(state["output.weight"]) == {"exp_avg", "exp_avg_sq", "step"}  # AdamW
+    assert set(state["layers.0.feed_forward.w1.weight"]) == {"momentum_buffer"}  # Muon
+    assert state["layers.0.feed_forward.w1.weight"]["momentum_buffer"].shape == (128, 32)  # whole
     assert len(ckpt["rng"]) == 2  # one random state per rank
-    assert ckpt["loader"] == {"shard": 0, "offset": 12 * 128, "passes": 0}
+    assert ckpt["loader"] == {"shard": 0, "offset": 12 * 384, "passes": 0}
     weights_only = load_checkpoint(checkpoint_paths(reference)[-1], tensors="model")  # what sample.py, export.py read
     assert weights_only["optimizer"]["state"] == {}
     assert_same_weights(weights_only["model"], ckpt["model"])
@@ -112,7 +131,7 @@ def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
 def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(reference, shakespeare_dir,
                                                                                         tmp_path):
     cmd = [*TORCHRUN, "--nproc_per_node=2", "train.py", *SHARDED, f"--dataset_dir={shakespeare_dir}",
-           f"--ckpt_dir={tmp_path}", "--training_tokens=1536", "--load_ckpt=auto"]
+           f"--ckpt_dir={tmp_path}", TWELVE, "--load_ckpt=auto"]
 
     def interrupt(at_line: str, sig) -> tuple[str, str]:
         # A new session makes the job its own process group: what a scheduler or a dying node takes down at once.
@@ -193,6 +212,54 @@ def test_fsdp_on_two_ranks_holds_half_the_weights_and_optimizer_state_per_rank(t
         per_rank = json.loads((tmp_path / f"sharded.{rank}.json").read_text())
         for part in ("weights", "optimizer"):
             assert 0.49 <= per_rank[part] / whole[part] <= 0.51, (part, per_rank, whole)
+
+
+NEWTON_SCHULZ_CALLS = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import muon
+from configurator import load_config
+from model import Transformer
+from train import TrainConfig, make_optimizer, wrap_model
+calls, orthogonalize = [], muon.orthogonalize
+muon.orthogonalize = lambda g: calls.append(list(g.shape)) or orthogonalize(g)  # every matrix orthogonalized here
+launched = dist.is_torchelastic_launched()
+if launched:
+    dist.init_process_group("gloo")
+world_size = dist.get_world_size() if launched else 1
+done = {}
+for fsdp in (False, True) if launched else (False,):
+    cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2", f"--fsdp={fsdp}"], TrainConfig)
+    model = Transformer(cfg.model_config(1000))
+    wrapped = wrap_model(model, cfg, "cpu", torch.float32, world_size)
+    optimizer = make_optimizer(model, cfg, "cpu")
+    x = torch.randint(0, 1000, (2, 16))
+    calls.clear()
+    wrapped(x, x)[1].backward()
+    optimizer.step()
+    done["FSDP" if fsdp else "DDP"] = list(calls)
+with open(f"{sys.argv[2]}.{dist.get_rank() if launched else 0}.json", "w") as f:
+    json.dump(done, f)
+if launched:
+    dist.destroy_process_group()
+"""
+
+
+def test_each_rank_orthogonalizes_only_its_own_matrices_about_half_the_work(tmp_path):
+    script = tmp_path / "calls.py"
+    script.write_text(NEWTON_SCHULZ_CALLS)
+    run(str(script), str(ROOT), str(tmp_path / "one"))
+    whole = json.loads((tmp_path / "one.0.json").read_text())["DDP"]  # one process: every matrix, in turn
+    assert len(whole) == 2 * 7  # wq wk wv wo w1 w2 w3 in each of the 2 blocks
+    run(f"-m torch.distributed.run --standalone --nproc_per_node=2 {script}", str(ROOT), str(tmp_path / "two"))
+    ranks = [json.loads((tmp_path / f"two.{rank}.json").read_text()) for rank in (0, 1)]
+    total = sum(muon.newton_schulz_flops(shape) for shape in whole)
+    for mode in ("DDP", "FSDP"):
+        # Every matrix exactly once per update, whole (not an FSDP shard), by one of the ranks ...
+        assert sorted(ranks[0][mode] + ranks[1][mode]) == sorted(whole), mode
+        # ... and the work split evenly by FLOPs: a block's feed-forward matrices cost three times its attention's.
+        for calls in (ranks[0][mode], ranks[1][mode]):
+            assert abs(sum(muon.newton_schulz_flops(shape) for shape in calls) / total - 0.5) < 0.05, (mode, calls)
 
 
 PEAK_MEMORY = """
