@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "notebooks"))  # notebooks/execute.py, for the notebook tests
 # GPT-2's vocabulary ships beside the repository so the gpt2 paths work offline.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
 # Two workers, each starting training processes with a thread per core, share the cores: OpenMP threads that spin

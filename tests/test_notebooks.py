@@ -1,5 +1,5 @@
-"""The notebooks in notebooks/ run top to bottom, headless, and draw their figures; and every code cell can be run
-twice in a row.
+"""The notebooks in notebooks/ run top to bottom, headless, and draw their figures; every code cell can be run
+twice in a row; and the outputs stored with them belong to their code.
 
 Each notebook walks one section of the training guide and asserts the guide's numbers as it goes, so executing it
 is the test: any failing cell fails it. They read the default Shakespeare dataset, which the `shakespeare_dir`
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from execute import code_hash  # notebooks/execute.py, which stores them executed
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,14 +43,31 @@ def execute(nb, name: str) -> int:
     start = time.time()
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     print(f"{name}: {time.time() - start:.1f} s")
+    return figures(nb)
+
+
+def figures(nb) -> int:
     return sum("image/png" in output.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
                for output in cell.outputs)
 
 
 def read(name: str):
+    """The notebook as stored, its outputs cleared: what a test executes."""
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    assert not any(cell.get("outputs") for cell in nb.cells), f"{name} must be stored with its outputs cleared"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
     return nb
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_stored_outputs_belong_to_the_code(name):
+    path = ROOT / "notebooks" / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.get("code_sha256") == code_hash(nb), \
+        f"{name}'s code changed since its outputs were stored: run python notebooks/execute.py {name}"
+    assert figures(nb) == NOTEBOOKS[name] and all(cell.execution_count for cell in nb.cells if cell.cell_type == "code")
+    assert path.stat().st_size < 1_500_000, "figures at a modest resolution keep a notebook small enough to read online"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
