@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from configurator import UserError, load_config, run_cli
-from hardware import measure_matmul_flops, pick_device, pick_dtype, synchronize
+from hardware import choose_speed, measure_matmul_flops, pick_device, synchronize
 from model import ModelConfig, Transformer
 from prepare import load_tokenizer
 from train import DatasetLoader, TrainConfig, accumulation_steps, make_optimizer, train_update
@@ -162,7 +162,6 @@ def main(argv: list[str]):
         print_estimate(cfg, opts)
         return
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
@@ -175,10 +174,14 @@ def main(argv: list[str]):
                            vocab_size=tokenizer.vocab_size)
     raw_model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    # dtype=auto and compile=auto as train.py decides them, for a run as long as this benchmark.
+    dtype, compile, why = choose_speed(cfg.dtype, cfg.compile, raw_model, cfg.batch_size, cfg.max_seq_len,
+                                       accum_steps * (opts.warmup + opts.steps), 0, device)
+    model = torch.compile(raw_model) if compile else raw_model
     print(f"{raw_model.num_params():,} parameters | {cfg.tokens_per_update:,} tokens per update "
           f"({accum_steps} micro-steps of {cfg.batch_size}x{cfg.max_seq_len}) | {device} "
-          f"{str(dtype).removeprefix('torch.')} | compile={cfg.compile} | {torch.get_num_threads()} CPU threads")
+          f"{str(dtype).removeprefix('torch.')} | compile={compile} | {torch.get_num_threads()} CPU threads"
+          + (f" | auto: {why}" if why else ""))
 
     start = time.perf_counter()
     for _ in range(opts.warmup):

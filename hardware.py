@@ -1,12 +1,15 @@
-"""The machine a run uses: which device and number format, mixed precision, and what the hardware can do.
+"""The machine a run uses: which device and number format, mixed precision, compiling, and what the hardware can do.
 
-train.py, bench.py and the notebooks pick their device and dtype here; MFU (model FLOPs utilisation) is measured
-against measure_matmul_flops, the speed of a large matrix product on this very device.
+train.py, bench.py and the notebooks pick their device and dtype here. dtype=auto and compile=auto are decided by
+measuring the run's own model on this machine (choose_speed), not from instruction-set flags: which is faster
+depends on the CPU, the model's shape and the PyTorch version. MFU (model FLOPs utilisation) is measured against
+measure_matmul_flops, the speed of a large matrix product on this very device.
 """
 import contextlib
 import time
 
 import torch
+import torch.distributed as dist
 
 from configurator import UserError
 
@@ -26,7 +29,8 @@ def pick_device(name: str) -> str:
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    """bf16 autocast where the hardware runs it fast (recent GPUs; CPUs with AVX512-BF16/AMX), else fp32."""
+    """bf16 autocast where the hardware has bf16 instructions (recent GPUs; CPUs with AVX512-BF16/AMX), else fp32:
+    the dtype=auto of a caller that does not measure (choose_speed does)."""
     if name == "auto":
         if device.startswith("cuda"):
             fast = torch.cuda.is_bf16_supported()
@@ -67,3 +71,60 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> f
         times.append(time.perf_counter() - start)
     # The fastest repeat (the first one warms up): on a busy machine, the best estimate of what the hardware does.
     return 2 * n**3 / min(times[1:])
+
+
+# Compiling a model takes about a minute on a CPU and saves a fraction of each update; below this many minutes of
+# eager training a run would spend more on compiling than it could save.
+COMPILE_PAYS_AFTER_MINUTES = 10
+
+
+def micro_step_seconds(model, x, device: str, dtype: torch.dtype, repeats: int = 2) -> float:
+    """Seconds of one forward and backward of `model` on the batch x (its own targets), the fastest of `repeats`
+    after one to warm up. The gradients it leaves are cleared and the random state is left as it was."""
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, dtype):
+                loss = model(x, x)[1]
+            loss.backward()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return min(times[1:])
+
+
+def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_len: int, micro_steps: int,
+                 minutes: float, device: str) -> tuple[torch.dtype, bool, str]:
+    """(dtype, compile, the reason in a few words) for a run of `micro_steps` micro-batches of batch_size x seq_len
+    (or of `minutes` of wall clock), where "auto" asks for a measurement; explicit choices are obeyed.
+
+    On a GPU: bf16 where it has bf16 (else fp32), and compiling. On a CPU, dtype=auto times a forward and backward
+    of this model in bf16 autocast and in fp32 (where the CPU has bf16 instructions; else fp32, as emulated bf16 is
+    many times slower) and keeps the faster; compile=auto compiles when the run, at the measured speed, lasts longer
+    than COMPILE_PAYS_AFTER_MINUTES. Under torchrun every rank measures and all keep the slowest rank's figures, so
+    that they choose alike."""
+    candidates = [getattr(torch, dtype)] if dtype != "auto" else [pick_dtype("auto", device)]
+    if device.startswith("cuda"):  # bf16 where the GPU has it; compiling pays for any run worth a GPU
+        return candidates[0], True if compile == "auto" else compile, ""
+    if dtype == "auto" and candidates[0] == torch.bfloat16:
+        candidates.append(torch.float32)
+    if len(candidates) == 1 and compile != "auto":
+        return candidates[0], compile, ""
+    generator = torch.Generator(device=device).manual_seed(0)  # the run's random stream stays untouched
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device, generator=generator)
+    seconds = torch.tensor([micro_step_seconds(model, x, device, c) for c in candidates], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    best = int(seconds.argmin())
+    reasons = []
+    if len(candidates) > 1:
+        took = ", ".join(f"{str(c).removeprefix('torch.')} {t:.3f} s" for c, t in zip(candidates, seconds.tolist(),
+                                                                                      strict=True))
+        reasons.append(f"dtype: a forward and backward took {took}")
+    if compile == "auto":
+        run_minutes = minutes or micro_steps * seconds[best].item() / 60
+        compile = run_minutes > COMPILE_PAYS_AFTER_MINUTES
+        reasons.append(f"compile: {'yes' if compile else 'no'}, the run lasts about {run_minutes:.0f} min eager")
+    return candidates[best], compile, "; ".join(reasons)

@@ -49,7 +49,7 @@ from checkpoint import (
 )
 from configurator import UserError, load_config, run_cli
 from export import hf_architecture, load_hf_weights
-from hardware import autocast, measure_matmul_flops, pick_device, pick_dtype
+from hardware import autocast, choose_speed, measure_matmul_flops, pick_device
 from model import ModelConfig, Transformer
 from muon import Muon, MuonAndAdamW
 from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
@@ -103,8 +103,8 @@ class TrainConfig:
     load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint exists
     # System
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast); auto = bf16 where the hardware has it
-    compile: bool = False  # torch.compile the model
+    dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast); auto measures which is faster (hardware.py)
+    compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for it to pay
     seed: int = 1337
     # Scale: beyond what one GPU's memory holds
     fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks (FSDP2), not DDP
@@ -118,6 +118,7 @@ class TrainConfig:
             (self.schedule in ("cosine", "linear", "constant"), "--schedule must be cosine, linear or constant"),
             (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
             (self.load_ckpt in (True, False, "auto"), "--load_ckpt must be True, False or 'auto'"),
+            (self.compile in (True, False, "auto"), "--compile must be True, False or 'auto'"),
             (min(self.batch_size, self.max_seq_len, self.tokens_per_update, self.eval_interval) > 0,
              "batch_size, max_seq_len, tokens_per_update and eval_interval must be positive"),
             (self.training_tokens >= self.tokens_per_update,
@@ -667,7 +668,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     master = rank == 0  # rank 0 prints, logs and (unless the checkpoint is sharded) saves
     cfg, fitted = fit_batch(cfg, world_size)
     accum_steps = accumulation_steps(cfg, world_size)
-    dtype = pick_dtype(cfg.dtype, device)
 
     # --- Data: each rank reads its own slices of train; every evaluation reads the same first batches of val. ---
     tokenizer = load_tokenizer(cfg.dataset_dir)
@@ -692,6 +692,10 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     if cfg.init_from:
         load_hf_weights(raw_model, cfg.init_from)
     raw_model = raw_model.to(device)
+    micro_steps = cfg.training_tokens // cfg.tokens_per_update * accum_steps
+    dtype, compile, speed_note = choose_speed(cfg.dtype, cfg.compile, raw_model, cfg.batch_size, cfg.max_seq_len,
+                                              micro_steps, cfg.max_minutes, device)
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."), compile=compile)  # as checkpoints record
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own random numbers (dropout)
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
     model = wrap_model(raw_model, cfg, device, dtype, world_size)
@@ -710,7 +714,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             print(fitted)
         start_log(log_file, step)
         peak_flops, flops_per_token = measure_matmul_flops(device, dtype), raw_model.flops_per_token()
-        print(run_line(cfg, raw_model.num_params(), scheduler.training_steps, accum_steps, world_size, device, dtype))
+        print(run_line(cfg, raw_model.num_params(), scheduler.training_steps, accum_steps, world_size, device, dtype)
+              + (f" | auto: {speed_note}" if speed_note else ""))
 
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()
