@@ -2,6 +2,7 @@
 (a wall-clock budget that plans the run's length from timing its updates). Muon is the default optimizer, so
 tests/test_train.py's whole runs check that it resumes bitwise and that two ranks match one with accumulation."""
 import csv
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ from checkpoint import checkpoint_paths
 from configurator import UserError, load_config
 from model import ModelConfig, Transformer
 from muon import Muon, MuonAndAdamW, orthogonalize
-from train import TrainConfig, make_optimizer
+from train import Scheduler, TrainConfig, make_optimizer
 
 
 def rows(ckpt_dir) -> list[dict]:
@@ -76,18 +77,20 @@ def test_muon_needs_a_positive_max_lr():
 # --- the time budget -----------------------------------------------------------------------------------------------
 def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tmp_path):
     budget_s = 8.0
-    # The linear decay: of the schedules it changes least per update around its middle, so the plans made while the
-    # run goes on (each a little different on a busy machine) still put update N/2 near the mean of max and min.
     out = run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
               f"--max_minutes={budget_s / 60}", "--schedule=linear").stdout
     log = rows(tmp_path)
     total = len(log)
     assert total > BUDGET_PROBE_UPDATES, "the length was planned beyond the timed updates"
     assert f"update {total}/{total} " in out and log[-1]["val_bpb"], "the last update evaluates"
-    lrs = [float(row["lr"]) for row in log]
-    assert lrs[-1] == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
-    assert lrs[len(lrs) // 2] == pytest.approx(0.5 * (2e-3 + 2e-4), rel=0.2), "halfway through the planned decay"
-    # The whole schedule fits the budget (loosely: shared CI machines are noisy; README has measured figures).
+    # Each update's learning rate is the schedule's under the plan in force when it ran: the first plan is the timed
+    # updates, then the length each progress line shows. How the plans move depends on the machine's speed; that
+    # every update follows the latest one does not.
+    plans = [BUDGET_PROBE_UPDATES] + [int(n) for n in re.findall(r"^update \d+/(\d+) ", out, re.M)]
+    expected = [Scheduler(None, "linear", plans[step], 2, 2e-3, 2e-4).lr_at(step) for step in range(total)]
+    assert [float(row["lr"]) for row in log] == pytest.approx(expected, rel=5e-4)  # the log keeps 4 digits
+    assert float(log[-1]["lr"]) == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
+    # The whole schedule fits the budget (loosely: shared CI machines are noisy; docs/ has measured figures).
     assert 0.4 * budget_s < float(log[-1]["elapsed_s"]) < 1.5 * budget_s
 
 
