@@ -259,9 +259,6 @@ class Scheduler:
     def state_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "optimizer"}
 
-    def load_state_dict(self, state: dict):
-        vars(self).update(state)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processes: one per GPU (or a share of the CPU cores) under torchrun.
@@ -525,8 +522,9 @@ def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler
                             f"({type(e).__name__}); resume with the train.py it was saved with, or use a new "
                             "--ckpt_dir") from None
     # A budgeted run keeps the length it planned; otherwise training_tokens sets it (it may be raised, to go on).
-    scheduler.load_state_dict(ckpt["scheduler"] | ({} if cfg.max_minutes else
-                                                   {"training_steps": scheduler.training_steps}))
+    # The learning rates are this run's config: a run that diverged is resumed with a lower max_lr.
+    if cfg.max_minutes:
+        scheduler.training_steps = ckpt["scheduler"]["training_steps"]
     loader.load_state_dict(ckpt["loader"])  # a position in tokens: valid for any number of ranks
     restore_rng(ckpt["rng"], rank, device)
     if rank == 0:
