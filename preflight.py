@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def check_kill_mid_save(m: Machine) -> Row:
         return Row(name, False, "", str(e))
     if found != previous:
         return Row(name, False, f"newest loadable: {found.name}", "the killed save counts as a checkpoint")
-    return Row(name, True, f"killed with {tmp.stat().st_size / 2**20:.0f} MiB written; {found.name} loads")
+    return Row(name, True, f"killed with {tmp.stat().st_size:,} bytes written; {found.name} loads")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +304,9 @@ def check_bandwidth(m: Machine, op: str) -> Row:
         out = torch.empty(part.numel() * n, device=m.device)
 
         def call():
-            dist.all_gather_into_tensor(out, part)
+            with warnings.catch_warnings():  # newer PyTorch renames it; the old name is the one torch 2.4 has
+                warnings.filterwarnings("ignore", "`torch.distributed.all_gather_into_tensor` is deprecated")
+                dist.all_gather_into_tensor(out, part)
         expected, factor = None, (n - 1) / n
     call()
     if expected is not None:
