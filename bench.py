@@ -4,6 +4,7 @@
     python bench.py config/llama_1b3.py --batch_size=4     # any config and overrides train.py accepts
     python bench.py --compile=True --dtype=float32 --steps=20 --warmup=5 --profile=True
     python bench.py config/llama_7b.py --estimate=True --world_size=8 --gpu_memory=80   # memory, nothing run
+    torchrun --standalone --nproc_per_node=8 bench.py --preflight=True config/llama_1b3.py   # check a machine
 
 The model, optimizer, loader and update are train.py's own (nothing is re-implemented here), so what is measured
 is what `python train.py` runs. One timed step is one whole optimizer update: every micro-step's forward and
@@ -16,22 +17,28 @@ says how close training comes to what this hardware can do on the operation that
 --estimate=True runs nothing: it prints, per GPU, the bytes that parameters, gradients, optimizer state and
 activations take under DDP and under FSDP, with and without activation checkpointing, for --world_size GPUs of
 --gpu_memory GB each (see memory_estimate for what is counted).
+
+--preflight=True, under torchrun, checks the machine before a long run (preflight.py): correctness across the
+ranks, checkpoints, link bandwidth, this config's speed and memory beside the estimate, the projected run. It prints
+one PASS/FAIL table, writes it to <ckpt_dir>/preflight.txt and exits with status 1 when a row fails.
 """
 import json
 import math
-import resource
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+import preflight
 from configurator import UserError, load_config, run_cli
-from hardware import choose_speed, measure_matmul_flops, pick_device, synchronize
+from hardware import choose_speed, measure_matmul_flops, peak_memory_mib, pick_device, synchronize
 from model import ModelConfig, Transformer
 from prepare import load_tokenizer
-from train import DatasetLoader, TrainConfig, accumulation_steps, make_optimizer, train_update
+from train import DatasetLoader, TrainConfig, accumulation_steps, fit_batch, make_optimizer, timed_updates, train_update
 
 
 @dataclass
@@ -44,6 +51,7 @@ class BenchOptions:
     estimate: bool = False  # print a per-GPU memory estimate instead of timing anything
     world_size: int = 8  # GPUs the estimate is for
     gpu_memory: float = 80.0  # GB (10^9 bytes) per GPU, for the estimate's "fits" column
+    preflight: bool = False  # under torchrun: check this machine before a long run and print a PASS/FAIL table
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0:
@@ -56,13 +64,6 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate bench.py's own --key=value options from the ones meant for train.py's config."""
     own = tuple(f"--{f.name}=" for f in fields(BenchOptions))
     return [a for a in argv if a.startswith(own)], [a for a in argv if not a.startswith(own)]
-
-
-def peak_memory_mib(device: str) -> tuple[float, str]:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20, "peak GPU memory allocated by tensors"
-    # Linux reports the peak resident set size in KiB. It covers the whole process (Python, PyTorch, data).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak resident memory of the process"
 
 
 def loader_seconds(loader: DatasetLoader, batches: int, device: str) -> float:
@@ -136,10 +137,14 @@ def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpoin
     return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
 
 
-def print_estimate(cfg, opts: BenchOptions):
+def dataset_vocab_size(cfg) -> int:
+    """The vocabulary comes from the dataset; before it is prepared, from prepare.py's default (8192)."""
     meta = Path(cfg.dataset_dir) / "meta.json"
-    # The vocabulary comes from the dataset; before it is prepared, from prepare.py's default (8192).
-    vocab_size = json.loads(meta.read_text())["vocab_size"] if meta.exists() else 8192
+    return json.loads(meta.read_text())["vocab_size"] if meta.exists() else 8192
+
+
+def print_estimate(cfg, opts: BenchOptions):
+    vocab_size = dataset_vocab_size(cfg)
     n, _ = parameter_counts(cfg.model_config(vocab_size))
     print(f"{n / 1e9:.2f}B parameters (vocabulary {vocab_size}) | micro-batch {cfg.batch_size}x{cfg.max_seq_len} "
           f"per GPU | {opts.world_size} GPUs of {opts.gpu_memory:g} GB | "
@@ -160,6 +165,15 @@ def main(argv: list[str]):
     cfg = load_config(rest, TrainConfig)
     if opts.estimate:
         print_estimate(cfg, opts)
+        return
+    if opts.preflight:
+        # The estimate for the ranks torchrun started, to be shown beside the measured peak.
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        fitted, _ = fit_batch(cfg, world_size)  # the batch the preflight runs, as train.py would fit it
+        estimates = {(fsdp, ac): sum(memory_estimate(fitted, dataset_vocab_size(cfg), world_size, fsdp, ac).values())
+                     for fsdp in (False, True) for ac in (False, True)}
+        if not preflight.run(cfg, opts.warmup, opts.steps, estimates):
+            sys.exit(1)
         return
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -184,15 +198,8 @@ def main(argv: list[str]):
           + (f" | auto: {why}" if why else ""))
 
     start = time.perf_counter()
-    for _ in range(opts.warmup):
-        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
-    print(f"warm-up: {opts.warmup} updates in {time.perf_counter() - start:.1f} s (not timed)")
-    times = []
-    for _ in range(opts.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)  # returns floats: already synced
-        times.append(time.perf_counter() - start)
+    times = timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, opts.warmup, opts.steps)
+    print(f"warm-up and {opts.steps} timed updates in {time.perf_counter() - start:.1f} s")
     step_time = statistics.median(times)
     load_time = accum_steps * loader_seconds(loader, accum_steps * opts.steps, device)
     if opts.profile:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -164,7 +165,7 @@ def load_checkpoint(path: Path, tensors: str = "all") -> dict:
             full = read_full_tensors(path, model_only=tensors == "model")
             state["model"], state["optimizer"]["state"] = full["model"], full["optimizer_state"]
         return state
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise unsafe(path, e) from None
 
 
@@ -175,7 +176,7 @@ def load_shards(path: Path, model, optimizers, param_groups: list):
         read_dcp_index(path)
         model_state, optimizer_state = get_state_dict(model, optimizers)  # this rank's DTensors, filled in place
         dcp.load({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=path)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException (a shard cut short) is a BaseException
         raise unsafe(path, e) from None
     set_state_dict(model, optimizers, model_state_dict=model_state,
                    optim_state_dict={"state": optimizer_state["state"], "param_groups": param_groups})

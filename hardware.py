@@ -6,6 +6,7 @@ depends on the CPU, the model's shape and the PyTorch version. MFU (model FLOPs 
 measure_matmul_flops, the speed of a large matrix product on this very device.
 """
 import contextlib
+import resource
 import time
 
 import torch
@@ -52,6 +53,14 @@ def synchronize(device: str):
     """GPU work runs asynchronously: wait for it before reading the clock."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def peak_memory_mib(device: str) -> tuple[float, str]:
+    """The most memory used so far (MiB), and what that figure covers."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20, "peak GPU memory allocated by tensors"
+    # Linux reports the peak resident set size in KiB. It covers the whole process (Python, PyTorch, data).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak resident memory of the process"
 
 
 def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:

@@ -49,7 +49,7 @@ from checkpoint import (
 )
 from configurator import UserError, load_config, run_cli
 from export import hf_architecture, load_hf_weights
-from hardware import autocast, choose_speed, measure_matmul_flops, pick_device
+from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
 from model import ModelConfig, Transformer
 from muon import Muon, MuonAndAdamW
 from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
@@ -268,12 +268,13 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @contextlib.contextmanager
-def distributed(cfg: TrainConfig):
+def distributed(cfg: TrainConfig, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT):
     """This process's place in the run, (rank, world_size, device): torchrun sets RANK and WORLD_SIZE; plain python is
     rank 0 of 1. With several ranks (or FSDP) the process group starts here and, however the run ends, is torn down in
     the order PyTorch supports: first what holds the group (the DDP or FSDP model), then the group. The other order
     deadlocks now and then at exit: DDP's reducer, freed last with the GIL held, waits for gloo's worker thread,
-    which waits for the GIL to free the last collective's tensors (pytorch/pytorch#56297)."""
+    which waits for the GIL to free the last collective's tensors (pytorch/pytorch#56297). A collective that waits
+longer than `timeout` ends the run with an error."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp=True shards the model across the processes torchrun starts; launch it as "
@@ -290,7 +291,7 @@ def distributed(cfg: TrainConfig):
         torch.cuda.set_device(device)
     # Share the CPU cores between the ranks on this machine instead of oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
     try:
         yield rank, world_size, device
     except BaseException as e:
@@ -426,6 +427,20 @@ def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> t
     if dist.is_initialized():
         dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
     return mean_loss.item(), grad_norm.item()
+
+
+def timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` updates, after `warmup` untimed ones (they allocate memory, warm caches and
+    compile): what bench.py and the preflight report as speed."""
+    for _ in range(warmup):
+        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)  # returns floats: already synced
+        times.append(time.perf_counter() - start)
+    return times
 
 
 @torch.no_grad()
