@@ -1,7 +1,9 @@
-"""Export a checkpoint as a Hugging Face LlamaForCausalLM directory; read such a directory back for train.py.
+"""Export a checkpoint as a Hugging Face LlamaForCausalLM directory or as a GGUF file for llama.cpp; read such a
+directory back for train.py.
 
     python export.py --ckpt_dir=out --out_dir=out/hf                  # the newest checkpoint, weights as trained
     python export.py --ckpt=out/ckpt_00000488.pt --out_dir=out/hf_bf16 --dtype=bfloat16 --overwrite
+    python export.py --ckpt_dir=out --format=gguf --out=out/model.gguf --dtype=q8_0
 
 The directory (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
 README.md) is what the rest of the ecosystem starts from: transformers' AutoModelForCausalLM and AutoTokenizer,
@@ -9,7 +11,7 @@ vLLM, lm-evaluation-harness, the Hub. The way back in is `python train.py --init
 `python prepare.py --tokenizer=DIR`.
 
 Reading order: parameter names -> config.json, both ways -> reading a directory (hf_architecture, load_hf_weights)
--> the tokenizer (tiktoken's ranks -> tokenizer.json) -> the model card -> export().
+-> the tokenizer (tiktoken's ranks -> tokenizer.json) -> the model card -> GGUF (export_gguf) -> export().
 """
 import csv
 import dataclasses
