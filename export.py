@@ -1,7 +1,9 @@
-"""Export a checkpoint as a Hugging Face LlamaForCausalLM directory; read such a directory back for train.py.
+"""Export a checkpoint as a Hugging Face LlamaForCausalLM directory or as a GGUF file for llama.cpp; read such a
+directory back for train.py.
 
     python export.py --ckpt_dir=out --out_dir=out/hf                  # the newest checkpoint, weights as trained
     python export.py --ckpt=out/ckpt_00000488.pt --out_dir=out/hf_bf16 --dtype=bfloat16 --overwrite
+    python export.py --ckpt_dir=out --format=gguf --out=out/model.gguf --dtype=q8_0
 
 The directory (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
 README.md) is what the rest of the ecosystem starts from: transformers' AutoModelForCausalLM and AutoTokenizer,
@@ -9,11 +11,12 @@ vLLM, lm-evaluation-harness, the Hub. The way back in is `python train.py --init
 `python prepare.py --tokenizer=DIR`.
 
 Reading order: parameter names -> config.json, both ways -> reading a directory (hf_architecture, load_hf_weights)
--> the tokenizer (tiktoken's ranks -> tokenizer.json) -> the model card -> export().
+-> the tokenizer (tiktoken's ranks -> tokenizer.json) -> the model card -> GGUF (export_gguf) -> export().
 """
 import csv
 import dataclasses
 import json
+import os
 import shlex
 import shutil
 import tempfile
@@ -187,11 +190,9 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def hf_tokenizer(tokenizer):
-    """A `tokenizers` Tokenizer that encodes every text to the same ids as the tiktoken one (bpe or gpt2)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as FastTokenizer
-
+def byte_level_vocabulary(tokenizer) -> tuple[list[str], list[tuple[str, str]]]:
+    """The tiktoken vocabulary (bpe or gpt2) as GPT-2's byte-level text, which both tokenizer.json and GGUF store:
+    the mergeable tokens in id order, and the merges in rank order."""
     # In both vocabularies the mergeable tokens are ids 0 .. eot_id - 1 and <|endoftext|> comes right after.
     ranks = {tokenizer.encoding.decode_single_token_bytes(i): i for i in range(tokenizer.eot_id)}
     chars = byte_characters()
@@ -199,8 +200,16 @@ def hf_tokenizer(tokenizer):
     def text(token: bytes) -> str:
         return "".join(chars[b] for b in token)
 
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    merges = [(text(a), text(b)) for a, b in merges_from_ranks(ranks)]
+    return [text(token) for token in ranks], [(text(a), text(b)) for a, b in merges_from_ranks(ranks)]
+
+
+def hf_tokenizer(tokenizer):
+    """A `tokenizers` Tokenizer that encodes every text to the same ids as the tiktoken one (bpe or gpt2)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as FastTokenizer
+
+    tokens, merges = byte_level_vocabulary(tokenizer)
+    vocab = {token: rank for rank, token in enumerate(tokens)}
     # ignore_merges: a piece that is itself a token is taken whole, as tiktoken does, before any merging.
     fast = FastTokenizer(models.BPE(vocab, merges, ignore_merges=True))
     # First the same regex split as tiktoken, then bytes -> alphabet characters (its own regex switched off).
@@ -284,14 +293,151 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))  # samp
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# GGUF: one file holding weights, shape and tokenizer, which llama.cpp runs (and Ollama, LM Studio and
+# llama-cpp-python, which are built on it). llama.cpp's own converter cannot read our Hugging Face export: it knows a
+# tokenizer only by the ids that published models' tokenizers give a fixed string, so the file is written here.
+GGUF_NAMES = {
+    "tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+    "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+    "attention.wo": "attn_output", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",
+    "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
+}
+# --dtype -> how the matrices are stored, and the file type that llama.cpp reports for it.
+GGUF_DTYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"), "bfloat16": ("BF16", "MOSTLY_BF16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# llama.cpp splits text with one of a fixed set of regexes, named by tokenizer.ggml.pre. gpt2's is GPT-2's own.
+# prepare.py's (GPT-4's with numbers in chunks of at most 2 digits) is not among them; llama-bpe is the same
+# regex with chunks of up to 3 digits, so only runs of 3 or more digits may be split differently.
+GGUF_PRE_TOKENIZERS = {"gpt2": "gpt-2", "bpe": "llama-bpe"}
+
+
+def gguf_name(name: str) -> str:
+    """A model.py parameter name as llama.cpp calls it: layers.3.attention.wq.weight -> blk.3.attn_q.weight."""
+    module = name.removesuffix(".weight")
+    if module.startswith("layers."):
+        _, index, inner = module.split(".", 2)
+        return f"blk.{index}.{GGUF_NAMES[inner]}.weight"
+    return f"{GGUF_NAMES[module]}.weight"
+
+
+def adjacent_rope_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq or wk with each head's rows reordered for llama.cpp's rotary layout.
+
+    llama.cpp's llama architecture rotates dimensions (2i, 2i + 1) of a head together, model.py rotates
+    (i, i + head_dim/2), with the same frequency for pair i. Putting output rows i and i + head_dim/2 next to each
+    other makes llama.cpp rotate exactly model.py's pairs; q.k is a sum over dimensions, so its order does not
+    matter."""
+    rows, columns = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def gguf_tensor(t: torch.Tensor, dtype: str):
+    """(array, its GGML type) for one weight at --dtype."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if t.dim() == 1:  # the norms' gains: a few thousand numbers, kept fp32 as llama.cpp's converter keeps them
+        qtype = gguf.GGMLQuantizationType.F32
+    elif t.shape[-1] % block:  # q8_0 quantizes rows in blocks of 32; a row that does not divide goes in fp16
+        qtype = gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(t.float().numpy(), qtype), qtype
+
+
+def gguf_vocabulary(tokenizer, n_rows: int) -> tuple[list[str], list[int], list[str]]:
+    """tokens, token types and merges as llama.cpp's gpt2 tokenizer model reads them: one token per embedding row,
+    in byte-level text; <|endoftext|> a control token; merges as "left right" in rank order."""
+    from gguf import TokenType
+
+    tokens, merges = byte_level_vocabulary(tokenizer)
+    # A model imported with --init_from may have more embedding rows than its dataset's vocabulary has ids.
+    spare = [f"<|unused_{i}|>" for i in range(n_rows - tokenizer.eot_id - 1)]
+    types = [TokenType.NORMAL] * len(tokens) + [TokenType.CONTROL] + [TokenType.UNUSED] * len(spare)
+    return tokens + [EOT] + spare, types, [f"{a} {b}" for a, b in merges]
+
+
+def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
+    """A GGUFWriter holding the llama architecture's metadata and the tokenizer, tensors still to add."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_block_count(c.n_layers)
+    writer.add_feed_forward_length(ffn_width(c.n_embd, c.multiple_of))
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_layer_norm_rms_eps(c.eps)
+    writer.add_rope_freq_base(c.theta)
+    writer.add_rope_dimension_count(c.n_embd // c.n_heads)
+    writer.add_vocab_size(c.vocab_size)
+    tokens, types, merges = gguf_vocabulary(tokenizer, c.vocab_size)
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for a byte-level BPE with merges
+    writer.add_tokenizer_pre(GGUF_PRE_TOKENIZERS[tokenizer.name])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    # <|endoftext|> separates documents in training: a prompt starts after one, and generation stops at the next.
+    writer.add_bos_token_id(tokenizer.eot_id)
+    writer.add_eos_token_id(tokenizer.eot_id)
+    writer.add_add_bos_token(True)
+    return writer
+
+
+def export_gguf(cfg) -> Path:
+    """--format=gguf: the checkpoint as one GGUF file, written under a temporary name and renamed when complete."""
+    out = Path(cfg.out or Path(cfg.ckpt_dir) / "model.gguf")
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if cfg.dtype not in GGUF_DTYPES:
+        raise UserError(f"--dtype={cfg.dtype}: a GGUF file takes {', '.join(GGUF_DTYPES)}")
+    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="exporting")
+    if tokenizer.name not in GGUF_PRE_TOKENIZERS:
+        raise UserError(f"{tokenizer.path} is a tokenizer.json, which GGUF export does not read; export a model "
+                        "trained on a dataset with its own BPE or gpt2 vocabulary, or use --format=hf")
+    c = model.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf_writer(Path(tmp), c, tokenizer, cfg.dtype, path.stem)
+        for name, t in model.state_dict().items():
+            if c.tie_embeddings and name == "output.weight":
+                continue  # without output.weight llama.cpp multiplies by token_embd: the tied matrix, stored once
+            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                t = adjacent_rope_pairs(t, c.n_heads if name.endswith("wq.weight") else c.n_kv_heads)
+            array, qtype = gguf_tensor(t, cfg.dtype)
+            writer.add_tensor(gguf_name(name), array, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to its owner; a model is for everyone to read
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, most likely; an existing file at out is left as it was
+        raise UserError(f"cannot write {out} ({type(e).__name__}: {e}); free space there or choose another --out") \
+            from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class ExportConfig:
     ckpt_dir: str = "out"
-    out_dir: str = ""  # "" means <ckpt_dir>/hf
+    format: str = "hf"  # hf: a Hugging Face model directory; gguf: one file for llama.cpp
+    out_dir: str = ""  # --format=hf's directory; "" means <ckpt_dir>/hf
+    out: str = ""  # --format=gguf's file; "" means <ckpt_dir>/model.gguf
     ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir
     dataset_dir: str = ""  # whose tokenizer to export; "" means the dataset the checkpoint was trained on
-    dtype: str = "float32"  # of the saved weights: float32 (exactly as trained) or bfloat16 (half the size)
-    overwrite: bool = False  # replace an existing out_dir
+    # of the saved weights: float32 (exactly as trained) or bfloat16 (half the size); gguf also float16 and q8_0
+    # (8 bits and a scale per 32 weights, about a quarter of the size)
+    dtype: str = "float32"
+    overwrite: bool = False  # replace an existing out_dir or out
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -339,8 +485,16 @@ def export(cfg: ExportConfig) -> Path:
 def main(argv: list[str]):
     # A bare --overwrite reads as --overwrite=True, as in prepare.py.
     cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], ExportConfig)
-    out_dir = export(cfg)
-    print(f"wrote {out_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)" for p in sorted(out_dir.iterdir())))
+    if cfg.format == "gguf" and not cfg.out_dir:
+        out = export_gguf(cfg)
+        print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    elif cfg.format == "hf" and not cfg.out:
+        out_dir = export(cfg)
+        print(f"wrote {out_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)"
+                                               for p in sorted(out_dir.iterdir())))
+    else:
+        raise UserError(f"--format={cfg.format}: use --format=hf with --out_dir (a directory) or --format=gguf with "
+                        "--out (a file)")
 
 
 if __name__ == "__main__":
