@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each notebook and the number of figures it draws (loss curves, schedules, batch layouts, probability bars).
 NOTEBOOKS = {
     "01_introduction": 3,
-    "02_model_configuration": 2,
+    "02_model_configuration": 3,
     "03_dataset_and_batching": 3,
     "04_lr_scheduler": 3,
     "05_training_loop": 2,
