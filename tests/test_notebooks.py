@@ -22,7 +22,7 @@ NOTEBOOKS = {
     "02_model_configuration": 3,
     "03_dataset_and_batching": 3,
     "04_lr_scheduler": 3,
-    "05_training_loop": 2,
+    "05_training_loop": 3,
     "06_a_run_of_train_py": 1,
     "07_learning_per_minute": 4,
 }
