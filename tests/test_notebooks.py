@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each notebook and the number of figures it draws (loss curves, schedules, batch layouts, probability bars).
 NOTEBOOKS = {
     "01_introduction": 3,
-    "02_model_configuration": 2,
+    "02_model_configuration": 3,
     "03_dataset_and_batching": 3,
     "04_lr_scheduler": 3,
-    "05_training_loop": 2,
+    "05_training_loop": 3,
     "06_a_run_of_train_py": 1,
     "07_learning_per_minute": 4,
 }
@@ -89,3 +89,38 @@ def test_every_cell_runs_twice_in_a_row(name, shakespeare_dir):
             cells.append(again)
     nb.cells = cells
     assert execute(nb, f"{name} (every cell twice)") == 2 * NOTEBOOKS[name]
+
+
+def code_and_output(name: str) -> tuple[str, str]:
+    """A stored notebook's code cells and their printed output, each joined into one text."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    printed = "".join(out.get("text", "") for cell in cells for out in cell.outputs if out.output_type == "stream")
+    return "\n".join(cell.source for cell in cells), printed
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_notebook_switches_autograd_off_for_the_whole_kernel(name):
+    # A learner who adds a backward() below torch.set_grad_enabled(False) gets an error far from its cause;
+    # a notebook that needs no gradients says so locally, with `with torch.no_grad():`.
+    code, _ = code_and_output(name)
+    assert "set_grad_enabled(False)" not in code.replace(" ", "")
+
+
+def test_notebook_05_checks_a_gradient_against_a_finite_difference():
+    code, printed = code_and_output("05_training_loop")
+    assert "assert math.isclose(finite_difference, autograd_slope" in code
+    assert "finite-difference check passed" in printed  # the check ran when the notebook was stored
+    assert "assert torch.allclose(twice, 2 * once)" in code  # backward() without zero_grad adds up
+
+
+def test_notebook_02_walks_one_batch_through_the_model_asserting_every_stage_shape():
+    code, printed = code_and_output("02_model_configuration")
+    assert "assert tuple(tensor.shape) == expected" in code  # stage() asserts each shape it prints
+    assert "assert torch.allclose(by_hand, tiny(idx)[0]" in code  # and the stages add up to model(idx)
+    assert "stage by stage equals model(idx)" in printed
+    for stage in ("tok_embeddings(idx): one vector per token      (2, 8, 32)",
+                  "output(x): logits, one score per vocabulary id (2, 8, 8192)",
+                  "queries: wq, split into heads                  (2, 4, 8, 8)",
+                  "keys: wk, split into kv heads                  (2, 2, 8, 8)"):
+        assert stage in printed
