@@ -274,7 +274,7 @@ def distributed(cfg: TrainConfig, timeout: datetime.timedelta = COLLECTIVE_TIMEO
     the order PyTorch supports: first what holds the group (the DDP or FSDP model), then the group. The other order
     deadlocks now and then at exit: DDP's reducer, freed last with the GIL held, waits for gloo's worker thread,
     which waits for the GIL to free the last collective's tensors (pytorch/pytorch#56297). A collective that waits
-longer than `timeout` ends the run with an error."""
+    longer than `timeout` ends the run with an error."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp=True shards the model across the processes torchrun starts; launch it as "

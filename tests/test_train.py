@@ -15,6 +15,7 @@ from processes import communicate
 
 from checkpoint import checkpoint_paths
 from configurator import UserError, load_config
+from preflight import drift_tolerance
 from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,16 +49,6 @@ OTHER_ROUNDING = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 # The log prints losses and gradient norms with 4 decimals: two equal values can print up to 1e-4 apart, and fp32
 # rounding of a mean over a batch adds a few 1e-6 for values near 10.
 LOGGED = 1.2e-4
-
-
-def drift_tolerance(peak_lr: float, updates: int) -> float:
-    """How far apart the weights of two runs may be that are equal in exact arithmetic but round differently.
-
-    An AdamW update moves a weight by at most about its learning rate (Muon's by less), so no weight travels
-    further than peak_lr * updates. Rounding changes the direction of a step only where the gradient itself is at
-    rounding level, so it moves a few weights by a small part of that travel; a real bug (a batch read twice, a
-    gradient not averaged) changes most steps, by the whole of it. 1% of the travel lies far from both."""
-    return 1e-2 * peak_lr * updates
 
 
 def assert_same_weights(a, b, atol=0.0):
