@@ -11,8 +11,9 @@ prints the table and writes it to <ckpt_dir>/preflight.txt. The checks:
    bitwise on N and, resharded, trains on one rank as the N ranks do; a kill -9 while the next checkpoint is being
    written leaves the previous one loadable;
 2. the links between the ranks: all-reduce and all-gather bus bandwidth, as nccl-tests reports it;
-3. the user's config under DDP and under FSDP: tokens/s, MFU against a matmul probe, peak memory beside
-   bench.py --estimate's figure (with activation checkpointing when the config runs out of GPU memory without);
+3. the user's config under DDP and under FSDP, eager and compiled (compile=auto measures both; an explicit
+   --compile only that one): tokens/s, MFU against a matmul probe, peak memory beside bench.py --estimate's
+   figure (with activation checkpointing when the config runs out of GPU memory without);
 4. the projection: wall clock and GPU-hours for training_tokens at the measured speed, and the disk the
    checkpoints need against what ckpt_dir's disk has free.
 The same code runs on CUDA (NCCL) and on a CPU (gloo). Every collective has PREFLIGHT_TIMEOUT: a lost rank or a
@@ -340,9 +341,8 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
                            m.device, vocab_size=m.vocab_size)
     torch.manual_seed(cfg.seed)
     raw = Transformer(cfg.model_config(m.vocab_size)).to(m.device)
-    dtype, compile, _ = choose_speed(cfg.dtype, cfg.compile, raw, cfg.batch_size, cfg.max_seq_len,
-                                     accum_steps * (warmup + steps), 0, m.device)
-    cfg = dataclasses.replace(cfg, compile=compile)
+    dtype, _, _ = choose_speed(cfg.dtype, cfg.compile, raw, cfg.batch_size, cfg.max_seq_len,
+                               accum_steps * (warmup + steps), 0, m.device)
     model = wrap_model(raw, cfg, m.device, dtype, m.world_size)
     optimizer = make_optimizer(raw, cfg, m.device)
     step_time = statistics.median(timed_updates(model, optimizer, loader, accum_steps, cfg, m.device, dtype, warmup,
@@ -353,15 +353,16 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
     # DTensor.numel() is the whole tensor's: rank 0's state counts the full checkpoint.
     size = checkpoint_bytes(training_state(raw, optimizer, cfg.fsdp, m.world_size, m.device)[:2])
     figure = (f"{tokens_per_sec:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak {memory:,.0f} MiB, "
-              f"{str(dtype).removeprefix('torch.')}, compile={compile}")
+              f"{str(dtype).removeprefix('torch.')}")
     return figure, Speed(tokens_per_sec, size)
 
 
-def check_config(m: Machine, fsdp: bool, warmup: int, steps: int, estimates: dict) -> Row:
-    """The user's config under DDP or FSDP; on a GPU that runs out of memory, again with activation
-    checkpointing. `estimates`: bench.py --estimate's bytes per GPU, keyed by (fsdp, activation checkpointing)."""
-    cfg, _ = fit_batch(dataclasses.replace(m.cfg, fsdp=fsdp), m.world_size)
-    name = "your config, " + ("FSDP" if fsdp else "DDP")
+def check_config(m: Machine, fsdp: bool, compile: bool, warmup: int, steps: int, estimates: dict) -> Row:
+    """The user's config under DDP or FSDP, compiled or eager; on a GPU that runs out of memory, again with
+    activation checkpointing. `estimates`: bench.py --estimate's bytes per GPU, keyed by (fsdp, activation
+    checkpointing)."""
+    cfg, _ = fit_batch(dataclasses.replace(m.cfg, fsdp=fsdp, compile=compile), m.world_size)
+    name = f"your config, {'FSDP' if fsdp else 'DDP'}, {'compiled' if compile else 'eager'}"
     for checkpointing in dict.fromkeys((cfg.activation_checkpointing, True)):
         if m.device.startswith("cuda"):
             gc.collect()  # a DDP or FSDP model that ran out of memory sits in reference cycles
@@ -480,7 +481,10 @@ def run(cfg: TrainConfig, warmup: int, steps: int, estimates: dict) -> bool:
                     guarded(m, "kill -9 mid-save", check_kill_mid_save),
                     guarded(m, "all-reduce", check_bandwidth, "all-reduce"),
                     guarded(m, "all-gather", check_bandwidth, "all-gather")]
-            rows += [guarded(m, "your config", check_config, fsdp, warmup, steps, estimates) for fsdp in (False, True)]
+            # compile=auto measures both: what compiling buys on this machine is worth knowing before a long run.
+            compiles = (False, True) if cfg.compile == "auto" else (cfg.compile,)
+            rows += [guarded(m, "your config", check_config, fsdp, compile, warmup, steps, estimates)
+                     for fsdp in (False, True) for compile in compiles]
             fastest = max((r.speed for r in rows if r.speed), key=lambda s: s.tokens_per_sec, default=None)
             rows += [guarded(m, "projected run", check_projection, fastest),
                      guarded(m, "checkpoint disk", check_disk, fastest)]
