@@ -82,26 +82,29 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> f
     return 2 * n**3 / min(times[1:])
 
 
-# Compiling a model takes about a minute on a CPU and saves a fraction of each update; below this many minutes of
-# eager training a run would spend more on compiling than it could save.
-COMPILE_PAYS_AFTER_MINUTES = 10
+# Compiling costs a fixed time once and then saves a fraction of every forward and backward. This is the eager
+# forward-and-backward time of a run beyond which the saving outweighs the cost on the CPUs measured in
+# docs/benchmarks.md ("compile=auto"); below it a run loses at most the compile time, above it it gains.
+COMPILE_PAYS_AFTER_MINUTES = 2
 
 
-def micro_step_seconds(model, x, device: str, dtype: torch.dtype, repeats: int = 2) -> float:
-    """Seconds of one forward and backward of `model` on the batch x (its own targets), the fastest of `repeats`
-    after one to warm up. The gradients it leaves are cleared and the random state is left as it was."""
-    times = []
+def micro_step_seconds(model, x, device: str, dtypes: list, repeats: int = 3) -> list[float]:
+    """Seconds of one forward and backward of `model` on the batch x (its own targets) in each of `dtypes`, the
+    fastest of `repeats` after one to warm up. The dtypes take turns, so that other work on a shared machine slows
+    them alike. The gradients it leaves are cleared and the random state is left as it was."""
+    times = [[] for _ in dtypes]
     with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
         for _ in range(repeats + 1):
-            synchronize(device)
-            start = time.perf_counter()
-            with autocast(device, dtype):
-                loss = model(x, x)[1]
-            loss.backward()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+            for dtype, seconds in zip(dtypes, times, strict=True):
+                synchronize(device)
+                start = time.perf_counter()
+                with autocast(device, dtype):
+                    loss = model(x, x)[1]
+                loss.backward()
+                synchronize(device)
+                seconds.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    return min(times[1:])
+    return [min(seconds[1:]) for seconds in times]
 
 
 def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_len: int, micro_steps: int,
@@ -111,9 +114,9 @@ def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_le
 
     On a GPU: bf16 where it has bf16 (else fp32), and compiling. On a CPU, dtype=auto times a forward and backward
     of this model in bf16 autocast and in fp32 (where the CPU has bf16 instructions; else fp32, as emulated bf16 is
-    many times slower) and keeps the faster; compile=auto compiles when the run, at the measured speed, lasts longer
-    than COMPILE_PAYS_AFTER_MINUTES. Under torchrun every rank measures and all keep the slowest rank's figures, so
-    that they choose alike."""
+    many times slower) and keeps the faster; compile=auto compiles when the run's forwards and backwards, at the
+    measured speed, take longer than COMPILE_PAYS_AFTER_MINUTES (a --max_minutes run: when it is longer). Under
+    torchrun every rank measures and all keep the slowest rank's figures, so that they choose alike."""
     candidates = [getattr(torch, dtype)] if dtype != "auto" else [pick_dtype("auto", device)]
     if device.startswith("cuda"):  # bf16 where the GPU has it; compiling pays for any run worth a GPU
         return candidates[0], True if compile == "auto" else compile, ""
@@ -123,7 +126,7 @@ def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_le
         return candidates[0], compile, ""
     generator = torch.Generator(device=device).manual_seed(0)  # the run's random stream stays untouched
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device, generator=generator)
-    seconds = torch.tensor([micro_step_seconds(model, x, device, c) for c in candidates], device=device)
+    seconds = torch.tensor(micro_step_seconds(model, x, device, candidates), device=device)
     if dist.is_initialized():
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     best = int(seconds.argmin())
@@ -135,5 +138,8 @@ def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_le
     if compile == "auto":
         run_minutes = minutes or micro_steps * seconds[best].item() / 60
         compile = run_minutes > COMPILE_PAYS_AFTER_MINUTES
-        reasons.append(f"compile: {'yes' if compile else 'no'}, the run lasts about {run_minutes:.0f} min eager")
+        length = (f"the run lasts {minutes:g} min" if minutes else
+                  f"its forwards and backwards take about {run_minutes:.1f} min eager")
+        reasons.append(f"compile: {'yes' if compile else 'no'}, {length} (it pays after "
+                       f"{COMPILE_PAYS_AFTER_MINUTES})")
     return candidates[best], compile, "; ".join(reasons)
