@@ -82,9 +82,9 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> f
     return 2 * n**3 / min(times[1:])
 
 
-# Compiling costs a fixed time once and then saves a fraction of every forward and backward. This is the eager
-# forward-and-backward time of a run beyond which the saving outweighs the cost on the CPUs measured in
-# docs/benchmarks.md ("compile=auto"); below it a run loses at most the compile time, above it it gains.
+# Compiling costs a fixed time once and then saves a fraction of every forward and backward. A run whose eager
+# forwards and backwards take longer than this gains by compiling: the threshold lies between the break-even points
+# of the CPUs measured in docs/benchmarks.md ("compile=auto"), so near it either choice costs only seconds.
 COMPILE_PAYS_AFTER_MINUTES = 2
 
 
