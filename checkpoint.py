@@ -224,7 +224,9 @@ def load_model(ckpt_dir: str, ckpt: str = "", dataset_dir: str = "", purpose: st
     # The embedding's rows, not the tokenizer's size: a model imported with --init_from may have spare rows.
     vocab_size = state["model"]["tok_embeddings.weight"].shape[0]
     model = Transformer(ModelConfig.from_dict(state["config"], vocab_size=vocab_size))
-    model.load_state_dict(state["model"])
+    # assign=True makes the checkpoint's tensors (mapped from the file) the model's weights instead of copying them
+    # into its freshly initialised ones: memory holds one model, not two.
+    model.load_state_dict(state["model"], assign=True)
     return path, state, model.eval(), tokenizer
 
 

@@ -16,6 +16,7 @@ Reading order: parameter names -> config.json, both ways -> reading a directory 
 import csv
 import dataclasses
 import json
+import math
 import os
 import shlex
 import shutil
@@ -23,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint import load_model
@@ -331,17 +333,27 @@ def adjacent_rope_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
-def gguf_tensor(t: torch.Tensor, dtype: str):
-    """(array, its GGML type) for one weight at --dtype."""
+def gguf_type(t: torch.Tensor, dtype: str):
+    """The GGML type one weight is stored in at --dtype."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
     if t.dim() == 1:  # the norms' gains: a few thousand numbers, kept fp32 as llama.cpp's converter keeps them
-        qtype = gguf.GGMLQuantizationType.F32
-    elif t.shape[-1] % block:  # q8_0 quantizes rows in blocks of 32; a row that does not divide goes in fp16
-        qtype = gguf.GGMLQuantizationType.F16
-    return gguf.quants.quantize(t.float().numpy(), qtype), qtype
+        return gguf.GGMLQuantizationType.F32
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:  # q8_0 quantizes rows in blocks of 32; others go in fp16
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def llama_cpp_tensors(model):
+    """(GGUF name, weight) for every tensor of the file, in llama.cpp's layout."""
+    c = model.config
+    for name, t in model.state_dict().items():
+        if c.tie_embeddings and name == "output.weight":
+            continue  # without output.weight llama.cpp multiplies by token_embd: the tied matrix, stored once
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = adjacent_rope_pairs(t, c.n_heads if name.endswith("wq.weight") else c.n_kv_heads)
+        yield gguf_name(name), t
 
 
 def gguf_vocabulary(tokenizer, n_rows: int) -> tuple[list[str], list[int], list[str]]:
@@ -389,6 +401,8 @@ def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
 
 def export_gguf(cfg) -> Path:
     """--format=gguf: the checkpoint as one GGUF file, written under a temporary name and renamed when complete."""
+    import gguf
+
     out = Path(cfg.out or Path(cfg.ckpt_dir) / "model.gguf")
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
@@ -404,16 +418,17 @@ def export_gguf(cfg) -> Path:
     os.close(fd)
     try:
         writer = gguf_writer(Path(tmp), c, tokenizer, cfg.dtype, path.stem)
-        for name, t in model.state_dict().items():
-            if c.tie_embeddings and name == "output.weight":
-                continue  # without output.weight llama.cpp multiplies by token_embd: the tied matrix, stored once
-            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                t = adjacent_rope_pairs(t, c.n_heads if name.endswith("wq.weight") else c.n_kv_heads)
-            array, qtype = gguf_tensor(t, cfg.dtype)
-            writer.add_tensor(gguf_name(name), array, raw_dtype=qtype)
+        # The file lists every tensor's name, type and shape before the data, so the list is made from shapes alone;
+        # then each tensor is converted and written in turn, and memory holds one model plus one converted tensor.
+        for name, t in llama_cpp_tensors(model):
+            qtype = gguf_type(t, cfg.dtype)
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qtype)
+            writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for _, t in llama_cpp_tensors(model):
+            writer.write_tensor_data(gguf.quants.quantize(t.float().numpy(), gguf_type(t, cfg.dtype)))
         writer.close()
         os.chmod(tmp, 0o644)  # mkstemp makes it private to its owner; a model is for everyone to read
         os.replace(tmp, out)

@@ -307,7 +307,7 @@ def test_a_full_disk_is_one_error_and_keeps_the_previous_file(shakespeare_dir, t
     def disk_full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
     with pytest.raises(UserError, match="cannot write .*No space left on device.*free space"):
         export_gguf(ExportConfig(ckpt_dir=cfg.ckpt_dir, out=cfg.out, overwrite=True, dtype="q8_0"))
     assert (tmp_path / "model.gguf").read_bytes() == before
