@@ -16,12 +16,13 @@ from execute import code_hash  # notebooks/execute.py, which stores them execute
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-# Each notebook and the number of figures it draws (loss curves, schedules, batch layouts, probability bars).
+# Each notebook and the number of figures it draws (loss curves, schedules, batch layouts, probability bars,
+# token frequencies).
 NOTEBOOKS = {
     "01_introduction": 3,
     "02_model_configuration": 3,
-    "03_dataset_and_batching": 3,
-    "04_lr_scheduler": 3,
+    "03_dataset_and_batching": 4,
+    "04_lr_scheduler": 4,
     "05_training_loop": 3,
     "06_a_run_of_train_py": 1,
     "07_learning_per_minute": 4,
@@ -112,6 +113,15 @@ def test_notebook_05_checks_a_gradient_against_a_finite_difference():
     assert "assert math.isclose(finite_difference, autograd_slope" in code
     assert "finite-difference check passed" in printed  # the check ran when the notebook was stored
     assert "assert torch.allclose(twice, 2 * once)" in code  # backward() without zero_grad adds up
+
+
+def test_notebook_04_shows_the_loss_jumping_at_the_start_without_warm_up():
+    code, printed = code_and_output("04_lr_scheduler")
+    # The same function trains both runs of each seed; only warmup_iterations differs.
+    assert "short_run(w, seed) for label, w in zip(LABELS, (RUN_WARMUP, 0), strict=True)" in code
+    assert "assert min(gaps) > " in code  # on every seed the start without warm-up is worse, by a margin
+    assert 'assert max(start_peak["with warm-up", s] for s in SEEDS) < math.log(VOCAB)' in code
+    assert "highest loss in updates 1-10, without warm-up minus with it, per seed:" in printed  # ran when stored
 
 
 def test_notebook_02_walks_one_batch_through_the_model_asserting_every_stage_shape():
