@@ -225,8 +225,11 @@ def load_model(ckpt_dir: str, ckpt: str = "", dataset_dir: str = "", purpose: st
     vocab_size = state["model"]["tok_embeddings.weight"].shape[0]
     model = Transformer(ModelConfig.from_dict(state["config"], vocab_size=vocab_size))
     # assign=True makes the checkpoint's tensors (mapped from the file) the model's weights instead of copying them
-    # into its freshly initialised ones: memory holds one model, not two.
+    # into its freshly initialised ones: memory holds one model, not two. Assigning gives the output layer a
+    # parameter of its own, so a tied head is tied again.
     model.load_state_dict(state["model"], assign=True)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     return path, state, model.eval(), tokenizer
 
 

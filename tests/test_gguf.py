@@ -16,6 +16,7 @@ from gguf import GGUFReader
 from test_export import VARIED_TEXT, one_line_error
 
 import prepare
+from checkpoint import load_model
 from configurator import UserError
 from export import ExportConfig, byte_characters, export_gguf, gguf_name, main
 from model import ModelConfig, Transformer
@@ -297,6 +298,13 @@ def test_an_existing_file_needs_overwrite_and_a_bad_dtype_is_named(shakespeare_d
         main([*options, f"--out_dir={tmp_path / 'hf'}"])
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "out"], "no temporary file is left behind"
+
+
+def test_a_model_read_for_export_keeps_its_head_tied(shakespeare_dir, tmp_path):
+    model = make_checkpoint(tmp_path / "out", shakespeare_dir, "gqa-tied", 8192)
+    _, _, read, _ = load_model(str(tmp_path / "out"))
+    assert read.output.weight is read.tok_embeddings.weight and read.num_params() == model.num_params()
+    assert all(torch.equal(a, b) for a, b in zip(read.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_a_full_disk_is_one_error_and_keeps_the_previous_file(shakespeare_dir, tmp_path, monkeypatch):
