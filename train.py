@@ -765,11 +765,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         if master:
             append_log(log_file, row)
             mfu = flops_per_token * row["tokens_per_sec"] / world_size / peak_flops
-            # The first update also pays for compiling and first-touch memory; the estimate leaves it out once it can.
-            done, spent = step - start_step, time.time() - start_time
-            if done > 1:
-                done, spent = done - 1, spent - update_seconds[0]
-            eta = (total - step) * spent / done
+            first = int(step - start_step > 1)  # from the second update on, leave out the first: it also compiled
+            eta = (total - step) * (time.time() - start_time - first * update_seconds[0]) / (step - start_step - first)
             print(progress_line(row, total, mfu, eta), flush=True)
             if sample:
                 print(f"--- sample at update {step} ---\n{sample}\n---")
