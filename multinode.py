@@ -51,8 +51,8 @@ def ckpt_dir_view(ckpt_dir: str, probe: str) -> tuple[str, list[str]]:
 
 
 def odd_ranks(views: list, hosts: list[str], expected) -> tuple[int, str]:
-    """The first rank whose view is not `expected`, and how a message names it ("rank 9 (on node-b) and 7 more");
-    (-1, "") when there is none."""
+    """The first rank whose view is not `expected`, and how a message names those that differ ("rank 8 (on node1)
+    and 7 more of the 16 ranks"); (-1, "") when there is none."""
     odd = [r for r, view in enumerate(views) if view != expected]
     if not odd:
         return -1, ""
