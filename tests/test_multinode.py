@@ -1,7 +1,7 @@
 """One run on several machines, played by two torchrun agents on this one: each is started as a node of its own
-would be (its own process group, working directory and temporary directory), and they meet through torchrun's c10d
-rendezvous. Their run computes what a one-machine run on as many ranks computes, checkpoints and resumes; ranks that
-see different files stop before training with one line; a node that never joins ends the job in the rendezvous
+would be (a session of its own, its own working directory and temporary directory), and they meet through torchrun's
+c10d rendezvous. Their run computes what a one-machine run on as many ranks computes, checkpoints and resumes; ranks
+that see different files stop before training with one line; a node that never joins ends the job in the rendezvous
 timeout."""
 import os
 import secrets
@@ -51,7 +51,8 @@ def agents(tmp_path, *per_node: list[str], nnodes: int = 2, join_timeout: int = 
         except subprocess.TimeoutExpired:
             for p in procs:
                 kill_tree(p.pid)
-            raise AssertionError(f"the agents were still running after {timeout} s; killed them") from None
+            logs = [(tmp_path / f"node{n}" / "stderr").read_text() for n in range(len(procs))]
+            raise AssertionError(f"the agents were still running after {timeout} s; killed them:\n{logs}") from None
     seconds = time.time() - start
     results = [(p.returncode, *((tmp_path / f"node{n}" / f).read_text() for f in ("stdout", "stderr")))
                for n, p in enumerate(procs)]
