@@ -250,5 +250,5 @@ def lock_ckpt_dir(ckpt_dir: str, master: bool):
     if dist.is_initialized():
         dist.broadcast_object_list(refusal, src=0)
     if refusal[0]:
-        raise UserError(refusal[0])
+        raise UserError(refusal[0], every_rank=True)
     return lock

@@ -22,20 +22,28 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake the user can fix. run_cli prints its message as one line and exits with status 2."""
+    """A mistake the user can fix. run_cli prints its message as one line and exits with status 2.
+
+    every_rank: the ranks of a torchrun job agreed on it (a collective told each of them) and all raise it at once."""
 
     exit_status = 2
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def run_cli(main):
     """Run main(argv) as a script: a UserError becomes one line on stderr and exit status 2, not a traceback.
 
     Under torchrun the processes of one machine read the same options and files, so they meet the same mistake
-    together: only the first of them (LOCAL_RANK 0) prints it, and every one exits with the error's status."""
+    together: only the first of them (LOCAL_RANK 0) prints it, and every one exits with the error's status. Each
+    machine that meets it says so, since machines may see different files. A mistake all the ranks agreed on
+    (every_rank) is printed once, by rank 0: N machines would print N copies of it."""
     try:
         main(sys.argv[1:])
     except UserError as e:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if int(os.environ.get("RANK" if e.every_rank else "LOCAL_RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
 

@@ -41,6 +41,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -168,10 +169,13 @@ LOCKS = {}  # lock file -> the open file holding its lock, for every lock this p
 def lock_directory(lock_path: Path, what: str, fix: str):
     """Take an exclusive OS lock (flock) on lock_path, or stop with one line naming the process that holds it.
 
-    The kernel drops the lock when its holder exits, however it dies (kill -9, a crash, a lost node), so a stale
-    lock never blocks a restart. The lock lasts while the returned file stays open; the caller closes it when done.
-    A second call for the same lock in this process (a notebook or a test running again after an error) takes it
-    over from the first."""
+    The kernel drops the lock when its holder exits, however it dies (kill -9, a crash), so a stale lock never
+    blocks a restart (a network filesystem drops a lost node's lock when the server notices: docs/reliability.md).
+    The lock lasts while the returned file stays open; the caller closes it when done. A second call for the same
+    lock in this process (a notebook or a test running again after an error) takes it over from the first. Where
+    the filesystem keeps no locks (Lustre mounted without -o flock, NFS without its lock service) the work goes on
+    unguarded after a warning: the lock guards against a second run started by mistake, and refusing to run at all
+    would leave no way to train there."""
     lock_path = Path(lock_path).resolve()
     if lock_path in LOCKS:
         LOCKS.pop(lock_path).close()
@@ -183,8 +187,11 @@ def lock_directory(lock_path: Path, what: str, fix: str):
         holder = f.read().strip() or "another process"
         f.close()
         raise UserError(f"{what} is in use by {holder}; {fix}") from None
+    except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: this filesystem keeps no locks
+        print(f"warning: {what} is on a filesystem without file locks ({e.strerror}); nothing stops a second run "
+              "from using it at the same time", file=sys.stderr)
     f.truncate(0)  # who holds it, for the message a second process prints
-    f.write(f"process {os.getpid()} ({shlex.join([Path(sys.executable).name, *sys.argv])})")
+    f.write(f"process {os.getpid()} on {socket.gethostname()} ({shlex.join([Path(sys.executable).name, *sys.argv])})")
     f.flush()
     LOCKS[lock_path] = f
     return f

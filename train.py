@@ -51,6 +51,7 @@ from configurator import UserError, load_config, run_cli
 from export import hf_architecture, load_hf_weights
 from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
 from model import ModelConfig, Transformer
+from multinode import check_same_files
 from muon import Muon, MuonAndAdamW
 from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
 
@@ -270,19 +271,17 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 @contextlib.contextmanager
 def distributed(cfg: TrainConfig, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT):
     """This process's place in the run, (rank, world_size, device): torchrun sets RANK and WORLD_SIZE; plain python is
-    rank 0 of 1. With several ranks (or FSDP) the process group starts here and, however the run ends, is torn down in
-    the order PyTorch supports: first what holds the group (the DDP or FSDP model), then the group. The other order
-    deadlocks now and then at exit: DDP's reducer, freed last with the GIL held, waits for gloo's worker thread,
-    which waits for the GIL to free the last collective's tensors (pytorch/pytorch#56297). A collective that waits
-    longer than `timeout` ends the run with an error."""
+    rank 0 of 1. With several ranks (or FSDP) the process group starts here; however the run ends, what holds it (the
+    DDP or FSDP model) is freed before it is torn down: in the other order DDP's reducer, freed last with the GIL
+    held, waits now and then for gloo's worker thread, which waits for the GIL to free the last collective's tensors
+    (pytorch/pytorch#56297). A collective that waits longer than `timeout` ends the run with an error."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp=True shards the model across the processes torchrun starts; launch it as "
                         "torchrun --standalone --nproc_per_node=N train.py ... (N=1 on one GPU)")
     device = pick_device(cfg.device)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where bf16 is not used
-        torch.backends.cudnn.allow_tf32 = True
+    if device.startswith("cuda"):  # fp32 matmuls on tensor cores where bf16 is not used
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world_size == 1 and not cfg.fsdp:
         yield rank, world_size, device
         return
@@ -681,6 +680,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     master = rank == 0  # rank 0 prints, logs and (unless the checkpoint is sharded) saves
     cfg, fitted = fit_batch(cfg, world_size)
     accum_steps = accumulation_steps(cfg, world_size)
+    check_same_files(cfg.dataset_dir, cfg.ckpt_dir)  # several machines: one dataset, one shared ckpt_dir
 
     # --- Data: each rank reads its own slices of train; every evaluation reads the same first batches of val. ---
     tokenizer = load_tokenizer(cfg.dataset_dir)

@@ -1,8 +1,9 @@
-"""The processes a test starts, found and stopped: torchrun runs each rank in a session of its own, so killing the
-launcher alone would leave its ranks running."""
+"""The processes a test starts, found and stopped (torchrun runs each rank in a session of its own, so killing the
+launcher alone would leave its ranks running), and a port for them to meet on."""
 import os
 import shlex
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -47,3 +48,11 @@ def communicate(proc, timeout: float) -> tuple[str, str]:
         out, err = proc.communicate()
         raise AssertionError(f"{shlex.join(map(str, proc.args))} was still running after {timeout} s; killed it:\n"
                              f"{out}\n{err}") from None
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now: the OS picks an unused one, and it stays free once released unless
+    another process happens to bind that very port in the moment before the test's processes do."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,6 +13,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from configurator import UserError
 FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the checkpoints saved "
        "before are intact")
 REBUILD = "rebuild the dataset with `python prepare.py --overwrite` and the options it was made with"
+HOST = socket.gethostname()  # a lock names its holder's machine: on a shared filesystem it may be another node
 
 
 def args(shakespeare_dir, ckpt_dir, *extra) -> list[str]:
@@ -280,8 +282,8 @@ def test_two_runs_started_on_one_ckpt_dir_exactly_one_runs(shakespeare_dir, tmp_
     running = next(proc for proc in procs if proc is not refused)
     _, err = refused.communicate()
     assert refused.returncode == 2 and running.poll() is None
-    assert re.fullmatch(rf"error: {tmp_path} is in use by process {running.pid} \(python[0-9.]* train\.py .*\); "
-                        r"wait for that run to end or stop it, or pass another --ckpt_dir", one_line(err))
+    assert re.fullmatch(rf"error: {tmp_path} is in use by process {running.pid} on {HOST} \(python[0-9.]* train\.py "
+                        r".*\); wait for that run to end or stop it, or pass another --ckpt_dir", one_line(err))
     seen = ""
     for line in running.stdout:  # the run is in its loop, where a SIGTERM stops it cleanly, once it reports an update
         seen += line
@@ -302,8 +304,19 @@ def test_under_torchrun_every_rank_stops_when_the_ckpt_dir_is_taken(shakespeare_
     assert result.returncode != 0 and not list(tmp_path.glob("ckpt_*"))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr  # rank 0 says why; rank 1 stops without a word
-    assert errors[0].startswith(f"error: {tmp_path} is in use by process {os.getpid()} (")
+    assert errors[0].startswith(f"error: {tmp_path} is in use by process {os.getpid()} on {HOST} (")
     assert errors[0].endswith("); wait for that run to end or stop it, or pass another --ckpt_dir")
+
+
+def test_on_a_filesystem_without_locks_a_run_warns_once_and_trains(shakespeare_dir, tmp_path, monkeypatch, capsys):
+    def no_locks(file, operation):  # what flock answers on Lustre mounted without -o flock
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(prepare.fcntl, "flock", no_locks)
+    train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", "--training_tokens=256"])
+    assert capsys.readouterr().err == (f"warning: {tmp_path} is on a filesystem without file locks (Function not "
+                                       "implemented); nothing stops a second run from using it at the same time\n")
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt_00000002.pt"]
 
 
 def test_a_second_prepare_on_one_out_dir_stops_naming_the_first(shakespeare_dir, tmp_path):
@@ -313,7 +326,8 @@ def test_a_second_prepare_on_one_out_dir_stops_naming_the_first(shakespeare_dir,
                f"--tokenizer={shakespeare_dir}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
-    assert one_line(result.stderr).startswith(f"error: {tmp_path / 'data'} is in use by process {os.getpid()} (")
+    assert one_line(result.stderr).startswith(f"error: {tmp_path / 'data'} is in use by process {os.getpid()} on "
+                                              f"{HOST} (")
     assert not (tmp_path / "data").exists()
     lock.close()  # the first one finished: now the second one runs
     subprocess.run(command, cwd=tmp_path, capture_output=True, check=True)

@@ -8,14 +8,13 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from processes import communicate, descendants
+from processes import communicate, descendants, free_port
 from test_reliability import RunsCode
 from test_train import LOGGED, OTHER_ROUNDING, ROOT, TINY, assert_same_weights, drift_tolerance, run, toy_dataset
 
@@ -336,12 +335,6 @@ def test_fsdp_without_torchrun_is_refused_before_anything_is_written(shakespeare
     with pytest.raises(UserError, match="launch it as torchrun"):
         train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path / 'out'}", "--fsdp=True"])
     assert not (tmp_path / "out").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("extra, message", [(["--fsdp=True", "--n_layers=2"], "n_layers=1 but the config says 2"),
