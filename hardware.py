@@ -1,9 +1,10 @@
 """The machine a run uses: which device and number format, mixed precision, compiling, and what the hardware can do.
 
-train.py, bench.py and the notebooks pick their device and dtype here. dtype=auto and compile=auto are decided by
-measuring the run's own model on this machine (choose_speed), not from instruction-set flags: which is faster
-depends on the CPU, the model's shape and the PyTorch version. MFU (model FLOPs utilisation) is measured against
-measure_matmul_flops, the speed of a large matrix product on this very device.
+train.py, bench.py and the notebooks pick their device and dtype here. On a CPU dtype=auto and compile=auto are
+decided by measuring the run's own model on this machine (choose_speed), not from instruction-set flags: which is
+faster depends on the CPU, the model's shape and the PyTorch version. On a CUDA GPU they follow its compute
+capability (gpu_dtype, cuda_speed): bf16, or fp16 with a loss scaler where it has no bf16. MFU (model FLOPs
+utilisation) is measured against measure_matmul_flops, the speed of a large matrix product on this very device.
 """
 import contextlib
 import resource

@@ -9,8 +9,9 @@
 
 Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> Scheduler
 (learning rate per update) -> processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP
-or FSDP) -> one update (train_update, evaluate) -> the time budget -> resuming -> the log -> train(), the loop.
-The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the command line configurator.py's.
+or FSDP) -> one update (make_scaler, train_update, evaluate) -> the time budget -> resuming -> the log -> train().
+The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the CSV log training_log.py's, the
+command line configurator.py's.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
