@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,16 @@ from configurator import UserError, load_config, run_cli
 from hardware import choose_speed, measure_matmul_flops, peak_memory_mib, pick_device, synchronize
 from model import ModelConfig, Transformer
 from prepare import load_tokenizer
-from train import DatasetLoader, TrainConfig, accumulation_steps, fit_batch, make_optimizer, timed_updates, train_update
+from train import (
+    DatasetLoader,
+    TrainConfig,
+    accumulation_steps,
+    fit_batch,
+    make_optimizer,
+    make_scaler,
+    timed_updates,
+    train_update,
+)
 
 
 @dataclass
@@ -82,7 +91,7 @@ def profile_update(model, optimizer, loader, accum_steps, cfg, device, dtype, ro
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
+        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype, make_scaler(device, dtype))
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
@@ -101,7 +110,7 @@ def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpoin
     blocks' matrices keep Muon's one momentum instead (4 bytes), sharded like the rest under FSDP. (Muon's step also
     holds whole, for a moment, the matrices a rank orthogonalizes: about 1/world_size of them, after backward has
     freed the activations, so not at this peak.) Under bf16 (dtype auto or
-    bfloat16) the matmuls run in bf16, so each layer also keeps bf16 copies:
+    bfloat16; float16 takes as much) the matmuls run in bf16, so each layer also keeps bf16 copies:
     - DDP: autocast's bf16 copy of every matrix, saved for backward (2 bytes per parameter); with more than one
       rank, DDP's gradient buckets are a second fp32 copy of the gradients;
     - FSDP: the sharded fp32 state is 1/world_size of the above; on top, weights are gathered whole in the compute
@@ -148,7 +157,7 @@ def print_estimate(cfg, opts: BenchOptions):
     n, _ = parameter_counts(cfg.model_config(vocab_size))
     print(f"{n / 1e9:.2f}B parameters (vocabulary {vocab_size}) | micro-batch {cfg.batch_size}x{cfg.max_seq_len} "
           f"per GPU | {opts.world_size} GPUs of {opts.gpu_memory:g} GB | "
-          f"{'fp32' if cfg.dtype == 'float32' else 'bf16 compute'} | GB per GPU:")
+          f"{'fp32' if cfg.dtype == 'float32' else '16-bit compute'} | GB per GPU:")
     print(f"{'':<10}{'params':>9}{'grads':>9}{'optim.':>9}{'activ.':>9}{'total':>9}  fits")
     for fsdp in (False, True):
         for checkpointing in (False, True):
@@ -187,10 +196,11 @@ def main(argv: list[str]):
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, device=device,
                            vocab_size=tokenizer.vocab_size)
     raw_model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
     # dtype=auto and compile=auto as train.py decides them, for a run as long as this benchmark.
     dtype, compile, why = choose_speed(cfg.dtype, cfg.compile, raw_model, cfg.batch_size, cfg.max_seq_len,
                                        accum_steps * (opts.warmup + opts.steps), 0, device)
+    cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))  # as train.py runs it: Muon's dtype follows it
+    optimizer = make_optimizer(raw_model, cfg, device)
     model = torch.compile(raw_model) if compile else raw_model
     print(f"{raw_model.num_params():,} parameters | {cfg.tokens_per_update:,} tokens per update "
           f"({accum_steps} micro-steps of {cfg.batch_size}x{cfg.max_seq_len}) | {device} "

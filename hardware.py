@@ -1,9 +1,10 @@
 """The machine a run uses: which device and number format, mixed precision, compiling, and what the hardware can do.
 
-train.py, bench.py and the notebooks pick their device and dtype here. dtype=auto and compile=auto are decided by
-measuring the run's own model on this machine (choose_speed), not from instruction-set flags: which is faster
-depends on the CPU, the model's shape and the PyTorch version. MFU (model FLOPs utilisation) is measured against
-measure_matmul_flops, the speed of a large matrix product on this very device.
+train.py, bench.py and the notebooks pick their device and dtype here. On a CPU dtype=auto and compile=auto are
+decided by measuring the run's own model on this machine (choose_speed), not from instruction-set flags: which is
+faster depends on the CPU, the model's shape and the PyTorch version. On a CUDA GPU they follow its compute
+capability (gpu_dtype, cuda_speed): bf16, or fp16 with a loss scaler where it has no bf16. MFU (model FLOPs
+utilisation) is measured against measure_matmul_flops, the speed of a large matrix product on this very device.
 """
 import contextlib
 import resource
@@ -29,21 +30,42 @@ def pick_device(name: str) -> str:
     return name
 
 
+# Below compute capability 8.0 a GPU has no bf16 units (PyTorch emulates bf16 there, many times slower), so dtype=auto
+# trains in fp16 with a loss scaler where fp16 is fast: tensor cores from 7.0 (V100; T4 and RTX 20xx are 7.5), and
+# the paired fp16 units of the P100 (6.0) and of the Jetson TX1 and TX2 (5.3, 6.2). The other Pascal chips (6.1:
+# GTX 10xx, P4, P40) run fp16 at a small fraction of their fp32 speed, and Maxwell has no fp16 units: fp32 there.
+FAST_FP16_BEFORE_TENSOR_CORES = ((5, 3), (6, 0), (6, 2))
+# torch.compile generates its GPU kernels with Triton, which supports compute capability 7.0 and up.
+TRITON_MIN_CAPABILITY = (7, 0)
+
+
+def gpu_dtype(device: str) -> tuple[torch.dtype, str]:
+    """dtype=auto on a CUDA GPU, decided by its compute capability alone, and why in a few words.
+
+    torch.cuda.is_bf16_supported() is not asked: by default it also counts bf16 that the GPU can only emulate."""
+    capability = torch.cuda.get_device_capability(device)
+    name = f"compute capability {capability[0]}.{capability[1]}"
+    if capability >= (8, 0):
+        return torch.bfloat16, f"{name} has bf16"
+    if capability >= (7, 0) or capability in FAST_FP16_BEFORE_TENSOR_CORES:
+        return torch.float16, f"{name} has fast fp16 but no bf16 (from 8.0): fp16 with a loss scaler"
+    return torch.float32, f"{name} runs fp16 no faster than fp32"
+
+
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    """bf16 autocast where the hardware has bf16 instructions (recent GPUs; CPUs with AVX512-BF16/AMX), else fp32:
-    the dtype=auto of a caller that does not measure (choose_speed does)."""
+    """The dtype=auto of a caller that does not measure (choose_speed does, on a CPU): on a GPU, gpu_dtype's
+    choice; on a CPU, bf16 autocast where it has bf16 instructions (AVX512-BF16/AMX), else fp32."""
     if name == "auto":
         if device.startswith("cuda"):
-            fast = torch.cuda.is_bf16_supported()
-        else:
-            # CPUs without native bf16 emulate it and run its matmuls many times slower than fp32.
-            fast = device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            return gpu_dtype(device)[0]
+        # CPUs without native bf16 emulate it and run its matmuls many times slower than fp32.
+        fast = device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return torch.bfloat16 if fast else torch.float32
     return getattr(torch, name)
 
 
 def autocast(device: str, dtype: torch.dtype):
-    """Mixed precision: matmuls in bf16, with the weights, norms and loss kept in fp32."""
+    """Mixed precision: matmuls in bf16 or fp16, with the weights, norms and loss kept in fp32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
@@ -65,8 +87,9 @@ def peak_memory_mib(device: str) -> tuple[float, str]:
 
 def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on this device and dtype: the practical peak MFU is measured against.
-    A GPU needs a much bigger product than a CPU before launch overhead stops mattering."""
-    n = 8192 if device.startswith("cuda") else 2048
+    A GPU needs a much bigger product than a CPU before launch overhead stops mattering; a CPU emulates fp16, many
+    times slower than fp32, so there a small product measures it in moments."""
+    n = 8192 if device.startswith("cuda") else 256 if dtype == torch.float16 else 2048
     # A generator of its own: drawing from the global RNG here would shift a resumed run's dropout masks.
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
@@ -112,14 +135,14 @@ def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_le
     """(dtype, compile, the reason in a few words) for a run of `micro_steps` micro-batches of batch_size x seq_len
     (or of `minutes` of wall clock), where "auto" asks for a measurement; explicit choices are obeyed.
 
-    On a GPU: bf16 where it has bf16 (else fp32), and compiling. On a CPU, dtype=auto times a forward and backward
+    On a GPU: cuda_speed's choice, by the compute capability. On a CPU, dtype=auto times a forward and backward
     of this model in bf16 autocast and in fp32 (where the CPU has bf16 instructions; else fp32, as emulated bf16 is
     many times slower) and keeps the faster; compile=auto compiles when the run's forwards and backwards, at the
     measured speed, take longer than COMPILE_PAYS_AFTER_MINUTES (a --max_minutes run: when it is longer). Under
     torchrun every rank measures and all keep the slowest rank's figures, so that they choose alike."""
+    if device.startswith("cuda"):
+        return cuda_speed(dtype, compile, device)
     candidates = [getattr(torch, dtype)] if dtype != "auto" else [pick_dtype("auto", device)]
-    if device.startswith("cuda"):  # bf16 where the GPU has it; compiling pays for any run worth a GPU
-        return candidates[0], True if compile == "auto" else compile, ""
     if dtype == "auto" and candidates[0] == torch.bfloat16:
         candidates.append(torch.float32)
     if len(candidates) == 1 and compile != "auto":
@@ -143,3 +166,23 @@ def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_le
         reasons.append(f"compile: {'yes' if compile else 'no'}, {length} (it pays after "
                        f"{COMPILE_PAYS_AFTER_MINUTES})")
     return candidates[best], compile, "; ".join(reasons)
+
+
+def cuda_speed(dtype: str, compile: bool | str, device: str) -> tuple[torch.dtype, bool, str]:
+    """choose_speed on a CUDA GPU, where nothing is measured: for dtype=auto the dtype gpu_dtype picks, and
+    compiling wherever Triton runs (it pays for any run worth a GPU)."""
+    capability = torch.cuda.get_device_capability(device)
+    triton = capability >= TRITON_MIN_CAPABILITY
+    if compile is True and not triton:
+        raise UserError(f"--compile=True, but torch.compile's Triton needs compute capability 7.0 and this GPU has "
+                        f"{capability[0]}.{capability[1]}; use --compile=False or auto")
+    auto, why = gpu_dtype(device)
+    chosen = auto if dtype == "auto" else getattr(torch, dtype)
+    reasons = []
+    if dtype == "auto":
+        reasons.append(f"dtype: {why}")
+    elif chosen == torch.bfloat16 and auto != torch.bfloat16:
+        reasons.append(f"dtype: bfloat16 as asked, which this GPU emulates (auto: {str(auto).removeprefix('torch.')})")
+    if compile == "auto" and not triton:
+        reasons.append("compile: no, Triton needs compute capability 7.0")
+    return chosen, triton if compile == "auto" else compile, "; ".join(reasons)

@@ -11,16 +11,22 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """g with its singular values pushed towards 1 by a Newton-Schulz iteration (no SVD, only matrix products).
 
     Each step maps every singular value s to a*s + b*s^3 + c*s^5; Keller Jordan's coefficients below make small
     values grow fast, and five steps leave all of them between about 0.7 and 1.2, close enough for Muon. Dividing
     by the Frobenius norm first puts every singular value at or below 1, where the iteration starts. The iteration
-    runs on the short side's Gram matrix, the cheaper of the two. It runs in float32: torch.optim.Muon uses
-    bfloat16, which CPUs without bf16 instructions emulate, many times slower."""
+    runs on the short side's Gram matrix, the cheaper of the two.
+
+    It runs in `dtype`: float32, not torch.optim.Muon's bfloat16, which CPUs without bf16 instructions and GPUs
+    before compute capability 8.0 emulate, many times slower. An fp16 run passes float16, the fast tensor-core
+    format of those GPUs, on which fp32 matmuls run several times slower. fp16 cannot overflow here: after the
+    division every singular value of x stays below about 1.2 through all five steps, and no entry of a matrix can
+    exceed its largest singular value, so every number the iteration makes stays within a few units, far inside
+    fp16's limit of 65504. Its 11-bit significand makes it more accurate than bf16's 8 (docs/benchmarks.md)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.float() / (g.norm() + 1e-7)
+    x = (g.float() / (g.norm() + 1e-7)).to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
@@ -46,10 +52,12 @@ class Muon(torch.optim.Optimizer):
     The same step serves one process, DDP and FSDP. Momentum, weight decay and the step itself are element by
     element, so each rank does them on what it holds (the whole matrix, or its FSDP shard; the momentum is kept
     like the weight, sharded under FSDP). Orthogonalizing needs a whole matrix and is the expensive part: with
-    several ranks each matrix is orthogonalized by one of them only (orthogonalize_on_owners)."""
+    several ranks each matrix is orthogonalized by one of them only (orthogonalize_on_owners), in `dtype`."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95):
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95,
+                 dtype: torch.dtype = torch.float32):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        self.dtype = dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -64,7 +72,7 @@ class Muon(torch.optim.Optimizer):
                 local(buf).lerp_(local(p.grad), 1 - group["momentum"])
                 local(p.grad).lerp_(local(buf), group["momentum"])  # Nesterov: a step beyond the momentum
         # The gradients' memory holds the updates from here on: orthogonalized in place, then applied.
-        orthogonalize_on_owners([p.grad for _, params in groups for p in params])
+        orthogonalize_on_owners([p.grad for _, params in groups for p in params], self.dtype)
         for group, params in groups:
             for p in params:
                 local(p).mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in AdamW
@@ -92,7 +100,7 @@ def owners(shapes: list, world_size: int) -> list[int]:
     return owner
 
 
-def orthogonalize_on_owners(updates: list[torch.Tensor]):
+def orthogonalize_on_owners(updates: list[torch.Tensor], dtype: torch.dtype):
     """Orthogonalize every update in place, each on one rank, the result reaching every rank that holds the matrix.
 
     - one process: each in turn;
@@ -105,13 +113,13 @@ def orthogonalize_on_owners(updates: list[torch.Tensor]):
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if world_size == 1:
         for u in updates:
-            local(u).copy_(orthogonalize(local(u)))
+            local(u).copy_(orthogonalize(local(u), dtype=dtype))
         return
     rank, owner = dist.get_rank(), owners([u.shape for u in updates], world_size)
     if not isinstance(updates[0], DTensor):
         for u, r in zip(updates, owner, strict=True):
             if r == rank:
-                u.copy_(orthogonalize(u))
+                u.copy_(orthogonalize(u, dtype=dtype))
         wait([dist.broadcast(u, src=r, async_op=True) for u, r in zip(updates, owner, strict=True)])
         return
     # FSDP shards a matrix's rows as torch.chunk does; collectives need pieces of one size, so each is padded.
@@ -123,7 +131,8 @@ def orthogonalize_on_owners(updates: list[torch.Tensor]):
     wait([dist.gather(m, pieces[i], dst=owner[i], async_op=True) for i, m in enumerate(mine)])
     for i, counts in enumerate(rows):
         if owner[i] == rank:
-            whole = orthogonalize(torch.cat([piece[:n] for piece, n in zip(pieces[i], counts, strict=True)]))
+            whole = orthogonalize(torch.cat([piece[:n] for piece, n in zip(pieces[i], counts, strict=True)]),
+                                  dtype=dtype)
             for piece, part in zip(pieces[i], whole.split(counts), strict=True):
                 piece[:len(part)] = part
     wait([dist.scatter(m, pieces[i], src=owner[i], async_op=True) for i, m in enumerate(mine)])

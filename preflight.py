@@ -9,11 +9,12 @@ prints the table and writes it to <ckpt_dir>/preflight.txt. The checks:
 1. correctness across ranks, on a tiny model built from train.py's own parts: a few updates on N ranks equal the
    same global batch on one rank, under DDP and under FSDP; a sharded checkpoint written on N ranks restores
    bitwise on N and, resharded, trains on one rank as the N ranks do; a kill -9 while the next checkpoint is being
-   written leaves the previous one loadable;
+   written leaves the previous one loadable; fp16 with the loss scaler trains finite and close to fp32;
 2. the links between the ranks: all-reduce and all-gather bus bandwidth, as nccl-tests reports it;
-3. the user's config under DDP and under FSDP, eager and compiled (compile=auto measures both; an explicit
-   --compile only that one): tokens/s, MFU against a matmul probe, peak memory beside bench.py --estimate's
-   figure (with activation checkpointing when the config runs out of GPU memory without);
+3. the user's config: the dtype it trains in here and why, and the attention kernel it gets; then under DDP and
+   under FSDP, eager and compiled (compile=auto measures both; an explicit --compile only that one): tokens/s, MFU
+   against a matmul probe, peak memory beside bench.py --estimate's figure (with activation checkpointing when the
+   config runs out of GPU memory without);
 4. the projection: wall clock and GPU-hours for training_tokens at the measured speed, and the disk the
    checkpoints need against what ckpt_dir's disk has free.
 The same code runs on CUDA (NCCL) and on a CPU (gloo). Every collective has PREFLIGHT_TIMEOUT: a lost rank or a
@@ -22,6 +23,7 @@ stuck link ends the preflight with an error instead of a hang.
 import dataclasses
 import datetime
 import gc
+import math
 import os
 import shutil
 import signal
@@ -38,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend
 
 from checkpoint import (
     checkpoint_bytes,
@@ -58,6 +61,7 @@ from train import (
     distributed,
     fit_batch,
     make_optimizer,
+    make_scaler,
     timed_updates,
     train_update,
     training_state,
@@ -108,6 +112,9 @@ class TinyRun:
     loader: DatasetLoader
     accum_steps: int
     losses: list[float]
+    dtype: torch.dtype  # what the tiny model computes in: fp32, or fp16 with its loss scaler
+    scaler: torch.amp.GradScaler
+    skipped: int = 0  # updates the loss scaler skipped
 
 
 def tiny_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -120,24 +127,29 @@ def tiny_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
                                schedule="constant", training_tokens=2 * 2 * 32 * world_size * TINY_UPDATES)
 
 
-def train_tiny(m: Machine, ranks: int, fsdp: bool, updates: int = TINY_UPDATES) -> TinyRun:
+def train_tiny(m: Machine, ranks: int, fsdp: bool, updates: int = TINY_UPDATES,
+               dtype: torch.dtype = torch.float32) -> TinyRun:
     """A tiny model trained `updates` updates as a run on `ranks` ranks trains it (ranks=1: every rank computes the
-    whole one-rank run by itself, the reference the N-rank runs are compared with)."""
-    cfg = tiny_config(m.cfg, m.world_size)
+    whole one-rank run by itself, the reference the N-rank runs are compared with), in fp32 unless `dtype` says."""
+    cfg = dataclasses.replace(tiny_config(m.cfg, m.world_size), dtype=str(dtype).removeprefix("torch."))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     raw = Transformer(cfg.model_config(m.vocab_size)).to(m.device)
-    model = wrap_model(raw, dataclasses.replace(cfg, fsdp=fsdp), m.device, torch.float32, ranks)
+    model = wrap_model(raw, dataclasses.replace(cfg, fsdp=fsdp), m.device, dtype, ranks)
     rank = m.rank if ranks > 1 else 0
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, rank, ranks, m.device,
                            vocab_size=m.vocab_size)
-    run = TinyRun(raw, model, make_optimizer(raw, cfg, m.device), loader, accumulation_steps(cfg, ranks), [])
+    run = TinyRun(raw, model, make_optimizer(raw, cfg, m.device), loader, accumulation_steps(cfg, ranks), [], dtype,
+                  make_scaler(m.device, dtype))
     train_more(run, cfg, m.device, updates)
     return run
 
 
 def train_more(run: TinyRun, cfg: TrainConfig, device: str, updates: int):
     for _ in range(updates):
-        loss, _ = train_update(run.model, run.optimizer, run.loader, run.accum_steps, cfg, device, torch.float32)
+        scale = run.scaler.get_scale()
+        loss, _ = train_update(run.model, run.optimizer, run.loader, run.accum_steps, cfg, device, run.dtype,
+                               run.scaler)
+        run.skipped += run.scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips
         run.losses.append(loss)
 
 
@@ -292,6 +304,31 @@ def check_kill_mid_save(m: Machine) -> Row:
     return Row(name, True, f"killed with {tmp.stat().st_size:,} bytes written; {found.name} loads")
 
 
+# fp16's rounding (11 significant bits) moves a tiny run's loss by some 1e-3 in a few updates; an fp16 kernel or a
+# loss scaler that is broken moves it by far more, or to inf.
+FP16_LOSS_TOLERANCE = 0.02
+
+
+def check_float16(m: Machine) -> Row:
+    """A tiny run in fp16 with the loss scaler, sharded over the ranks (FSDP gathers the weights in fp16 and reduces
+    the gradients in fp32): every loss is finite and close to the fp32 one-rank run's. It runs on any GPU, with or
+    without bf16 (dtype=auto trains in fp16 below compute capability 8.0), and on a CPU, which emulates fp16."""
+    name = f"fp16 + loss scaler, {m.world_size} ranks"
+    updates = 2 * TINY_UPDATES
+    half = train_tiny(m, m.world_size, fsdp=True, updates=updates, dtype=torch.float16)
+    full = train_tiny(m, 1, fsdp=False, updates=updates)
+    if not all(math.isfinite(loss) for loss in half.losses):
+        return Row(name, False, f"losses {', '.join(f'{loss:.4f}' for loss in half.losses)}",
+                   "fp16 training gave a non-finite loss: train in --dtype=float32 on this machine")
+    gap = max(abs(a - b) for a, b in zip(half.losses, full.losses, strict=True))
+    figure = (f"{updates} updates, losses within {gap:.1e} of fp32, {half.skipped} skipped, loss scale "
+              f"{half.scaler.get_scale():g}")
+    if gap > FP16_LOSS_TOLERANCE:
+        return Row(name, False, figure, f"fp16 losses differ from fp32 by more than {FP16_LOSS_TOLERANCE}: an fp16 "
+                                        "kernel computes wrongly here; train in --dtype=float32")
+    return Row(name, True, figure)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. The links between the ranks.
 def check_bandwidth(m: Machine, op: str) -> Row:
@@ -334,6 +371,35 @@ def check_bandwidth(m: Machine, op: str) -> Row:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. The user's config.
+ATTENTION_KERNELS = {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "memory-efficient",
+                     SDPBackend.CUDNN_ATTENTION: "cuDNN", SDPBackend.MATH: "math (unfused, the slowest)"}
+
+
+def attention_kernel(cfg: TrainConfig, device: str, dtype: torch.dtype) -> str:
+    """The kernel scaled_dot_product_attention runs for this config's attention in training: causal, with its
+    dropout, q, k and v of its head size in the dtype the matmuls run in (model.py repeats grouped keys and values
+    before the call). Flash attention needs compute capability 8.0 and fp16 or bf16; the memory-efficient kernel
+    runs on older GPUs and in fp32 too; on a CPU "flash" is PyTorch's CPU kernel. torch._fused_sdp_choice is the
+    choice SDPA itself makes, asked without computing anything."""
+    q = torch.empty(1, cfg.n_heads, cfg.max_seq_len, cfg.n_embd // cfg.n_heads, device=device, dtype=dtype,
+                    requires_grad=True)
+    kernel = ATTENTION_KERNELS[SDPBackend(torch._fused_sdp_choice(q, q, q, dropout_p=cfg.dropout, is_causal=True))]
+    return kernel + (" (CPU)" if device == "cpu" else "")
+
+
+def check_precision(m: Machine) -> Row:
+    """The dtype a run of this config gets on this device and why (hardware.choose_speed, as train.py asks it: a
+    GPU decides by its compute capability, a CPU measures the model, so only there is the model built), and the
+    attention kernel it gets in that dtype. Compiling is the config rows' business."""
+    cfg, _ = fit_batch(m.cfg, m.world_size)
+    with torch.device("meta" if m.device.startswith("cuda") else m.device):
+        raw = Transformer(cfg.model_config(m.vocab_size))
+    dtype, _, why = choose_speed(cfg.dtype, False, raw, cfg.batch_size, cfg.max_seq_len, 0, 0, m.device)
+    why = f" ({why.removeprefix('dtype: ')})" if why else ""
+    return Row("dtype and attention", True, f"{str(dtype).removeprefix('torch.')}{why}, attention: "
+                                            f"{attention_kernel(cfg, m.device, dtype)}")
+
+
 def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tuple[str, Speed]:
     """Train the user's model `warmup` + `steps` updates as train.py would on these ranks; (figure, speed)."""
     accum_steps = accumulation_steps(cfg, m.world_size)
@@ -343,6 +409,7 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
     raw = Transformer(cfg.model_config(m.vocab_size)).to(m.device)
     dtype, _, _ = choose_speed(cfg.dtype, cfg.compile, raw, cfg.batch_size, cfg.max_seq_len,
                                accum_steps * (warmup + steps), 0, m.device)
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # as train.py runs it (Muon's dtype)
     model = wrap_model(raw, cfg, m.device, dtype, m.world_size)
     optimizer = make_optimizer(raw, cfg, m.device)
     step_time = statistics.median(timed_updates(model, optimizer, loader, accum_steps, cfg, m.device, dtype, warmup,
@@ -479,10 +546,12 @@ def run(cfg: TrainConfig, warmup: int, steps: int, estimates: dict) -> bool:
                     guarded(m, "checkpoint N -> N", check_resume_on_n_ranks),
                     guarded(m, "checkpoint N -> 1", check_resume_on_one_rank),
                     guarded(m, "kill -9 mid-save", check_kill_mid_save),
+                    guarded(m, "fp16", check_float16),
                     guarded(m, "all-reduce", check_bandwidth, "all-reduce"),
                     guarded(m, "all-gather", check_bandwidth, "all-gather")]
             # compile=auto measures both: what compiling buys on this machine is worth knowing before a long run.
             compiles = (False, True) if cfg.compile == "auto" else (cfg.compile,)
+            rows += [guarded(m, "dtype and attention", check_precision)]
             rows += [guarded(m, "your config", check_config, fsdp, compile, warmup, steps, estimates)
                      for fsdp in (False, True) for compile in compiles]
             fastest = max((r.speed for r in rows if r.speed), key=lambda s: s.tokens_per_sec, default=None)

@@ -9,18 +9,17 @@
 
 Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> Scheduler
 (learning rate per update) -> processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP
-or FSDP) -> one update (train_update, evaluate) -> the time budget -> resuming -> the log -> train(), the loop.
-The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the command line configurator.py's.
+or FSDP) -> one update (make_scaler, train_update, evaluate) -> the time budget -> resuming -> the log -> train().
+The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the CSV log training_log.py's, the
+command line configurator.py's.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
 import contextlib
-import csv
 import dataclasses
 import datetime
 import functools
 import gc
-import io
 import math
 import os
 import signal
@@ -40,7 +39,6 @@ from torch.distributed.tensor import DTensor
 
 from budget import BUDGET_PROBE_UPDATES, replans_length, updates_in_budget
 from checkpoint import (
-    SPACE_FIX,
     checkpoint_paths,
     load_shards,
     lock_ckpt_dir,
@@ -53,7 +51,8 @@ from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, 
 from model import ModelConfig, Transformer
 from multinode import check_same_files
 from muon import Muon, MuonAndAdamW
-from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
+from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
+from training_log import append_log, plot_log, start_log
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ class TrainConfig:
     load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint exists
     # System
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast); auto measures which is faster (hardware.py)
+    dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16" (autocast; fp16 with a loss scaler); hardware.py
     compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for it to pay
     seed: int = 1337
     # Scale: beyond what one GPU's memory holds
@@ -117,7 +116,8 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.schedule in ("cosine", "linear", "constant"), "--schedule must be cosine, linear or constant"),
-            (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "--dtype must be auto, float32, bfloat16 or float16"),
             (self.load_ckpt in (True, False, "auto"), "--load_ckpt must be True, False or 'auto'"),
             (self.compile in (True, False, "auto"), "--compile must be True, False or 'auto'"),
             (min(self.batch_size, self.max_seq_len, self.tokens_per_update, self.eval_interval) > 0,
@@ -350,7 +350,8 @@ def make_optimizer(model, cfg: TrainConfig, device: str):
         return adamw
     muon_lr = cfg.muon_lr or cfg.max_lr
     muon = Muon([{"params": [p for p in params if id(p) in in_muon], "lr_scale": muon_lr / cfg.max_lr}],
-                lr=muon_lr, weight_decay=cfg.weight_decay)
+                lr=muon_lr, weight_decay=cfg.weight_decay,
+                dtype=torch.float16 if cfg.dtype == "float16" else torch.float32)  # see muon.orthogonalize
     return MuonAndAdamW(muon, adamw)
 
 
@@ -376,8 +377,8 @@ def wrap_model(model: Transformer, cfg: TrainConfig, device: str, dtype: torch.d
         checkpoint_blocks(model)
     if cfg.fsdp:
         mesh = init_device_mesh(device.split(":")[0], (world_size,))
-        # bf16 weights for compute, gradients reduced in fp32 so the sum over ranks loses nothing; the sharded
-        # master weights and AdamW's moments stay fp32.
+        # bf16 or fp16 weights for compute, gradients reduced in fp32 so the sum over ranks loses nothing; the
+        # sharded master weights and AdamW's moments stay fp32. fp16 gradients are computed from the scaled loss.
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in model.layers:
             if cfg.compile:
@@ -403,8 +404,23 @@ def gradient_sync(model, sync: bool):
 
 # ----------------------------------------------------------------------------------------------------------------
 # One update.
-def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> tuple[float, float]:
-    """One optimizer update: accumulate gradients over micro-steps, clip, step. Returns (mean loss, grad norm)."""
+# bf16 and fp32 need no loss scaling: without a scaler of make_scaler's, train_update passes its steps through this.
+NO_LOSS_SCALING = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def make_scaler(device: str, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """fp16 holds magnitudes from about 6e-8 to 65504 only, and many gradients are smaller: they would round to zero.
+    The loss scaler multiplies the loss, and with it every gradient, by a large factor before backward and divides
+    it out again before the optimizer step. When a gradient overflowed to inf or NaN it skips that update and halves
+    the factor; after growth_interval updates without an overflow it doubles it (PyTorch's defaults: from 2^16,
+    every 2000). bf16 has fp32's range and fp32 needs none: for them the scaler is off and passes steps through."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+
+
+def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype,
+                 scaler=NO_LOSS_SCALING) -> tuple[float, float]:
+    """One optimizer update: accumulate gradients over micro-steps, clip, step. Returns (mean loss, grad norm). In
+    fp16, `scaler` (make_scaler's, kept from update to update) scales the loss and skips an overflowing update."""
     total_loss = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         x, y = loader.next_batch()
@@ -414,13 +430,15 @@ def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> t
                 # token, more than all of a small model's other activations together.
                 loss = model(x, y)[1]
             # Dividing by accum_steps makes the summed gradients the mean over all micro-batches.
-            (loss / accum_steps).backward()
+            scaler.scale(loss / accum_steps).backward()
         total_loss += loss.detach()
+    scaler.unscale_(optimizer)  # the true gradients, for clipping and the logged norm (inf or NaN on an overflow)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over all ranks' shards, computed with a collective
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    scaler.step(optimizer)  # optimizer.step(), unless a gradient overflowed
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     mean_loss = total_loss / accum_steps
     if dist.is_initialized():
@@ -431,13 +449,14 @@ def train_update(model, optimizer, loader, accum_steps, cfg, device, dtype) -> t
 def timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, warmup: int, steps: int) -> list[float]:
     """Seconds of each of `steps` updates, after `warmup` untimed ones (they allocate memory, warm caches and
     compile): what bench.py and the preflight report as speed."""
+    scaler = make_scaler(device, dtype)
     for _ in range(warmup):
-        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
+        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype, scaler)
     times = []
     for _ in range(steps):
         synchronize(device)
         start = time.perf_counter()
-        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)  # returns floats: already synced
+        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype, scaler)  # returns floats: synced
         times.append(time.perf_counter() - start)
     return times
 
@@ -520,7 +539,7 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
                         "with a batch_size that divides it")
 
 
-def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler, loader, rank,
+def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scaler, scheduler, loader, rank,
            device) -> tuple[int, float]:
     """Restore a run from a checkpoint (loaded by checkpoint_to_resume), after checking it fits this run. Returns
     (updates done, seconds trained)."""
@@ -540,6 +559,8 @@ def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scheduler
     if cfg.max_minutes:
         scheduler.training_steps = ckpt["scheduler"]["training_steps"]
     loader.load_state_dict(ckpt["loader"])  # a position in tokens: valid for any number of ranks
+    if ckpt.get("scaler"):  # an fp16 run's loss scale; other runs save {}, and older checkpoints nothing
+        scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"], rank, device)
     if rank == 0:
         print(f"resumed from {path} at update {ckpt['step']} ({ckpt['tokens']:,} tokens)")
@@ -572,36 +593,6 @@ def sample_text(model, tokenizer, device, seed, max_new_tokens=64) -> str:
     return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_id])
 
 
-# The log's columns, in order, and how each value is written; a value of None (no evaluation) is left empty.
-LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexity": ".2f", "lr": ".3e",
-              "grad_norm": ".4f", "tokens": "d", "tokens_per_sec": ".0f", "elapsed_s": ".1f", "val_loss": ".4f",
-              "val_bpb": ".4f"}
-LOG_COLUMNS = list(LOG_FORMAT)
-
-
-def csv_text(rows: list[list]) -> str:
-    text = io.StringIO()
-    csv.writer(text).writerows(rows)
-    return text.getvalue()
-
-
-def start_log(log_file: str, step: int):
-    """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows logged
-    after it (before a crash) are trained again and must not appear twice."""
-    kept = []
-    if step > 0 and os.path.exists(log_file):
-        with open(log_file, newline="") as f:
-            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(LOG_COLUMNS) and int(row[0]) <= step]
-    write_file(Path(log_file), csv_text([LOG_COLUMNS, *kept]).encode(), SPACE_FIX)
-
-
-def append_log(log_file: str, row: dict):
-    """Append one row and close the file: a full disk cuts the log back to its last whole row."""
-    line = csv_text([["" if row[k] is None else format(row[k], f) for k, f in LOG_FORMAT.items()]])
-    with space_for(log_file, len(line), SPACE_FIX), open(log_file, "a", newline="") as f:
-        f.write(line)
-
-
 def run_line(cfg: TrainConfig, n_params: int, updates: int, accum_steps: int, world_size: int, device: str,
              dtype: torch.dtype) -> str:
     """The line a run starts with: the model's size, the run's length, how an update is split, the hardware."""
@@ -620,32 +611,9 @@ def progress_line(row: dict, total_updates: int, mfu: float, eta_s: float) -> st
             f"ETA {eta_s / 60:.1f} min")
     if row["val_loss"] is not None:
         line += f" | val loss {row['val_loss']:.4f} bpb {row['val_bpb']:.4f}"
+    if row["skipped"]:
+        line += " | skipped: a gradient overflowed fp16, the loss scale is halved"
     return line
-
-
-def plot_log(log_file: str, png_path: str):
-    """Loss (train and validation) and learning rate against tokens trained, from the CSV log."""
-    # A bare Figure, not pyplot: no window, and the plotting backend of a notebook that calls train.main is left alone.
-    from matplotlib.figure import Figure
-
-    with open(log_file) as f:
-        rows = list(csv.DictReader(f))
-    tokens = [int(r["tokens"]) for r in rows]
-    fig = Figure(figsize=(8, 6))
-    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
-    ax_loss.plot(tokens, [float(r["train_loss"]) for r in rows], label="train")
-    val = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
-    if val:
-        ax_loss.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.legend()
-    ax_lr.plot(tokens, [float(r["lr"]) for r in rows])
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("tokens trained")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    write_file(Path(png_path), png.getvalue(), SPACE_FIX)
 
 
 class StopRequest:
@@ -713,13 +681,14 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
     model = wrap_model(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)
+    scaler = make_scaler(device, dtype)
     # A budgeted run times its first updates, then plans its length from them (updates_in_budget).
     training_steps = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
     step, elapsed_before = 0, 0.0
     if resume_from:
-        step, elapsed_before = resume(*resume_from, cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
-                                      device)
+        step, elapsed_before = resume(*resume_from, cfg, fingerprint, raw_model, optimizer, scaler, scheduler, loader,
+                                      rank, device)
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
@@ -738,20 +707,26 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     while step < scheduler.training_steps:
         t0 = time.time()
         lr = scheduler.step(step)
-        loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
+        scale = scaler.get_scale()
+        loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype, scaler)
+        skipped = scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips the update
         step += 1
         update_seconds.append(time.time() - t0)
         if cfg.max_minutes and replans_length(step):
             scheduler.training_steps = updates_in_budget(
                 cfg, step, elapsed_before + time.time() - start_time, update_seconds,
                 eval_batches * cfg.batch_size * cfg.max_seq_len, raw_model.num_params(), device)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is saved: the last checkpoint is good
+        # In fp16 an overflowing gradient only skips its update; a scale driven below 1 means gradients overflow
+        # even unscaled. Either way nothing is saved: the last checkpoint is good.
+        if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)) or scaler.get_scale() < 1:
             raise TrainingDiverged(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at update {step}; resume "
-                                   f"from the last checkpoint in {cfg.ckpt_dir} with a lower max_lr")
+                                   f"from the last checkpoint in {cfg.ckpt_dir} with a lower max_lr"
+                                   + " or --dtype=float32 (fp16 overflows above 65504)" * scaler.is_enabled())
         total = scheduler.training_steps
         row = {"step": step, "progress_pct": 100 * step / total, "train_loss": loss, "perplexity": math.exp(loss),
                "lr": lr, "grad_norm": grad_norm, "tokens": step * cfg.tokens_per_update,
-               "tokens_per_sec": cfg.tokens_per_update / update_seconds[-1], "val_loss": None, "val_bpb": None}
+               "tokens_per_sec": cfg.tokens_per_update / update_seconds[-1], "val_loss": None, "val_bpb": None,
+               "skipped": int(skipped)}
         # Rank 0 alone evaluates and samples, except under FSDP: there every forward gathers weights from all ranks.
         takes_part, sample = master or cfg.fsdp, ""
         if takes_part and (step % cfg.eval_interval == 0 or step == total):
@@ -774,6 +749,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         if takes_part and (step % ckpt_every == 0 or step == total or stopping):
             model_state, optimizer_state, rng = training_state(raw_model, optimizer, cfg.fsdp, world_size, device)
             state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(),  # an fp16 run's loss scale; {} in bf16 and fp32
                      "loader": loader.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg),
                      "tokenizer": fingerprint, "step": step, "tokens": step * cfg.tokens_per_update,
                      "elapsed_s": elapsed_before + time.time() - start_time,

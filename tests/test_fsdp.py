@@ -221,7 +221,7 @@ from configurator import load_config
 from model import Transformer
 from train import TrainConfig, make_optimizer, wrap_model
 calls, orthogonalize = [], muon.orthogonalize
-muon.orthogonalize = lambda g: calls.append(list(g.shape)) or orthogonalize(g)  # every matrix orthogonalized here
+muon.orthogonalize = lambda g, **kw: calls.append(list(g.shape)) or orthogonalize(g, **kw)  # every matrix here
 launched = dist.is_torchelastic_launched()
 if launched:
     dist.init_process_group("gloo")

@@ -16,12 +16,15 @@ def test_preflight_on_two_cpu_ranks_passes_every_row_and_writes_the_table(shakes
     table = (tmp_path / "preflight.txt").read_text()
     assert table in out
     rows = table.splitlines()[2:]
-    assert len(rows) == 13 and all("  PASS  " in row for row in rows), table
+    assert len(rows) == 15 and all("  PASS  " in row for row in rows), table
     for check in ("DDP, 2 ranks = 1 rank", "FSDP, 2 ranks = 1 rank", "checkpoint 2 -> 2 ranks, bitwise",
-                  "checkpoint 2 -> 1 rank", "kill -9 mid-save", "all-reduce bus bandwidth",
+                  "checkpoint 2 -> 1 rank", "kill -9 mid-save", "fp16 + loss scaler, 2 ranks", "dtype and attention",
+                  "all-reduce bus bandwidth",
                   "all-gather bus bandwidth", "your config, DDP, eager", "your config, DDP, compiled",
                   "your config, FSDP, eager", "your config, FSDP, compiled", "projected run", "checkpoint disk"):
         assert any(row.startswith(check) for row in rows), check
+    # TINY trains in fp32 (dropout 0): PyTorch's fused CPU attention kernel; the fp16 run skipped nothing.
+    assert "  float32, attention: flash (CPU)" in table and "0 skipped, loss scale 65536" in table
     assert os.listdir(tmp_path) == ["preflight.txt"]  # the scratch checkpoints are gone
 
 
