@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import preflight
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, exit_if_help, load_config, run_cli
 from hardware import choose_speed, measure_matmul_flops, peak_memory_mib, pick_device, synchronize
 from model import ModelConfig, Transformer
 from prepare import load_tokenizer
@@ -160,6 +160,7 @@ def print_estimate(cfg, opts: BenchOptions):
 
 
 def main(argv: list[str]):
+    exit_if_help(argv, BenchOptions, TrainConfig)  # both groups: bench.py's options, then the training config
     own, rest = split_argv(argv)
     opts = load_config(own, BenchOptions)
     cfg = load_config(rest, TrainConfig)

@@ -75,16 +75,16 @@ class GPT2(nn.Module):
 
 @dataclass
 class NanoGPTBenchConfig:
-    n_layers: int = 6
-    n_embd: int = 384
-    n_heads: int = 6
-    max_seq_len: int = 256
-    batch_size: int = 8
-    vocab_size: int = 8192
+    n_layers: int = 6  # blocks of both models
+    n_embd: int = 384  # width of the residual stream
+    n_heads: int = 6  # attention heads
+    max_seq_len: int = 256  # tokens per sequence
+    batch_size: int = 8  # sequences per step
+    vocab_size: int = 8192  # the vocabulary both models embed and predict (random token ids)
     steps: int = 10  # timed steps of each model, alternating (the median is reported)
     warmup: int = 3  # untimed steps of each first (allocation, caches, compilation)
-    variants: str = "bf16,fp32,bf16+compile,defaults"
-    device: str = "auto"
+    variants: str = "bf16,fp32,bf16+compile,defaults"  # comma-separated; also fp32+compile
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
 
     def __post_init__(self):
         unknown = set(self.variants.split(",")) - {"bf16", "fp32", "bf16+compile", "fp32+compile", "defaults"}

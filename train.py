@@ -67,33 +67,33 @@ class TrainConfig:
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
     init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (export.py); "" = random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees tokens_per_update.
-    batch_size: int = 16
-    max_seq_len: int = 256
-    tokens_per_update: int = 16 * 256
+    batch_size: int = 16  # sequences per micro-step on each rank; lower it first when memory runs out
+    max_seq_len: int = 256  # tokens per sequence: the context the model learns to use
+    tokens_per_update: int = 16 * 256  # tokens per optimizer update, summed over micro-steps and ranks
     # Model architecture (passed on to model.ModelConfig)
-    n_embd: int = 128
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    n_layers: int = 4
-    multiple_of: int = 128
-    eps: float = 1e-5
-    theta: float = 10_000.0
-    dropout: float = 0.0
-    tie_embeddings: bool = False
+    n_embd: int = 128  # width of the residual stream
+    n_heads: int = 4  # query heads per attention layer
+    n_kv_heads: int = 4  # key/value heads; fewer than n_heads is grouped-query attention
+    n_layers: int = 4  # transformer blocks
+    multiple_of: int = 128  # SwiGLU's hidden width is rounded up to a multiple of this
+    eps: float = 1e-5  # RMSNorm's epsilon, added under the square root
+    theta: float = 10_000.0  # the base of the rotary position embeddings' frequencies
+    dropout: float = 0.0  # probability of zeroing an activation in training (0: off, as for pretraining)
+    tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
     # Optimisation and the learning-rate schedule
     schedule: str = "cosine"  # "cosine" (the guide's), "linear" or "constant"
     warmup_iterations: int = 20  # updates of linear warm-up
-    max_lr: float = 2e-3
-    min_lr: float = 2e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
+    max_lr: float = 2e-3  # AdamW's peak learning rate, reached at the end of warm-up
+    min_lr: float = 2e-4  # the learning rate the decay ends at
+    beta1: float = 0.9  # AdamW's decay of its gradient average (first moment)
+    beta2: float = 0.95  # AdamW's decay of its squared-gradient average (second moment)
+    weight_decay: float = 0.1  # decoupled weight decay of the matrices (norm gains are not decayed)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     optimizer: str = "muon"  # "muon": Muon for the blocks' matrices, AdamW for the rest; or "adamw" (the guide's)
     muon_lr: float = 8e-3  # Muon's peak learning rate, on the same schedule; 0 means max_lr
     embedding_lr: float = 3e-2  # with Muon: the token embedding's peak (AdamW), on the same schedule; 0 means max_lr
     # Length of the run, evaluation, samples and checkpoints
-    training_tokens: int = 2_000_000
+    training_tokens: int = 2_000_000  # the run's length in tokens (whole updates: rounded down)
     max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
@@ -105,7 +105,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast); auto measures which is faster (hardware.py)
     compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for it to pay
-    seed: int = 1337
+    seed: int = 1337  # the initial weights and every random draw of the run (dropout, samples)
     # Scale: beyond what one GPU's memory holds
     fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks (FSDP2), not DDP
     activation_checkpointing: bool = False  # recompute each block's activations in backward instead of storing them
