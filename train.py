@@ -7,10 +7,11 @@
     python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
     python train.py --init_from=DIR                      # start from a Hugging Face Llama model's weights
 
-Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> Scheduler
-(learning rate per update) -> processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP
-or FSDP) -> one update (train_update, evaluate) -> the time budget -> resuming -> the log -> train(), the loop.
-The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the command line configurator.py's.
+Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> processes and
+devices -> model and optimizer (make_optimizer, wrap_model: none, DDP or FSDP) -> one update (train_update,
+evaluate) -> the time budget -> resuming -> the log -> train(), the loop. The model is model.py's, Muon is muon.py's,
+the learning rate of each update schedule.py's, the checkpoint format checkpoint.py's, the command line
+configurator.py's.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
@@ -53,6 +54,7 @@ from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, 
 from model import ModelConfig, Transformer
 from muon import Muon, MuonAndAdamW
 from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
+from schedule import Scheduler
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,47 +219,6 @@ class DatasetLoader:
         # Checkpoints written before passes were counted resume as if on the first pass.
         self.shard, self.offset, self.passes = state["shard"], state["offset"], state.get("passes", 0)
         self.skip_short_tail()  # a position saved with fewer ranks may leave too little for this many
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Learning rate: linear warm-up, then cosine / linear decay to min_lr, or constant.
-class Scheduler:
-    """Sets the optimizer's learning rate for each update (counted from 0).
-
-    Warm-up: update s < warmup_steps gets max_lr * (s + 1) / warmup_steps, so the first update is gentle and the
-    last warm-up update reaches max_lr. Decay: progress p runs from 0 right after warm-up to 1 at the final update,
-    training_steps - 1; cosine gives min + (max - min) * (1 + cos(pi p)) / 2, linear gives max - (max - min) * p.
-    "constant" keeps max_lr throughout, with no warm-up, which is handy for debugging. training_steps is the run's
-    length in updates: the loop runs until it, and a time budget plans it (updates_in_budget).
-    """
-
-    def __init__(self, optimizer, schedule, training_steps, warmup_steps, max_lr, min_lr):
-        self.optimizer, self.schedule = optimizer, schedule
-        self.training_steps, self.warmup_steps = training_steps, warmup_steps
-        self.max_lr, self.min_lr = max_lr, min_lr
-        self.current_lr = None
-
-    def lr_at(self, step: int) -> float:
-        if self.schedule == "constant":
-            return self.max_lr
-        if step < self.warmup_steps:
-            return self.max_lr * (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.training_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        if self.schedule == "cosine":
-            return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
-        return self.max_lr - (self.max_lr - self.min_lr) * progress
-
-    def step(self, step: int) -> float:
-        self.current_lr = self.lr_at(step)
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                # A group may peak at its own learning rate (Muon's): it then carries the ratio as lr_scale.
-                group["lr"] = self.current_lr * group.get("lr_scale", 1.0)
-        return self.current_lr
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "optimizer"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
