@@ -61,6 +61,7 @@ from train import (
     timed_updates,
     train_update,
     training_state,
+    update_timer,
     wrap_model,
 )
 
@@ -341,8 +342,7 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
                            m.device, vocab_size=m.vocab_size)
     torch.manual_seed(cfg.seed)
     raw = Transformer(cfg.model_config(m.vocab_size)).to(m.device)
-    dtype, _, _ = choose_speed(cfg.dtype, cfg.compile, raw, cfg.batch_size, cfg.max_seq_len,
-                               accum_steps * (warmup + steps), 0, m.device)
+    dtype, _, _ = choose_speed(cfg, None, update_timer(raw, cfg, loader, accum_steps, m.device), m.device)
     model = wrap_model(raw, cfg, m.device, dtype, m.world_size)
     optimizer = make_optimizer(raw, cfg, m.device)
     step_time = statistics.median(timed_updates(model, optimizer, loader, accum_steps, cfg, m.device, dtype, warmup,

@@ -16,6 +16,7 @@ configurator.py's.
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime
@@ -404,6 +405,20 @@ def timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, war
     return times
 
 
+def update_timer(raw_model, cfg, loader, accum_steps, device):
+    """choose_speed's measurement: time_update(dtype), the seconds of one whole update in that dtype. It trains copies
+    of the model, of its optimizer and of the loader, made at its first call (a run that measures nothing copies
+    nothing), so that the run's own weights, optimizer state and place in the data stay as they were."""
+    copies = []
+
+    def time_update(dtype) -> float:
+        if not copies:
+            model = copy.deepcopy(raw_model)
+            copies.extend([model, make_optimizer(model, cfg, device), copy.copy(loader)])
+        return timed_updates(*copies, accum_steps, cfg, device, dtype, warmup=0, steps=1)[0]
+    return time_update
+
+
 @torch.no_grad()
 def evaluate(model, val_loader, n_batches, device, dtype) -> float:
     """Mean loss over the first n_batches of the validation split: the same tokens every time."""
@@ -666,9 +681,10 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     if cfg.init_from:
         load_hf_weights(raw_model, cfg.init_from)
     raw_model = raw_model.to(device)
-    micro_steps = cfg.training_tokens // cfg.tokens_per_update * accum_steps
-    dtype, compile, speed_note = choose_speed(cfg.dtype, cfg.compile, raw_model, cfg.batch_size, cfg.max_seq_len,
-                                              micro_steps, cfg.max_minutes, device)
+    # auto is measured (on copies: update_timer); a resumed run keeps its checkpoint's dtype and compile unless they are
+    # set now, so that its updates round as they did.
+    timer = update_timer(raw_model, cfg, loader, accum_steps, device)
+    dtype, compile, speed_note = choose_speed(cfg, resume_from and resume_from[1]["config"], timer, device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."), compile=compile)  # as checkpoints record
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own random numbers (dropout)
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
@@ -689,7 +705,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         start_log(log_file, step)
         peak_flops, flops_per_token = measure_matmul_flops(device, dtype), raw_model.flops_per_token()
         print(run_line(cfg, raw_model.num_params(), scheduler.training_steps, accum_steps, world_size, device, dtype)
-              + (f" | auto: {speed_note}" if speed_note else ""))
+              + (f" | {speed_note}" if speed_note else ""))
 
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()
