@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import preflight
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, exit_if_help, load_config, run_cli
 from hardware import choose_speed, measure_matmul_flops, peak_memory_mib, pick_device, synchronize
 from model import ModelConfig, Transformer
 from prepare import load_tokenizer
@@ -47,6 +47,7 @@ from train import (
     make_scaler,
     timed_updates,
     train_update,
+    update_timer,
 )
 
 
@@ -169,6 +170,7 @@ def print_estimate(cfg, opts: BenchOptions):
 
 
 def main(argv: list[str]):
+    exit_if_help(argv, BenchOptions, TrainConfig)  # both groups: bench.py's options, then the training config
     own, rest = split_argv(argv)
     opts = load_config(own, BenchOptions)
     cfg = load_config(rest, TrainConfig)
@@ -196,16 +198,16 @@ def main(argv: list[str]):
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, device=device,
                            vocab_size=tokenizer.vocab_size)
     raw_model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
-    # dtype=auto and compile=auto as train.py decides them, for a run as long as this benchmark.
-    dtype, compile, why = choose_speed(cfg.dtype, cfg.compile, raw_model, cfg.batch_size, cfg.max_seq_len,
-                                       accum_steps * (opts.warmup + opts.steps), 0, device)
+    # dtype=auto and compile=auto as train.py decides them for the run this config describes (training_tokens or
+    # max_minutes long), not for the benchmark's few updates: what is timed is what `python train.py` would run.
+    dtype, compile, why = choose_speed(cfg, None, update_timer(raw_model, cfg, loader, accum_steps, device), device)
     cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))  # as train.py runs it: Muon's dtype follows it
     optimizer = make_optimizer(raw_model, cfg, device)
     model = torch.compile(raw_model) if compile else raw_model
     print(f"{raw_model.num_params():,} parameters | {cfg.tokens_per_update:,} tokens per update "
           f"({accum_steps} micro-steps of {cfg.batch_size}x{cfg.max_seq_len}) | {device} "
           f"{str(dtype).removeprefix('torch.')} | compile={compile} | {torch.get_num_threads()} CPU threads"
-          + (f" | auto: {why}" if why else ""))
+          + (f" | {why}" if why else ""))
 
     start = time.perf_counter()
     times = timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, opts.warmup, opts.steps)

@@ -14,6 +14,7 @@ own default on this device, nanoGPT's (fp32 on a CPU, where it does not autocast
 train.py's dtype=auto and compile=auto as hardware.choose_speed decides them on this machine for a run as long as
 the default `python train.py`.
 """
+import functools
 import math
 import statistics
 import time
@@ -75,16 +76,16 @@ class GPT2(nn.Module):
 
 @dataclass
 class NanoGPTBenchConfig:
-    n_layers: int = 6
-    n_embd: int = 384
-    n_heads: int = 6
-    max_seq_len: int = 256
-    batch_size: int = 8
-    vocab_size: int = 8192
+    n_layers: int = 6  # blocks of both models
+    n_embd: int = 384  # width of the residual stream
+    n_heads: int = 6  # attention heads
+    max_seq_len: int = 256  # tokens per sequence
+    batch_size: int = 8  # sequences per step
+    vocab_size: int = 8192  # the vocabulary both models embed and predict (random token ids)
     steps: int = 10  # timed steps of each model, alternating (the median is reported)
     warmup: int = 3  # untimed steps of each first (allocation, caches, compilation)
-    variants: str = "bf16,fp32,bf16+compile,defaults"
-    device: str = "auto"
+    variants: str = "bf16,fp32,bf16+compile,defaults"  # comma-separated; also fp32+compile
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
 
     def __post_init__(self):
         unknown = set(self.variants.split(",")) - {"bf16", "fp32", "bf16+compile", "fp32+compile", "defaults"}
@@ -103,18 +104,23 @@ def training_step(model, optimizer, x, y, device: str, dtype: torch.dtype):
     optimizer.zero_grad(set_to_none=True)
 
 
+def step_seconds(model, optimizer, x, device: str, dtype: torch.dtype) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    training_step(model, optimizer, x, x, device, dtype)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_side_by_side(models: dict, cfg: NanoGPTBenchConfig, device: str) -> dict[str, float]:
     """Median seconds per step of each (model, optimizer, dtype), stepping them in turn."""
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), device=device)
     times = {name: [] for name in models}
     for i in range(cfg.warmup + cfg.steps):
         for name, (model, optimizer, dtype) in models.items():
-            synchronize(device)
-            start = time.perf_counter()
-            training_step(model, optimizer, x, x, device, dtype)
-            synchronize(device)
+            seconds = step_seconds(model, optimizer, x, device, dtype)
             if i >= cfg.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -141,9 +147,11 @@ def main(argv: list[str]):
         if variant == "defaults":
             # nanoGPT autocasts on CUDA only, and compiles; ours measures, for a run of python train.py's length.
             theirs_dtype, theirs_compile = (torch.bfloat16 if device.startswith("cuda") else torch.float32), True
-            ours, _ = build("ours", cfg, device, compile=False)
-            ours_dtype, ours_compile, why = choose_speed("auto", "auto", ours, cfg.batch_size, cfg.max_seq_len,
-                                                         TrainConfig.training_tokens // tokens, 0, device)
+            ours, optimizer = build("ours", cfg, device, compile=False)
+            x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), device=device)
+            run = TrainConfig(tokens_per_update=tokens)  # python train.py's length, in steps of this benchmark's size
+            time_step = functools.partial(step_seconds, ours, optimizer, x, device)
+            ours_dtype, ours_compile, why = choose_speed(run, None, time_step, device)
             print(f"ours with dtype=auto, compile=auto: {why}")
             label = f"defaults (ours {str(ours_dtype).removeprefix('torch.')}{', compiled' * ours_compile})"
         else:

@@ -40,11 +40,11 @@ from prepare import gpt2_tokenizer, load_tokenizer, shakespeare_documents
 @dataclass
 class PrepareBenchConfig:
     megabytes: int = 100  # corpus size (UTF-8 bytes of document text)
-    formats: str = "jsonl,parquet,txt"
+    formats: str = "jsonl,parquet,txt"  # comma-separated: the corpus is written in each of these
     tokenizers: str = "bpe,gpt2"  # bpe = the trained 8192 vocabulary of data/shakespeare
-    repeats: int = 3
+    repeats: int = 3  # runs of each, alternating, in fresh processes (the median is reported)
     work_dir: str = "data/bench_prepare"  # corpora and outputs; deleted at the end unless keep=True
-    keep: bool = False
+    keep: bool = False  # keep work_dir afterwards
 
     def __post_init__(self):
         if self.megabytes < 1 or self.repeats < 1:

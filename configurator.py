@@ -7,6 +7,7 @@ A config file is plain Python that assigns some of the fields; `--key=value` val
 such as --device=cpu is a string); they are applied in the order given, so later ones win. A value must have its
 field's type, a list field (prepare.py's --input) collects every value given, and a bool field may be given bare
 (--overwrite means --overwrite=True). A name that is not a field is an error that lists the close ones.
+`--help` (or `-h`) prints every field with its type, default and the comment beside it in the source, and exits.
 
 A mistake here, or anywhere a user can make one, is a UserError: the script prints its message as one line and exits
 with status 2 (run_cli), never a traceback.
@@ -14,8 +15,12 @@ with status 2 (run_cli), never a traceback.
 import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -70,11 +75,48 @@ def _parse(text: str, annotation):
         return text  # a bare word such as --device=cpu is a string
 
 
+def field_comments(cls) -> dict[str, str]:
+    """Each field of the dataclass `cls` and the `# comment` at the end of its line in the source (or "")."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    # The tokenizer, not a search for "#": a default such as "a#b" holds one without a comment.
+    comments = {token.start[0]: token.string[1:].strip() for token in
+                tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: comments.get(node.end_lineno, "") for node in body if isinstance(node, ast.AnnAssign)}
+
+
+def help_text(*classes) -> str:
+    """What --help prints: for each dataclass, every field as `--name: type = default  # comment`."""
+    script = os.path.basename(sys.argv[0])
+    lines = [f"usage: python {script} [config/x.py ...] [--key=value ...]"]
+    for cls in classes:
+        doc = ast.get_docstring(ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0])
+        lines += ["", f"{cls.__name__}:" + (f" {doc.splitlines()[0]}" if doc else "")]
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "user_set":
+                continue  # filled in by load_config, not a setting
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            big = isinstance(default, int) and not isinstance(default, bool) and default >= 10_000
+            shown = f"{default:_}" if big else repr(default)  # 2_000_000 is a literal --key=value accepts too
+            kind = str(f.type) if typing.get_args(f.type) else f.type.__name__
+            lines.append(f"  --{f.name}: {kind} = {shown}" + (f"  # {comments[f.name]}" if comments[f.name] else ""))
+    return "\n".join(lines)
+
+
+def exit_if_help(argv: list[str], *classes):
+    """`--help` or `-h` anywhere on the command line: print the settings of `classes` and exit with status 0."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(*classes))
+        sys.exit(0)
+
+
 def load_config(argv: list[str], cls):
     """A `cls` (a dataclass) built from `config/x.py` files and `--key=value` overrides, applied in the order given.
 
     If cls has a `user_set` field, it receives the names the user set (a tuple), so that a default can adapt to the
-    machine where a value the user chose must not."""
+    machine where a value the user chose must not. `--help` prints cls's settings and exits (exit_if_help)."""
+    exit_if_help(argv, cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "user_set"}
     values = {}
 

@@ -7,8 +7,11 @@ capability (gpu_dtype, cuda_speed): bf16, or fp16 with a loss scaler where it ha
 utilisation) is measured against measure_matmul_flops, the speed of a large matrix product on this very device.
 """
 import contextlib
+import functools
+import logging
 import resource
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -105,67 +108,108 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> f
     return 2 * n**3 / min(times[1:])
 
 
-# Compiling costs a fixed time once and then saves a fraction of every forward and backward. A run whose eager
-# forwards and backwards take longer than this gains by compiling: the threshold lies between the break-even points
-# of the CPUs measured in docs/benchmarks.md ("compile=auto"), so near it either choice costs only seconds.
+# Compiling costs a fixed time once and then saves a fraction of every update. A run whose eager updates take longer
+# than this gains by compiling: the threshold lies between the break-even points of the CPUs measured in
+# docs/benchmarks.md ("compile=auto"), so near it either choice costs only seconds.
 COMPILE_PAYS_AFTER_MINUTES = 2
+# Timed updates per dtype, after one that warms up (it allocates memory and the optimizer's state).
+SPEED_ROUNDS = 3
 
 
-def micro_step_seconds(model, x, device: str, dtypes: list, repeats: int = 3) -> list[float]:
-    """Seconds of one forward and backward of `model` on the batch x (its own targets) in each of `dtypes`, the
-    fastest of `repeats` after one to warm up. The dtypes take turns, so that other work on a shared machine slows
-    them alike. The gradients it leaves are cleared and the random state is left as it was."""
+def update_seconds(time_update, dtypes: list, device: str, rounds: int = SPEED_ROUNDS) -> torch.Tensor:
+    """Seconds of one whole update (every micro-step's forward and backward, clipping, the optimizer's step) in each
+    of `dtypes`, as time_update(dtype) measures one. The dtypes take turns, so that other work on a shared machine
+    slows them alike, and each keeps its fastest update: other work only ever adds time. The random state is left as
+    it was. Under torchrun every rank measures and all keep the slowest rank's figures, so that they choose alike."""
     times = [[] for _ in dtypes]
-    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
-        for _ in range(repeats + 1):
+    with torch.random.fork_rng(devices=[]):  # dropout in the timed updates draws from the CPU's generator
+        for _ in range(rounds + 1):
             for dtype, seconds in zip(dtypes, times, strict=True):
-                synchronize(device)
-                start = time.perf_counter()
-                with autocast(device, dtype):
-                    loss = model(x, x)[1]
-                loss.backward()
-                synchronize(device)
-                seconds.append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    return [min(seconds[1:]) for seconds in times]
+                seconds.append(time_update(dtype))
+    seconds = torch.tensor([min(s[1:]) for s in times], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return seconds
 
 
-def choose_speed(dtype: str, compile: bool | str, model, batch_size: int, seq_len: int, micro_steps: int,
-                 minutes: float, device: str) -> tuple[torch.dtype, bool, str]:
-    """(dtype, compile, the reason in a few words) for a run of `micro_steps` micro-batches of batch_size x seq_len
-    (or of `minutes` of wall clock), where "auto" asks for a measurement; explicit choices are obeyed.
+@functools.cache
+def compile_failure(device: str) -> str:
+    """Why torch.compile cannot build code here, in a few words, or "" when it can: a tiny function is compiled and
+    run. On a CPU, inductor writes C++ and builds it with the compiler in $CXX (g++ by default) against Python's
+    headers; a missing compiler or missing headers show up here in seconds, before any training. Most of those
+    seconds load the compiler stack, which compiling the model then finds loaded. Asked once per process."""
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # inductor logs a failed build at length; the caller says it in one line
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Can't find Python.h": the failure below says it
+            torch.compile(lambda x: (x.sin() * 2).sum(), fullgraph=True)(torch.ones(8, device=device))
+    except Exception as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        # A failed build names its cause on the compiler's first "error:" line; other failures on their first line.
+        return next((line.split("error: ", 1)[1] for line in lines if "error: " in line), lines[0])
+    finally:
+        logging.disable(quiet)
+    return ""
 
-    On a GPU: cuda_speed's choice, by the compute capability. On a CPU, dtype=auto times a forward and backward
-    of this model in bf16 autocast and in fp32 (where the CPU has bf16 instructions; else fp32, as emulated bf16 is
-    many times slower) and keeps the faster; compile=auto compiles when the run's forwards and backwards, at the
-    measured speed, take longer than COMPILE_PAYS_AFTER_MINUTES (a --max_minutes run: when it is longer). Under
-    torchrun every rank measures and all keep the slowest rank's figures, so that they choose alike."""
+
+def resumed_speed(cfg, saved: dict) -> tuple[str, bool | str, str]:
+    """A resumed run's dtype and compile: those it trained with (its checkpoint's config, `saved`, records what it
+    chose), unless the user set them now; and what the start-up line says about it."""
+    taken = [name for name in ("dtype", "compile") if name not in cfg.user_set]
+    chosen = {name: saved[name] if name in taken else getattr(cfg, name) for name in ("dtype", "compile")}
+    said = [" and ".join(f"{name} {saved[name]}" for name in taken) + " from the checkpoint"] if taken else []
+    if "dtype" not in taken and chosen["dtype"] != saved["dtype"]:
+        said.append(f"dtype {chosen['dtype']} as set, the checkpoint trained in {saved['dtype']}")
+    if "compile" not in taken and chosen["compile"] != saved["compile"]:
+        said.append(f"compile {chosen['compile']} as set, the checkpoint trained with compile {saved['compile']}")
+    return chosen["dtype"], chosen["compile"], "; ".join(said)
+
+
+def choose_speed(cfg, saved: dict | None, time_update, device: str) -> tuple[torch.dtype, bool, str]:
+    """(dtype, compile, what the start-up line says about them) for the run `cfg` (a TrainConfig) describes.
+
+    A resumed run (`saved`: its checkpoint's config) keeps the dtype and compile it trained with, unless the user set
+    them: its updates then round as they did, and nothing is measured. Otherwise "auto" asks for a measurement and
+    explicit choices are obeyed. On a GPU: cuda_speed's choice, by the compute capability. On a CPU, dtype=auto
+    times whole updates (update_seconds; time_update(dtype) runs one on a copy of the run's state) in bf16 autocast
+    and in fp32 where the CPU has bf16 instructions (else fp32: emulated bf16 is many times slower) and keeps the
+    faster; compile=auto compiles when the run's updates, at the measured speed, take longer than
+    COMPILE_PAYS_AFTER_MINUTES (a --max_minutes run: when it is longer). Where torch.compile cannot build
+    (compile_failure), compile=auto trains eager and --compile=True is a UserError."""
+    dtype, compile, resumed = cfg.dtype, cfg.compile, ""
+    if saved:
+        dtype, compile, resumed = resumed_speed(cfg, saved)
     if device.startswith("cuda"):
-        return cuda_speed(dtype, compile, device)
+        chosen, compile, why = cuda_speed(dtype, compile, device)
+        return chosen, compile, " | ".join(([resumed] if resumed else []) + ([f"auto: {why}"] if why else []))
     candidates = [getattr(torch, dtype)] if dtype != "auto" else [pick_dtype("auto", device)]
     if dtype == "auto" and candidates[0] == torch.bfloat16:
         candidates.append(torch.float32)
-    if len(candidates) == 1 and compile != "auto":
-        return candidates[0], compile, ""
-    generator = torch.Generator(device=device).manual_seed(0)  # the run's random stream stays untouched
-    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device, generator=generator)
-    seconds = torch.tensor(micro_step_seconds(model, x, device, candidates), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    best = int(seconds.argmin())
-    reasons = []
-    if len(candidates) > 1:
-        took = ", ".join(f"{str(c).removeprefix('torch.')} {t:.3f} s" for c, t in zip(candidates, seconds.tolist(),
-                                                                                      strict=True))
-        reasons.append(f"dtype: a forward and backward took {took}")
+    best, length, auto = 0, "", []  # auto: what the measurements decided, in a few words each
+    if len(candidates) > 1 or (compile == "auto" and not cfg.max_minutes):
+        seconds = update_seconds(time_update, candidates, device)
+        best = int(seconds.argmin())
+        if len(candidates) > 1:
+            took = ", ".join(f"{str(c).removeprefix('torch.')} {t:.3f} s" for c, t in zip(candidates, seconds.tolist(),
+                                                                                          strict=True))
+            auto.append(f"dtype: an update took {took}")
     if compile == "auto":
-        run_minutes = minutes or micro_steps * seconds[best].item() / 60
+        run_minutes = cfg.max_minutes or cfg.training_tokens // cfg.tokens_per_update * seconds[best].item() / 60
         compile = run_minutes > COMPILE_PAYS_AFTER_MINUTES
-        length = (f"the run lasts {minutes:g} min" if minutes else
-                  f"its forwards and backwards take about {run_minutes:.1f} min eager")
-        reasons.append(f"compile: {'yes' if compile else 'no'}, {length} (it pays after "
-                       f"{COMPILE_PAYS_AFTER_MINUTES})")
-    return candidates[best], compile, "; ".join(reasons)
+        length = (f"the run lasts {cfg.max_minutes:g} min" if cfg.max_minutes else
+                  f"its updates take about {run_minutes:.1f} min eager")
+    failure = compile_failure(device) if compile and device == "cpu" else ""
+    if failure and cfg.compile is True:
+        raise UserError(f"--compile=True but torch.compile cannot build code on this machine ({failure}); install a "
+                        "C++ compiler (or point CXX at one) and Python's headers, or pass --compile=False")
+    if failure:
+        compile = False
+        auto.append(f"compile: no, torch.compile cannot build code here ({failure})")
+    elif length:
+        auto.append(f"compile: {'yes' if compile else 'no'}, {length} (it pays after {COMPILE_PAYS_AFTER_MINUTES})")
+    said = ([resumed] if resumed else []) + ([f"auto: {'; '.join(auto)}"] if auto else [])
+    return candidates[best], compile, " | ".join(said)
 
 
 def cuda_speed(dtype: str, compile: bool | str, device: str) -> tuple[torch.dtype, bool, str]:

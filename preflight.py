@@ -65,6 +65,7 @@ from train import (
     timed_updates,
     train_update,
     training_state,
+    update_timer,
     wrap_model,
 )
 
@@ -392,10 +393,15 @@ def check_precision(m: Machine) -> Row:
     GPU decides by its compute capability, a CPU measures the model, so only there is the model built), and the
     attention kernel it gets in that dtype. Compiling is the config rows' business."""
     cfg, _ = fit_batch(m.cfg, m.world_size)
-    with torch.device("meta" if m.device.startswith("cuda") else m.device):
-        raw = Transformer(cfg.model_config(m.vocab_size))
-    dtype, _, why = choose_speed(cfg.dtype, False, raw, cfg.batch_size, cfg.max_seq_len, 0, 0, m.device)
-    why = f" ({why.removeprefix('dtype: ')})" if why else ""
+    cfg = dataclasses.replace(cfg, compile=False)
+    time_update = None
+    if not m.device.startswith("cuda"):
+        raw = Transformer(cfg.model_config(m.vocab_size)).to(m.device)
+        loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, m.rank, m.world_size,
+                               m.device, vocab_size=m.vocab_size)
+        time_update = update_timer(raw, cfg, loader, accumulation_steps(cfg, m.world_size), m.device)
+    dtype, _, why = choose_speed(cfg, None, time_update, m.device)
+    why = f" ({why.removeprefix('auto: ').removeprefix('dtype: ')})" if why else ""
     return Row("dtype and attention", True, f"{str(dtype).removeprefix('torch.')}{why}, attention: "
                                             f"{attention_kernel(cfg, m.device, dtype)}")
 
@@ -407,8 +413,7 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
                            m.device, vocab_size=m.vocab_size)
     torch.manual_seed(cfg.seed)
     raw = Transformer(cfg.model_config(m.vocab_size)).to(m.device)
-    dtype, _, _ = choose_speed(cfg.dtype, cfg.compile, raw, cfg.batch_size, cfg.max_seq_len,
-                               accum_steps * (warmup + steps), 0, m.device)
+    dtype, _, _ = choose_speed(cfg, None, update_timer(raw, cfg, loader, accum_steps, m.device), m.device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))  # as train.py runs it (Muon's dtype)
     model = wrap_model(raw, cfg, m.device, dtype, m.world_size)
     optimizer = make_optimizer(raw, cfg, m.device)

@@ -74,8 +74,8 @@ class PrepareConfig:
     out_dir: str = ""  # "" means data/shakespeare, for the default corpus
     tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face model
     vocab_size: int = 8192  # bpe only; counts <|endoftext|>
-    val_fraction: float = 0.1
-    shard_tokens: int = 100_000_000
+    val_fraction: float = 0.1  # the share of the text held out for validation (the end of the corpus)
+    shard_tokens: int = 100_000_000  # tokens per .npy file
     text_field: str = "text"  # the field of a .jsonl line or a .parquet row that holds the document
     hf_dataset: str = ""  # a Hugging Face dataset to stream, e.g. HuggingFaceFW/fineweb-edu
     hf_config: str = ""  # its configuration, e.g. sample-10BT

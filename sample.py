@@ -13,16 +13,16 @@ from hardware import pick_device
 
 @dataclass
 class SampleConfig:
-    ckpt_dir: str = "out"
+    ckpt_dir: str = "out"  # the training run whose newest checkpoint generates
     dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained on
     prompt: str = ""  # "" starts from a document boundary
-    num_samples: int = 1
-    max_new_tokens: int = 200
+    num_samples: int = 1  # continuations of the prompt, generated together as one batch
+    max_new_tokens: int = 200  # tokens generated after the prompt (fewer if a document ends)
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 0.9  # 1.0 = no nucleus cut
-    device: str = "auto"
-    seed: int = 1337
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
+    seed: int = 1337  # the random numbers sampling draws: the same seed gives the same text
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -7,15 +7,16 @@
     python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
     python train.py --init_from=DIR                      # start from a Hugging Face Llama model's weights
 
-Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> Scheduler
-(learning rate per update) -> processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP
-or FSDP) -> one update (make_scaler, train_update, evaluate) -> the time budget -> resuming -> the log -> train().
-The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the CSV log training_log.py's, the
-command line configurator.py's.
+Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> processes and
+devices -> model and optimizer (make_optimizer, wrap_model: none, DDP or FSDP) -> one update (make_scaler,
+train_update, evaluate) -> the time budget -> resuming -> the log -> train(), the loop. The model is model.py's, Muon
+is muon.py's, the learning rate of each update schedule.py's, the checkpoint format checkpoint.py's, the CSV log
+training_log.py's, the command line configurator.py's.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
 import contextlib
+import copy
 import dataclasses
 import datetime
 import functools
@@ -52,6 +53,7 @@ from model import ModelConfig, Transformer
 from multinode import check_same_files
 from muon import Muon, MuonAndAdamW
 from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
+from schedule import Scheduler
 from training_log import append_log, plot_log, start_log
 
 
@@ -67,33 +69,33 @@ class TrainConfig:
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
     init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (export.py); "" = random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees tokens_per_update.
-    batch_size: int = 16
-    max_seq_len: int = 256
-    tokens_per_update: int = 16 * 256
+    batch_size: int = 16  # sequences per micro-step on each rank; lower it first when memory runs out
+    max_seq_len: int = 256  # tokens per sequence: the context the model learns to use
+    tokens_per_update: int = 16 * 256  # tokens per optimizer update, summed over micro-steps and ranks
     # Model architecture (passed on to model.ModelConfig)
-    n_embd: int = 128
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    n_layers: int = 4
-    multiple_of: int = 128
-    eps: float = 1e-5
-    theta: float = 10_000.0
-    dropout: float = 0.0
-    tie_embeddings: bool = False
+    n_embd: int = 128  # width of the residual stream
+    n_heads: int = 4  # query heads per attention layer
+    n_kv_heads: int = 4  # key/value heads; fewer than n_heads is grouped-query attention
+    n_layers: int = 4  # transformer blocks
+    multiple_of: int = 128  # SwiGLU's hidden width is rounded up to a multiple of this
+    eps: float = 1e-5  # RMSNorm's epsilon, added under the square root
+    theta: float = 10_000.0  # the base of the rotary position embeddings' frequencies
+    dropout: float = 0.0  # probability of zeroing an activation in training (0: off, as for pretraining)
+    tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
     # Optimisation and the learning-rate schedule
     schedule: str = "cosine"  # "cosine" (the guide's), "linear" or "constant"
     warmup_iterations: int = 20  # updates of linear warm-up
-    max_lr: float = 2e-3
-    min_lr: float = 2e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
+    max_lr: float = 2e-3  # AdamW's peak learning rate, reached at the end of warm-up
+    min_lr: float = 2e-4  # the learning rate the decay ends at
+    beta1: float = 0.9  # AdamW's decay of its gradient average (first moment)
+    beta2: float = 0.95  # AdamW's decay of its squared-gradient average (second moment)
+    weight_decay: float = 0.1  # decoupled weight decay of the matrices (norm gains are not decayed)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     optimizer: str = "muon"  # "muon": Muon for the blocks' matrices, AdamW for the rest; or "adamw" (the guide's)
     muon_lr: float = 8e-3  # Muon's peak learning rate, on the same schedule; 0 means max_lr
     embedding_lr: float = 3e-2  # with Muon: the token embedding's peak (AdamW), on the same schedule; 0 means max_lr
     # Length of the run, evaluation, samples and checkpoints
-    training_tokens: int = 2_000_000
+    training_tokens: int = 2_000_000  # the run's length in tokens (whole updates: rounded down)
     max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
@@ -105,7 +107,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16" (autocast; fp16 with a loss scaler); hardware.py
     compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for it to pay
-    seed: int = 1337
+    seed: int = 1337  # the initial weights and every random draw of the run (dropout, samples)
     # Scale: beyond what one GPU's memory holds
     fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks (FSDP2), not DDP
     activation_checkpointing: bool = False  # recompute each block's activations in backward instead of storing them
@@ -218,47 +220,6 @@ class DatasetLoader:
         # Checkpoints written before passes were counted resume as if on the first pass.
         self.shard, self.offset, self.passes = state["shard"], state["offset"], state.get("passes", 0)
         self.skip_short_tail()  # a position saved with fewer ranks may leave too little for this many
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Learning rate: linear warm-up, then cosine / linear decay to min_lr, or constant.
-class Scheduler:
-    """Sets the optimizer's learning rate for each update (counted from 0).
-
-    Warm-up: update s < warmup_steps gets max_lr * (s + 1) / warmup_steps, so the first update is gentle and the
-    last warm-up update reaches max_lr. Decay: progress p runs from 0 right after warm-up to 1 at the final update,
-    training_steps - 1; cosine gives min + (max - min) * (1 + cos(pi p)) / 2, linear gives max - (max - min) * p.
-    "constant" keeps max_lr throughout, with no warm-up, which is handy for debugging. training_steps is the run's
-    length in updates: the loop runs until it, and a time budget plans it (updates_in_budget).
-    """
-
-    def __init__(self, optimizer, schedule, training_steps, warmup_steps, max_lr, min_lr):
-        self.optimizer, self.schedule = optimizer, schedule
-        self.training_steps, self.warmup_steps = training_steps, warmup_steps
-        self.max_lr, self.min_lr = max_lr, min_lr
-        self.current_lr = None
-
-    def lr_at(self, step: int) -> float:
-        if self.schedule == "constant":
-            return self.max_lr
-        if step < self.warmup_steps:
-            return self.max_lr * (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.training_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        if self.schedule == "cosine":
-            return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
-        return self.max_lr - (self.max_lr - self.min_lr) * progress
-
-    def step(self, step: int) -> float:
-        self.current_lr = self.lr_at(step)
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                # A group may peak at its own learning rate (Muon's): it then carries the ratio as lr_scale.
-                group["lr"] = self.current_lr * group.get("lr_scale", 1.0)
-        return self.current_lr
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "optimizer"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,6 +420,20 @@ def timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, war
         train_update(model, optimizer, loader, accum_steps, cfg, device, dtype, scaler)  # returns floats: synced
         times.append(time.perf_counter() - start)
     return times
+
+
+def update_timer(raw_model, cfg, loader, accum_steps, device):
+    """choose_speed's measurement: time_update(dtype), the seconds of one whole update in that dtype. It trains copies
+    of the model, of its optimizer and of the loader, made at its first call (a run that measures nothing copies
+    nothing), so that the run's own weights, optimizer state and place in the data stay as they were."""
+    copies = []
+
+    def time_update(dtype) -> float:
+        if not copies:
+            model = copy.deepcopy(raw_model)
+            copies.extend([model, make_optimizer(model, cfg, device), copy.copy(loader)])
+        return timed_updates(*copies, accum_steps, cfg, device, dtype, warmup=0, steps=1)[0]
+    return time_update
 
 
 @torch.no_grad()
@@ -673,9 +648,10 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     if cfg.init_from:
         load_hf_weights(raw_model, cfg.init_from)
     raw_model = raw_model.to(device)
-    micro_steps = cfg.training_tokens // cfg.tokens_per_update * accum_steps
-    dtype, compile, speed_note = choose_speed(cfg.dtype, cfg.compile, raw_model, cfg.batch_size, cfg.max_seq_len,
-                                              micro_steps, cfg.max_minutes, device)
+    # auto is measured (on copies: update_timer); a resumed run keeps its checkpoint's dtype and compile unless they are
+    # set now, so that its updates round as they did.
+    timer = update_timer(raw_model, cfg, loader, accum_steps, device)
+    dtype, compile, speed_note = choose_speed(cfg, resume_from and resume_from[1]["config"], timer, device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."), compile=compile)  # as checkpoints record
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own random numbers (dropout)
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
@@ -697,7 +673,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         start_log(log_file, step)
         peak_flops, flops_per_token = measure_matmul_flops(device, dtype), raw_model.flops_per_token()
         print(run_line(cfg, raw_model.num_params(), scheduler.training_steps, accum_steps, world_size, device, dtype)
-              + (f" | auto: {speed_note}" if speed_note else ""))
+              + (f" | {speed_note}" if speed_note else ""))
 
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()

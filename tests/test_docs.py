@@ -40,5 +40,5 @@ def test_the_documentation_shows_every_script():
 
 @pytest.mark.parametrize("page, script, options", documented_commands())
 def test_every_documented_option_is_one_the_script_accepts(page, script, options):
-    accepted = {f.name for cls in OPTIONS[script] for f in dataclasses.fields(cls)} - {"user_set"}
+    accepted = {f.name for cls in OPTIONS[script] for f in dataclasses.fields(cls)} - {"user_set"} | {"help"}
     assert set(options) <= accepted, f"{page}: {script} has no option {sorted(set(options) - accepted)}"

@@ -56,25 +56,25 @@ def test_auto_on_a_gpu_decides_by_compute_capability_not_by_emulated_bf16(monkey
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # as on a T4
     assert hardware.pick_dtype("auto", "cuda") == dtype
     # train.py, bench.py and the preflight ask choose_speed; on a GPU it measures nothing (no model needed).
-    chosen, compile, why = hardware.choose_speed("auto", "auto", None, 4, 2048, 1000, 0, "cuda:0")
+    chosen, compile, why = hardware.choose_speed(TrainConfig(dtype="auto", compile="auto"), None, None, "cuda:0")
     assert chosen == dtype and compile == (capability >= (7, 0))  # Triton, for torch.compile, needs 7.0
-    assert why.startswith(f"dtype: compute capability {capability[0]}.{capability[1]} ")
+    assert why.startswith(f"auto: dtype: compute capability {capability[0]}.{capability[1]} ")
 
 
 def test_the_reason_is_printed_and_an_impossible_compile_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert hardware.choose_speed("auto", "auto", None, 4, 2048, 1000, 0, "cuda") == (
-        torch.float16, True, "dtype: compute capability 7.5 has fast fp16 but no bf16 (from 8.0): fp16 with a loss "
-                             "scaler")
-    assert hardware.choose_speed("bfloat16", False, None, 4, 2048, 1000, 0, "cuda") == (
-        torch.bfloat16, False, "dtype: bfloat16 as asked, which this GPU emulates (auto: float16)")
+    assert hardware.choose_speed(TrainConfig(dtype="auto", compile="auto"), None, None, "cuda") == (
+        torch.float16, True, "auto: dtype: compute capability 7.5 has fast fp16 but no bf16 (from 8.0): fp16 with "
+                             "a loss scaler")
+    assert hardware.choose_speed(TrainConfig(dtype="bfloat16", compile=False), None, None, "cuda") == (
+        torch.bfloat16, False, "auto: dtype: bfloat16 as asked, which this GPU emulates (auto: float16)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
-    assert hardware.choose_speed("auto", "auto", None, 4, 2048, 1000, 0, "cuda")[1:] == (
-        False, "dtype: compute capability 6.1 runs fp16 no faster than fp32; compile: no, Triton needs compute "
+    assert hardware.choose_speed(TrainConfig(dtype="auto", compile="auto"), None, None, "cuda")[1:] == (
+        False, "auto: dtype: compute capability 6.1 runs fp16 no faster than fp32; compile: no, Triton needs compute "
                "capability 7.0")
     with pytest.raises(UserError, match="Triton needs compute capability 7.0 and this GPU has 6.1; use "
                                         "--compile=False"):
-        hardware.choose_speed("float32", True, None, 4, 2048, 1000, 0, "cuda")
+        hardware.choose_speed(TrainConfig(dtype="float32", compile=True), None, None, "cuda")
 
 
 def test_float16_is_a_dtype_the_config_takes():

@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 
-import hardware
 import model as model_py
 from configurator import UserError, load_config
 from model import Attention, FeedForward, ModelConfig, Transformer, apply_rope, rope_tables, sample
@@ -274,31 +273,3 @@ def test_invalid_sampling_settings_are_refused():
         model.generate(torch.zeros(1, 1, dtype=torch.long), 2, top_p=1.5)
     with pytest.raises(UserError, match="top_p"):  # what sample.py turns into one line and exit status 2
         load_config(["--top_p=1.5"], SampleConfig)
-
-
-# --- dtype=auto and compile=auto (hardware.choose_speed) -----------------------------------------------------------
-def test_explicit_dtype_and_compile_are_obeyed_without_measuring(monkeypatch):
-    monkeypatch.setattr(hardware, "micro_step_seconds", lambda *args: pytest.fail("measured an explicit choice"))
-    assert hardware.choose_speed("bfloat16", False, tiny_model(), 2, 16, 1000, 0, "cpu") == (torch.bfloat16, False, "")
-    assert hardware.choose_speed("float32", True, tiny_model(), 2, 16, 1000, 0, "cpu") == (torch.float32, True, "")
-
-
-def test_auto_keeps_the_faster_dtype_measured_and_compiles_only_a_long_run(monkeypatch):
-    monkeypatch.setattr(hardware, "pick_dtype", lambda name, device: torch.bfloat16)  # a CPU with bf16 instructions
-    for fast, slow in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
-        monkeypatch.setattr(hardware, "micro_step_seconds", lambda model, x, device, dtypes, f=fast:
-                            [0.1 if dtype == f else 0.3 for dtype in dtypes])
-        dtype, compile, why = hardware.choose_speed("auto", "auto", tiny_model(), 2, 16, 1000, 0, "cpu")
-        assert dtype == fast and not compile  # 1000 micro-steps of 0.1 s: under 2 minutes
-        assert f"{str(fast)[6:]} 0.100 s" in why and f"{str(slow)[6:]} 0.300 s" in why and "compile: no" in why
-    _, compile, why = hardware.choose_speed("float32", "auto", tiny_model(), 2, 16, 1300, 0, "cpu")
-    assert compile and "compile: yes, its forwards and backwards take about 2.2 min eager" in why  # 1,300 x 0.1 s
-    _, compile, why = hardware.choose_speed("float32", "auto", tiny_model(), 2, 16, 10, 30.0, "cpu")  # --max_minutes
-    assert compile and "the run lasts 30 min" in why
-
-
-def test_measuring_a_step_leaves_no_gradient_and_the_random_state_as_it_was():
-    model, x = tiny_model(dropout=0.1).train(), torch.randint(0, 64, (2, 16))
-    state = torch.get_rng_state()
-    assert min(hardware.micro_step_seconds(model, x, "cpu", [torch.float32, torch.bfloat16])) > 0
-    assert torch.equal(torch.get_rng_state(), state) and all(p.grad is None for p in model.parameters())

@@ -119,6 +119,39 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_run(shakespeare_dir, tm
     assert not marker.exists()
 
 
+# --- torch.compile where it cannot build ---------------------------------------------------------------------------
+NO_COMPILER = {"CXX": "/nonexistent/g++"}  # the C++ compiler inductor builds with on a CPU: a program not there
+
+
+def test_an_explicit_compile_that_cannot_build_is_one_line_naming_compile_false(shakespeare_dir, tmp_path):
+    result = run("train.py", *tiny(shakespeare_dir, tmp_path, "--compile=True"), check=False,
+                 env=os.environ | NO_COMPILER)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: --compile=True but torch.compile cannot build code on this machine "
+                           "(InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx: "
+                           "(None, '/nonexistent/g++')); ")
+    assert line.endswith("or pass --compile=False") and not checkpoint_paths(tmp_path)
+
+
+def test_compile_auto_that_cannot_build_trains_eager_and_says_why(shakespeare_dir, tmp_path):
+    # 200,000 updates would take minutes eager, so compile=auto wants to compile. Stopped after a few updates.
+    argv = tiny(shakespeare_dir, tmp_path, "--training_tokens=25_600_000")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | NO_COMPILER)
+    start_up = proc.stdout.readline()
+    for line in proc.stdout:
+        if line.startswith("update 1/"):  # the loop has begun: SIGTERM stops it
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = communicate(proc, timeout=120)
+    assert proc.returncode == 0 and "stopped by signal" in out, err
+    assert start_up.rstrip().endswith("| cpu float32 | auto: compile: no, torch.compile cannot build code here "
+                                      "(InvalidCxxCompiler: No working C++ compiler found in "
+                                      "torch._inductor.config.cpp.cxx: (None, '/nonexistent/g++'))")
+    assert torch.load(checkpoint_paths(tmp_path)[-1], weights_only=True)["config"]["compile"] is False
+
+
 # --- crashes, preemption, divergence -----------------------------------------------------------------------------
 def test_a_diverging_run_stops_naming_the_update_and_saves_nothing_bad(shakespeare_dir, tmp_path):
     result = run("train.py", *tiny(shakespeare_dir, tmp_path, "--max_lr=1e30", "--warmup_iterations=1",

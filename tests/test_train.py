@@ -1,4 +1,5 @@
 """train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and resuming."""
+import copy
 import json
 import math
 import os
@@ -13,10 +14,12 @@ import pytest
 import torch
 from processes import communicate
 
+import hardware
 from checkpoint import checkpoint_paths
 from configurator import UserError, load_config
+from model import Transformer
 from preflight import drift_tolerance
-from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps
+from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps, make_optimizer, update_timer
 
 ROOT = Path(__file__).resolve().parent.parent
 # A model small enough that a few updates take a second or two on a laptop CPU.
@@ -262,6 +265,39 @@ def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weigh
     assert_same_weights(final_weights(straight), final_weights(resumed))
     optimizer = torch.load(checkpoint_paths(straight)[-1], weights_only=True)["optimizer"]
     assert set(optimizer) == {"muon", "adamw"} and optimizer["muon"]["state"], "Muon's momentum is saved"
+
+
+def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile(shakespeare_dir, tmp_path):
+    """dtype=auto and compile=auto are decided when a run starts; a resumed run takes them from its checkpoint and
+    measures nothing. With the same dtype and compile setting, on one rank of the same machine, its updates round as
+    the uninterrupted run's did: the tolerance is zero."""
+    auto = [arg for arg in TINY if not arg.startswith("--dtype")]
+    common = [*auto, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280", "--token_ckpt=640", "--keep_ckpts=5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    start_up = re.compile(r"^[\d,]+ parameters \| .*$", re.MULTILINE)  # the line a run starts with
+    assert "| auto: " in start_up.search(run("train.py", *common, f"--ckpt_dir={straight}").stdout)[0]  # measured
+    chosen = torch.load(straight / "ckpt_00000005.pt", weights_only=True)["config"]
+    assert chosen["compile"] is False  # 10 tiny updates: far too short to pay for compiling
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000005.pt", resumed)
+    out = run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout
+    assert start_up.search(out)[0].endswith(f"| cpu {chosen['dtype']} | dtype {chosen['dtype']} and compile False "
+                                            "from the checkpoint")
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_the_speed_measurement_trains_copies_and_leaves_the_run_as_it_was(shakespeare_dir):
+    cfg = load_config([*TINY, "--dropout=0.1", f"--dataset_dir={shakespeare_dir}"], TrainConfig)
+    loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model_config(8192))
+    optimizer = make_optimizer(model, cfg, "cpu")
+    weights, position, rng = copy.deepcopy(model.state_dict()), loader.state_dict(), torch.get_rng_state()
+    time_update = update_timer(model, cfg, loader, accumulation_steps(cfg, 1), "cpu")
+    assert hardware.update_seconds(time_update, [torch.float32, torch.bfloat16], "cpu").min() > 0  # as choose_speed
+    assert_same_weights(model.state_dict(), weights)
+    assert loader.state_dict() == position and torch.equal(torch.get_rng_state(), rng)
+    assert optimizer.state_dict()["adamw"]["state"] == {} and all(p.grad is None for p in model.parameters())
 
 
 def test_a_resumed_run_takes_its_learning_rates_from_its_own_config(shakespeare_dir, tmp_path):
