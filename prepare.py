@@ -380,6 +380,14 @@ def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
     return bpe_tokenizer(ranks, meta["pattern"])
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The ids a prompt reaches the model as: <|endoftext|>, then the text. In the shards every document starts right
+    after an <|endoftext|>, so a prompt that starts the same way reads as the start of a text, which the model
+    predicts better than text with nothing before it (docs/benchmarks.md, "The prompt"). sample.py, the Hugging Face
+    tokenizer export.py writes and its GGUF file (add_bos_token) all begin a prompt this way."""
+    return [tokenizer.eot_id, *tokenizer.encode(text)]
+
+
 def tokenizer_fingerprint(dataset_dir) -> str:
     """Identifies a dataset's vocabulary, so that a model is never trained on, or read with, another tokenizer's ids."""
     meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
