@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from configurator import UserError
 from model import ModelConfig, Transformer
-from prepare import load_tokenizer, lock_directory, space_for, tokenizer_fingerprint
+from prepare import full_disk_error, is_full_disk, load_tokenizer, lock_directory, space_for, tokenizer_fingerprint
 
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})(\.pt)?")
 # What a run says when its disk is full: the checkpoints already saved are intact, so it can go on from them.
@@ -72,8 +72,18 @@ def write_shards(tmp: Path, state: dict, rank0: bool):
     if rank0 and tmp.exists():
         shutil.rmtree(tmp)  # left by a run killed while writing this same checkpoint
     dist.barrier()
-    # DCP saves tensors only, so that loading never has to unpickle anything else (see read_dcp_index).
-    dcp.save({"model": state["model"], "optimizer": state["optimizer"]["state"]}, checkpoint_id=tmp)
+    tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
+    try:
+        # DCP saves tensors only, so that loading never has to unpickle anything else (see read_dcp_index).
+        dcp.save(tensors, checkpoint_id=tmp)
+    except CheckpointException as e:  # every rank gets it, with each failed rank's exception
+        full = [error for error, _ in e.failures.values() if is_full_disk(error)]
+        if not full:
+            raise
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial shards would go on holding the space
+        # A DTensor counts its whole tensor, so this is the size of the checkpoint over all the ranks.
+        raise full_disk_error(tmp, checkpoint_bytes(tensors), full[0], SPACE_FIX) from None
     if rank0:  # dcp.save returns on every rank once all shards and the index are written and synced
         rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
         write_state(tmp / "train_state.pt", rest | {"optimizer_param_groups": state["optimizer"]["param_groups"]})

@@ -207,7 +207,7 @@ def byte_level_vocabulary(tokenizer) -> tuple[list[str], list[tuple[str, str]]]:
 
 def hf_tokenizer(tokenizer):
     """A `tokenizers` Tokenizer that encodes every text to the same ids as the tiktoken one (bpe or gpt2)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as FastTokenizer
 
     tokens, merges = byte_level_vocabulary(tokenizer)
@@ -222,6 +222,10 @@ def hf_tokenizer(tokenizer):
     fast.decoder = decoders.ByteLevel()
     fast.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     assert fast.token_to_id(EOT) == tokenizer.eot_id  # the id right after the last rank, as in tiktoken
+    # tokenizer(text) gives what sample.py feeds the model (prepare.prompt_ids): <|endoftext|>, then the text;
+    # add_special_tokens=False gives the text alone.
+    fast.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A $B:1",
+                                                        special_tokens=[(EOT, tokenizer.eot_id)])
     return fast
 
 
@@ -234,6 +238,8 @@ def write_tokenizer(tokenizer, directory: Path, max_seq_len: int):
     eot = tokenizer.decode([tokenizer.eot_id])
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
               "model_max_length": max_seq_len,
+              # LLaMA takes no token_type_ids; listed, transformers 4.x hands them to generate(), which refuses them
+              "model_input_names": ["input_ids", "attention_mask"],
               # transformers would otherwise "tidy" decoded text (" ." -> "."), so decode(encode(s)) != s
               "clean_up_tokenization_spaces": False}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -392,7 +398,8 @@ def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    # <|endoftext|> separates documents in training: a prompt starts after one, and generation stops at the next.
+    # <|endoftext|> separates documents in training: a prompt starts after one (llama.cpp prepends it, as
+    # prepare.prompt_ids does), and generation stops at the next.
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(True)

@@ -8,8 +8,8 @@ Options (all --key=value): --input (repeatable: a file or a directory to walk; .
 .jsonl = one document per line, read from --text_field, .parquet = one document per row), --out_dir,
 --tokenizer (bpe: train a byte-level BPE on the training text; gpt2: tiktoken's GPT-2 vocabulary; or the path of
 a prepared dataset whose tokenizer is reused, or of a Hugging Face model directory whose tokenizer.json is used),
---vocab_size (bpe only, counts <|endoftext|>), --val_fraction, --shard_tokens, --text_field, --hf_dataset,
---hf_config, --overwrite.
+--vocab_size (bpe only, counts <|endoftext|>), --val_fraction, --val_tokens (--hf_dataset only), --shard_tokens,
+--text_field, --hf_dataset, --hf_config, --overwrite.
 
 The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
 nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
@@ -19,8 +19,10 @@ documents while the main thread reads and parses the next, and the ids come back
 
 Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes; validation is the
 final --val_fraction of them, starting at the first line break after the cut (the document that straddles the cut
-becomes two documents). The size of a Hugging Face stream is unknown, so there every k-th document is validation,
-k = round(1 / val_fraction). Either way the BPE is trained on training text only.
+becomes two documents). The size of a Hugging Face stream is unknown, and it may be billions of tokens, of which an
+evaluation reads a few million: there every k-th document (k = round(1 / val_fraction)) from the start of the stream
+is validation until the split holds --val_tokens tokens, and every document after that is training. Either way the
+BPE is trained on training text only (from a stream it skips every k-th document, so it cannot see validation).
 
 Memory stays flat however large the corpus: documents are streamed, the BPE reads at most BPE_TRAIN_BYTES of
 training text, and each document's tokens are appended to its split's open shard file as soon as they are encoded
@@ -74,16 +76,23 @@ class PrepareConfig:
     out_dir: str = ""  # "" means data/shakespeare, for the default corpus
     tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face model
     vocab_size: int = 8192  # bpe only; counts <|endoftext|>
-    val_fraction: float = 0.1  # the share of the text held out for validation (the end of the corpus)
+    val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th document
+    val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it holds this many
     shard_tokens: int = 100_000_000  # tokens per .npy file
     text_field: str = "text"  # the field of a .jsonl line or a .parquet row that holds the document
     hf_dataset: str = ""  # a Hugging Face dataset to stream, e.g. HuggingFaceFW/fineweb-edu
     hf_config: str = ""  # its configuration, e.g. sample-10BT
     overwrite: bool = False  # replace an existing out_dir (only once the new dataset is complete)
+    user_set: tuple[str, ...] = ()  # the options given (filled by load_config)
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
             raise UserError("--val_fraction must be between 0 and 1 (e.g. 0.1)")
+        if self.val_tokens < 1:
+            raise UserError("--val_tokens must be a positive number of tokens (e.g. 10_000_000)")
+        if "val_tokens" in self.user_set and not self.hf_dataset:
+            raise UserError("--val_tokens sizes the validation split of a stream (--hf_dataset); local text is "
+                            "split by --val_fraction")
         if self.shard_tokens < 1:
             raise UserError("--shard_tokens must be a positive number of tokens")
         if self.tokenizer == "bpe" and self.vocab_size < 256 + 1:
@@ -376,6 +385,14 @@ def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
     except (OSError, ValueError) as e:
         raise damaged(path, e) from None
     return bpe_tokenizer(ranks, meta["pattern"])
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The ids a prompt reaches the model as: <|endoftext|>, then the text. In the shards every document starts right
+    after an <|endoftext|>, so a prompt that starts the same way reads as the start of a text, which the model
+    predicts better than text with nothing before it (docs/benchmarks.md, "The prompt"). sample.py, the Hugging Face
+    tokenizer export.py writes and its GGUF file (add_bos_token) all begin a prompt this way."""
+    return [tokenizer.eot_id, *tokenizer.encode(text)]
 
 
 def tokenizer_fingerprint(dataset_dir) -> str:
@@ -679,19 +696,25 @@ def tokens_to_come(tokens: int, tokens_written: int, text_bytes: dict, total_byt
     return tokens + (total_bytes - done) * tokens_written / done
 
 
-def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None) -> dict:
-    """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json."""
+def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None,
+                  val_tokens: int | None = None) -> dict:
+    """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json. With val_tokens (a
+    stream), a "val" document arriving once validation holds that many tokens is written to training instead."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the disk and RAM when ids fit in 16 bits
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
     text_bytes = {"train": 0, "val": 0}
+    split_tokens = {"train": 0, "val": 0}
     tokens_written = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for batch, encoded in encoded_batches(pairs, tokenizer):
             for (split, text), ids in zip(batch, encoded, strict=True):
+                if split == "val" and val_tokens is not None and split_tokens["val"] >= val_tokens:
+                    split = "train"  # validation is full: the rest of the stream trains
                 tokens = np.empty(len(ids) + 1, dtype)  # the ids' one copy, in the shards' dtype
                 tokens[:-1], tokens[-1] = ids, tokenizer.eot_id  # every document ends with <|endoftext|>
                 size = utf8_size(text)
                 text_bytes[split] += size
+                split_tokens[split] += len(tokens)
                 tokens_written += len(tokens)
                 writers[split].add(tokens, tokens_to_come(len(tokens), tokens_written, text_bytes, total_bytes))
                 bar.update(size)
@@ -761,7 +784,8 @@ def main(argv: list[str]):
     tmp_dir.chmod(0o755)  # mkdtemp makes the directory private to its owner; a dataset is for everyone to read
     try:
         pairs = split_documents(documents(), total_bytes, cfg.val_fraction)
-        counts = write_dataset(tmp_dir, pairs, tokenizer, cfg.shard_tokens, total_bytes)
+        counts = write_dataset(tmp_dir, pairs, tokenizer, cfg.shard_tokens, total_bytes,
+                               cfg.val_tokens if cfg.hf_dataset else None)
         if tokenizer.name == "bpe":
             save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
         elif tokenizer.name == "hf":  # the dataset keeps its own copy, like tokenizer.tiktoken

@@ -9,13 +9,14 @@ import torch
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
 from hardware import pick_device
+from prepare import prompt_ids
 
 
 @dataclass
 class SampleConfig:
     ckpt_dir: str = "out"  # the training run whose newest checkpoint generates
     dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained on
-    prompt: str = ""  # "" starts from a document boundary
+    prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that boundary alone
     num_samples: int = 1  # continuations of the prompt, generated together as one batch
     max_new_tokens: int = 200  # tokens generated after the prompt (fewer if a document ends)
     temperature: float = 0.8  # 0 = greedy
@@ -38,7 +39,7 @@ def main(argv: list[str]):
     model.to(device)
     torch.manual_seed(cfg.seed)
 
-    prompt = tokenizer.encode(cfg.prompt) if cfg.prompt else [tokenizer.eot_id]
+    prompt = prompt_ids(tokenizer, cfg.prompt)
     idx = torch.tensor([prompt] * cfg.num_samples, device=device)
     out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                          top_p=cfg.top_p if cfg.top_p < 1 else None, eos_token=tokenizer.eot_id)

@@ -10,7 +10,8 @@
 # Data: the guide trains one pass over unique tokens. FineWeb-Edu's sample-10BT holds about 10B (GPT-2) tokens, so
 # 45B tokens would be 4.5 passes over it; sample-100BT holds about 100B, so the run reads under half of it once.
 # Preparing all of it takes a network and, at 2 bytes per token, a few hundred GB of disk for the shards:
-#   python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-100BT --out_dir=data/fineweb_edu
+#   python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-100BT --val_tokens=10_000_000 \
+#       --out_dir=data/fineweb_edu   (validation: 10M tokens, ten times what eval_tokens reads)
 # Then: torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
 dataset_dir = "data/fineweb_edu"
 ckpt_dir = "out/llama_1b3"

@@ -145,6 +145,21 @@ def test_greedy_generation_is_identical(exported, shakespeare_dir, monkeypatch):
     assert len(got) == 62 or got[-1] == 8191
 
 
+def test_sample_py_and_transformers_continue_a_prompt_alike(gqa_export, shakespeare_dir):
+    """Both begin the prompt after an <|endoftext|>; greedy, they write the same continuation."""
+    ckpt, hf_dir = gqa_export
+    result = run("sample.py", f"--ckpt_dir={hf_dir.parent}", "--prompt=ROMEO:", "--temperature=0",
+                 "--max_new_tokens=20")
+    assert result.returncode == 0, result.stderr
+    ours = result.stdout.split("\n", 1)[1].removesuffix("\n" + "-" * 40 + "\n")  # after the header line
+    tokenizer, model = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    prompt = tokenizer("ROMEO:", return_tensors="pt")
+    assert prompt["input_ids"][0, 0].item() == tokenizer.bos_token_id == prepare.load_tokenizer(shakespeare_dir).eot_id
+    with torch.no_grad():
+        theirs = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0]
+    assert ours == tokenizer.decode(theirs, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("which", ["bpe", "gpt2"])
 def test_the_tokenizer_encodes_like_tiktoken(which, gqa_export, shakespeare_dir, tmp_path):
     if which == "bpe":
@@ -155,9 +170,12 @@ def test_the_tokenizer_encodes_like_tiktoken(which, gqa_export, shakespeare_dir,
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     plays = tiktoken_tokenizer.decode(np.load(shakespeare_dir / "val_000000.npy")[:20_000])
     for text in (VARIED_TEXT, plays):
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, add_special_tokens=False)
         assert ids == tiktoken_tokenizer.encode(text)
         assert tokenizer.decode(ids) == text
+        # A prompt reaches the model as sample.py gives it: after an <|endoftext|>, as every document in the shards
+        assert tokenizer(text)["input_ids"] == prepare.prompt_ids(tiktoken_tokenizer, text) == [
+            tiktoken_tokenizer.eot_id, *ids]
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == tiktoken_tokenizer.eot_id
     assert len(tokenizer) == tiktoken_tokenizer.vocab_size
 

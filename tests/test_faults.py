@@ -133,6 +133,19 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_
     assert_same_weights(final_weights(straight), final_weights(ckpt))
 
 
+def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_partial_shards(shakespeare_dir,
+                                                                                           tmp_path):
+    # Each of the two FSDP ranks writes its half of the 6.4 MB checkpoint; neither half fits under the limit.
+    result = run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py",
+                 *args(shakespeare_dir, tmp_path, "--fsdp=True"), check=False, timeout=300,
+                 preexec_fn=file_size_limit(1_000_000))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "[rank" not in result.stderr, result.stderr  # torchrun adds only its exit report
+    assert re.fullmatch(rf"error: could not write {tmp_path}/ckpt_00000002\.tmp \(disk full\): it needs about "
+                        rf"6\.4 MB and [0-9.]+ [kMGT]?B is free; {re.escape(FIX)}", errors[0])
+    assert "exitcode  : 2" in result.stderr and not list(tmp_path.glob("ckpt_*")), "no partial shards hold the space"
+
+
 def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(shakespeare_dir, straight, tmp_path, full_disk):
     ckpt = first_checkpoint_of(straight, tmp_path)
     header_and_two_rows = (ckpt / "log.csv").read_text().splitlines()[:3]

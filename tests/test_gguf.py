@@ -130,6 +130,8 @@ def test_the_metadata_is_what_llama_cpp_reads(exports, shakespeare_dir):
         "llama.rope.dimension_count": 16, "llama.vocab_size": 8192, "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8191, "tokenizer.ggml.eos_token_id": 8191,
         "tokenizer.ggml.add_bos_token": True}
+    # llama.cpp prepends that BOS to every prompt: the ids sample.py feeds (prepare.prompt_ids), <|endoftext|> first
+    assert prepare.prompt_ids(prepare.load_tokenizer(shakespeare_dir), "ROMEO:")[0] == 8191
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == 8192
     assert tokens[8191] == "<|endoftext|>" and types[8191] == gguf.TokenType.CONTROL

@@ -191,6 +191,45 @@ def test_hf_streaming_on_local_files(shakespeare_dir, tmp_path):
     assert list(prepare.hf_documents(str(tmp_path / "parquet"), "", "content")) == texts
 
 
+def fake_stream(monkeypatch, texts: list[str]):
+    """datasets.load_dataset streaming `texts` as rows, afresh for each pass, as the Hub would."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: ({"text": t} for t in texts))
+
+
+def test_a_stream_holds_out_val_tokens_not_a_fraction_of_itself(shakespeare_dir, tmp_path, monkeypatch):
+    texts = [f"streamed document {i}:" + " words" * (i % 7) for i in range(400)]
+    fake_stream(monkeypatch, texts)
+    meta = build(tmp_path / "data", "--hf_dataset=HuggingFaceFW/fineweb-edu", f"--tokenizer={shakespeare_dir}",
+                 "--val_fraction=0.25", "--val_tokens=300")
+    # every 4th document from the start is validation until the split holds 300 tokens; the rest of the stream trains
+    tokenizer = prepare.load_tokenizer(shakespeare_dir)
+    held, val = 0, []
+    for text in texts[3::4]:
+        if held >= 300:
+            break
+        val.append(text)
+        held += len(tokenizer.encode(text)) + 1  # and its <|endoftext|>
+    assert 300 <= meta["val_tokens"] == held < 300 + 20 and len(val) < len(texts[3::4]) / 2
+    assert documents_in(tmp_path / "data", "val") == val
+    assert documents_in(tmp_path / "data", "train") == [t for t in texts if t not in val]
+
+
+def test_the_bpe_never_sees_a_document_a_stream_could_hold_out(tmp_path, monkeypatch):
+    texts = [f"streamed document {i}: " + "some words and more " * (i % 5 + 1) for i in range(200)]
+    fake_stream(monkeypatch, texts)
+    seen, train_bpe = [], prepare.train_bpe
+
+    def recording(texts, vocab_size):
+        seen.extend(texts)
+        return train_bpe(seen, vocab_size)
+
+    monkeypatch.setattr(prepare, "train_bpe", recording)
+    build(tmp_path / "data", "--hf_dataset=HuggingFaceFW/fineweb-edu", "--vocab_size=300", "--val_tokens=50")
+    assert seen == [t for i, t in enumerate(texts) if i % 10 != 9]  # not even those that ended up training
+    assert len(documents_in(tmp_path / "data", "val")) < len(texts[9::10])
+
+
 def test_hf_without_the_package_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
     with pytest.raises(UserError, match="pip install datasets"):
@@ -242,6 +281,8 @@ def test_overwrite_replaces_only_a_finished_dataset(shakespeare_dir, tmp_path):
     (["--vocab_size"], "'--vocab_size' has no value"),
     (["--vocab_size=big"], "--vocab_size expects int, got 'big'"),
     (["--val_fraction=1.5"], "between 0 and 1"),
+    (["--out_dir=x", "--input=good.txt", "--val_tokens=1000"], "local text is split by --val_fraction"),
+    (["--val_tokens=0"], "--val_tokens must be a positive number"),
     (["--out_dir=x", "--input=good.txt", "--tokenizer=not_a_dataset"], "`python prepare.py`"),
 ])
 def test_bad_input_is_a_user_error(argv, message, tmp_path, monkeypatch):
