@@ -28,6 +28,7 @@ from test_train import ROOT, TINY, assert_same_weights, final_weights, run
 import checkpoint
 import prepare
 import train
+import training_log
 from checkpoint import checkpoint_paths
 from configurator import UserError
 
@@ -94,8 +95,8 @@ class FullDisk:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """full_disk(name, room): writes to files called `name` (through the open of prepare.py, train.py and
-    checkpoint.py) fail with ENOSPC once `room` bytes in all have gone to them."""
+    """full_disk(name, room): writes to files called `name` (through the open of prepare.py, train.py,
+    training_log.py and checkpoint.py) fail with ENOSPC once `room` bytes in all have gone to them."""
     def fill(name: str, room: int):
         disk = {"room": room}
 
@@ -103,7 +104,7 @@ def full_disk(monkeypatch):
             file = open(path, mode, *args, **kwargs)
             return FullDisk(file, disk) if Path(path).name == name and set(mode) & set("wax") else file
 
-        for module in (prepare, train, checkpoint):
+        for module in (prepare, train, training_log, checkpoint):
             monkeypatch.setattr(module, "open", open_on_full_disk, raising=False)
     return fill
 
