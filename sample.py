@@ -1,6 +1,8 @@
-"""Generate text from the newest checkpoint of a training run.
+"""Generate text from the newest checkpoint of a training run (or another one: --ckpt=PATH, or --ckpt=best for the
+one with the lowest validation loss).
 
     python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_p=0.9
+    python sample.py --ckpt_dir=out --ckpt=best
 """
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from hardware import pick_device
 @dataclass
 class SampleConfig:
     ckpt_dir: str = "out"
+    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the lowest val loss
     dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained on
     prompt: str = ""  # "" starts from a document boundary
     num_samples: int = 1
@@ -33,7 +36,7 @@ class SampleConfig:
 def main(argv: list[str]):
     cfg = load_config(argv, SampleConfig)
     # Reading only: a damaged newest checkpoint is skipped (train.py renames it when it resumes), not touched.
-    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, dataset_dir=cfg.dataset_dir, purpose="sampling from")
+    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="sampling from")
     device = pick_device(cfg.device)
     model.to(device)
     torch.manual_seed(cfg.seed)

@@ -23,7 +23,6 @@ import gc
 import io
 import math
 import os
-import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ from export import hf_architecture, load_hf_weights
 from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
 from model import ModelConfig, Transformer
 from muon import Muon, MuonAndAdamW
+from passes import ValidationRecord, keeps_best, plan_repeats
+from preemption import StopRequest
 from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
 
 
@@ -649,25 +650,6 @@ def plot_log(log_file: str, png_path: str):
     write_file(Path(png_path), png.getvalue(), SPACE_FIX)
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks after each update."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.request)
-
-    def request(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, device) -> bool:
-        """All ranks stop at the same update: if any rank was signalled, all of them stop."""
-        flag = torch.tensor(float(self.requested), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 class TrainingDiverged(UserError):
     """The loss or the gradient norm stopped being finite: the run failed (exit status 1), though its fix is the
     user's."""
@@ -689,7 +671,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
                                vocab_size=tokenizer.vocab_size)
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
-    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes")
+    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes", "train_tokens")
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
     vocab_size = tokenizer.vocab_size
     if cfg.init_from:  # the architecture of a Hugging Face model's config.json; its weights are loaded below
@@ -717,9 +699,13 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     training_steps = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
     step, elapsed_before = 0, 0.0
+    # repeats: how often the run reads its data and what it does about it (passes.py), once its length is planned.
+    record, repeats, planned = ValidationRecord(), None, None
     if resume_from:
         step, elapsed_before = resume(*resume_from, cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
                                       device)
+        record.load_state_dict(resume_from[1].get("validation", {}))
+        planned = resume_from[1].get("repeats")
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
@@ -736,6 +722,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     next_sample = next_sample_update(step, cfg.model_gen_multiplier)
     start_step, start_time, update_seconds = step, time.time(), []
     while step < scheduler.training_steps:
+        if repeats is None and (step >= BUDGET_PROBE_UPDATES or not cfg.max_minutes):
+            repeats = plan_repeats(cfg, raw_model, scheduler.training_steps, meta["train_tokens"], master, planned)
         t0 = time.time()
         lr = scheduler.step(step)
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
@@ -753,11 +741,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
                "lr": lr, "grad_norm": grad_norm, "tokens": step * cfg.tokens_per_update,
                "tokens_per_sec": cfg.tokens_per_update / update_seconds[-1], "val_loss": None, "val_bpb": None}
         # Rank 0 alone evaluates and samples, except under FSDP: there every forward gathers weights from all ranks.
-        takes_part, sample = master or cfg.fsdp, ""
+        takes_part, sample, new_best = master or cfg.fsdp, "", False
         if takes_part and (step % cfg.eval_interval == 0 or step == total):
             row["val_loss"] = evaluate(raw_model, val_loader, eval_batches, device, dtype)
             # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
             row["val_bpb"] = row["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+            new_best = record.add(step, row["val_loss"], row["val_bpb"])
         if takes_part and cfg.model_gen_multiplier and step >= round(next_sample):
             sample = sample_text(raw_model, tokenizer, device, seed=cfg.seed + step)
             next_sample = next_sample_update(step, cfg.model_gen_multiplier)
@@ -767,18 +756,21 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             mfu = flops_per_token * row["tokens_per_sec"] / world_size / peak_flops
             first = int(step - start_step > 1)  # from the second update on, leave out the first: it also compiled
             eta = (total - step) * (time.time() - start_time - first * update_seconds[0]) / (step - start_step - first)
-            print(progress_line(row, total, mfu, eta), flush=True)
+            print(progress_line(row, total, mfu, eta) + record.note(), flush=True)
             if sample:
                 print(f"--- sample at update {step} ---\n{sample}\n---")
         stopping = stop.agreed(device)
-        if takes_part and (step % ckpt_every == 0 or step == total or stopping):
+        if takes_part and (step % ckpt_every == 0 or step == total or stopping or (new_best and keeps_best(repeats))):
+            record.saved(step)
             model_state, optimizer_state, rng = training_state(raw_model, optimizer, cfg.fsdp, world_size, device)
             state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "loader": loader.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg),
                      "tokenizer": fingerprint, "step": step, "tokens": step * cfg.tokens_per_update,
                      "elapsed_s": elapsed_before + time.time() - start_time,
                      "argv": argv or []}  # the command line, for export.py's model card
-            path = save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts, sharded=cfg.fsdp)
+            state["validation"], state["repeats"] = record.state_dict(), repeats
+            path = save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts, sharded=cfg.fsdp,
+                                   best=record.best_path(cfg.ckpt_dir, cfg.fsdp))
             if master:
                 print(f"saved {path}")
         if stopping:
@@ -787,6 +779,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             break
     if master:
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+        print(record.final_line(cfg.ckpt_dir, cfg.fsdp))
         lock.close()
 
 

@@ -1,0 +1,124 @@
+"""Runs that read their training tokens more than once: how many passes a run makes, what it does about it, and the
+record of its validation loss that shows when a model starts to memorise.
+
+The guide trains one pass over unique tokens, where a model cannot learn the training text by heart. A learner's own
+corpus is often a few megabytes, and --max_minutes gives a run whatever length the machine allows: the faster the
+machine, the more often the same text is read. Past a few passes the model memorises its training text and the
+validation loss climbs again, so a longer run would end worse than a shorter one. A run that repeats its data
+therefore regularises in proportion to how often it reads it (repeat_settings), saves a checkpoint at each new
+lowest validation loss, and keeps that one however many newer ones come (docs/defaults.md measures all of it).
+"""
+import math
+from pathlib import Path
+
+from checkpoint import checkpoint_path
+
+# Above this many passes over its training tokens a run regularises and keeps its best checkpoint. Up to here the
+# validation loss falls to the end of a run with the guide's settings (docs/defaults.md).
+REPEATS_FROM = 2.0
+# Dropout after `passes` passes: DROPOUT_PER_DOUBLING for each doubling of the passes beyond REPEATS_FROM, at most
+# MAX_DROPOUT (docs/defaults.md). The more often a text is read, the more a model must be kept from memorising it.
+DROPOUT_PER_DOUBLING = 0.05
+MAX_DROPOUT = 0.2
+# Validation losses rising this many evaluations in a row are said in the progress line.
+RISING_EVALUATIONS = 3
+
+
+def planned_passes(training_steps: int, tokens_per_update: int, train_tokens: int) -> float:
+    """How many times the run reads its training split: the tokens it trains on over the tokens there are."""
+    return training_steps * tokens_per_update / train_tokens
+
+
+def repeat_settings(passes: float, user_set: tuple[str, ...]) -> dict:
+    """The settings a run of `passes` passes trains with instead of the config's defaults: none up to REPEATS_FROM
+    passes (the guide's single pass keeps dropout 0), then dropout growing with the logarithm of the passes. A value
+    the user chose (user_set) is left alone."""
+    if passes <= REPEATS_FROM:
+        return {}
+    dropout = min(MAX_DROPOUT, round(DROPOUT_PER_DOUBLING * math.log2(passes / REPEATS_FROM), 3))
+    return {} if "dropout" in user_set else {"dropout": dropout}
+
+
+def set_dropout(model, dropout: float):
+    """Change the dropout of a built model: every module that reads a `dropout` attribute in its forward."""
+    for module in model.modules():
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = dropout
+
+
+def plan_repeats(cfg, model, training_steps: int, train_tokens: int, master: bool, planned: dict | None) -> dict:
+    """Once the run's length is planned: how many passes it makes and what it trains with, set on the model (cfg is
+    train.py's TrainConfig, model the built Transformer) and said. `planned` is the plan a resumed run's checkpoint
+    holds: the run goes on with it, as a budgeted run must (its length is planned again as it goes)."""
+    plan = planned
+    if plan is None:
+        passes = planned_passes(training_steps, cfg.tokens_per_update, train_tokens)
+        plan = {"passes": passes, **repeat_settings(passes, cfg.user_set)}
+    if "dropout" in plan:
+        set_dropout(model, plan["dropout"])
+    if master:
+        print(passes_line(plan, train_tokens))
+    return plan
+
+
+def keeps_best(plan: dict | None) -> bool:
+    """Whether the run saves a checkpoint at each new lowest validation loss: when it repeats its data."""
+    return plan is not None and plan["passes"] > REPEATS_FROM
+
+
+def passes_line(plan: dict, train_tokens: int) -> str:
+    """What the run says at start-up about how often it reads its data, and what it does about it."""
+    line = f"data: {plan['passes']:.2f} passes over {train_tokens:,} training tokens"
+    if not keeps_best(plan):
+        return line
+    chosen = f"dropout {plan['dropout']:g}" if "dropout" in plan else "your dropout"
+    return (f"{line}; more than {REPEATS_FROM:g} passes memorise the text, so this run trains with {chosen} and "
+            "keeps the checkpoint with the lowest validation loss")
+
+
+class ValidationRecord:
+    """The run's validation losses as far as they matter: the lowest so far, how many evaluations in a row rose, and
+    the saved checkpoint with the lowest loss (the one to keep). It travels in checkpoints, so a resumed run goes on
+    with it."""
+
+    def __init__(self):
+        self.last = self.best = math.inf
+        self.best_step, self.best_bpb, self.rises = 0, math.inf, 0
+        self.best_saved = None  # (step, val_loss, val_bpb) of the best checkpoint saved so far
+
+    def add(self, step: int, val_loss: float, val_bpb: float) -> bool:
+        """Record an evaluation; True when it is the lowest yet."""
+        self.rises = self.rises + 1 if val_loss > self.last else 0
+        self.last = val_loss
+        if val_loss < self.best:
+            self.best, self.best_step, self.best_bpb = val_loss, step, val_bpb
+            return True
+        return False
+
+    def saved(self, step: int):
+        """A checkpoint of update `step` is saved: it is the best one if that update's evaluation is the lowest."""
+        if step == self.best_step:
+            self.best_saved = (step, self.best, self.best_bpb)
+
+    def best_path(self, ckpt_dir: str, sharded: bool) -> Path | None:
+        return checkpoint_path(ckpt_dir, self.best_saved[0], sharded) if self.best_saved else None
+
+    def final_line(self, ckpt_dir: str, sharded: bool) -> str:
+        if self.best_saved is None:
+            return "no checkpoint was saved at an evaluation, so none is marked best"
+        step, _, bpb = self.best_saved
+        return (f"lowest validation loss of the saved checkpoints: {bpb:.4f} bpb at update {step}, in "
+                f"{self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as --ckpt=best)")
+
+    def note(self) -> str:
+        """What the progress line adds while the validation loss keeps rising."""
+        if self.rises < RISING_EVALUATIONS:
+            return ""
+        return (f" | val loss rising {self.rises} evaluations in a row (lowest {self.best_bpb:.4f} bpb at update "
+                f"{self.best_step})")
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict):
+        vars(self).update(state)
