@@ -15,11 +15,11 @@ from checkpoint import checkpoint_path
 
 # Above this many passes over its training tokens a run regularises and keeps its best checkpoint. Up to here the
 # validation loss falls to the end of a run with the guide's settings (docs/defaults.md).
-REPEATS_FROM = 2.0
-# Dropout after `passes` passes: DROPOUT_PER_DOUBLING for each doubling of the passes beyond REPEATS_FROM, at most
-# MAX_DROPOUT (docs/defaults.md). The more often a text is read, the more a model must be kept from memorising it.
-DROPOUT_PER_DOUBLING = 0.05
-MAX_DROPOUT = 0.2
+REPEATS_FROM = 4.0
+# Dropout grows with the logarithm of the passes beyond REPEATS_FROM, from 0 there to MAX_DROPOUT at
+# MAX_DROPOUT_FROM passes and beyond (docs/defaults.md): the more often a text is read, the more a model must be kept
+# from learning it by heart.
+MAX_DROPOUT, MAX_DROPOUT_FROM = 0.2, 10.0
 # Validation losses rising this many evaluations in a row are said in the progress line.
 RISING_EVALUATIONS = 3
 
@@ -31,12 +31,12 @@ def planned_passes(training_steps: int, tokens_per_update: int, train_tokens: in
 
 def repeat_settings(passes: float, user_set: tuple[str, ...]) -> dict:
     """The settings a run of `passes` passes trains with instead of the config's defaults: none up to REPEATS_FROM
-    passes (the guide's single pass keeps dropout 0), then dropout growing with the logarithm of the passes. A value
-    the user chose (user_set) is left alone."""
-    if passes <= REPEATS_FROM:
+    passes (the guide's single pass keeps dropout 0), then a dropout growing with the passes. A value the user chose
+    (user_set) is left alone."""
+    if passes <= REPEATS_FROM or "dropout" in user_set:
         return {}
-    dropout = min(MAX_DROPOUT, round(DROPOUT_PER_DOUBLING * math.log2(passes / REPEATS_FROM), 3))
-    return {} if "dropout" in user_set else {"dropout": dropout}
+    growth = math.log(passes / REPEATS_FROM) / math.log(MAX_DROPOUT_FROM / REPEATS_FROM)
+    return {"dropout": round(MAX_DROPOUT * min(1.0, growth), 3)}
 
 
 def set_dropout(model, dropout: float):

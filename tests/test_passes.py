@@ -15,7 +15,7 @@ from passes import REPEATS_FROM, ValidationRecord, repeat_settings, set_dropout
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    """About 1,500 training tokens: a run of 5,120 tokens reads them about 3.5 times."""
+    """About 1,500 training tokens: a run of 7,680 tokens reads them about 5 times."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(40)]
     path = tmp_path_factory.mktemp("corpus") / "words.txt"
@@ -26,13 +26,12 @@ def small_corpus(tmp_path_factory):
 
 
 # --- how many passes, and what a run that repeats its data does --------------------------------------------------
-def test_up_to_two_passes_keep_the_guides_settings_beyond_them_dropout_grows_with_the_passes():
-    assert REPEATS_FROM == 2
-    assert repeat_settings(1.0, ()) == {} and repeat_settings(2.0, ()) == {}  # the guide's dropout 0
-    assert repeat_settings(4.0, ())["dropout"] == pytest.approx(0.05)  # one doubling beyond two passes
-    assert repeat_settings(8.0, ())["dropout"] == pytest.approx(0.10)
-    assert repeat_settings(30.0, ())["dropout"] == pytest.approx(0.195)
-    assert repeat_settings(1000.0, ())["dropout"] == pytest.approx(0.2)  # at most
+def test_up_to_four_passes_keep_the_guides_settings_beyond_them_dropout_grows_with_the_passes():
+    assert REPEATS_FROM == 4
+    assert repeat_settings(1.0, ()) == {} and repeat_settings(4.0, ()) == {}  # the guide's dropout 0
+    assert repeat_settings(4 * 2.5**0.5, ())["dropout"] == pytest.approx(0.1)  # halfway, on a log scale, to 10
+    assert repeat_settings(10.0, ())["dropout"] == pytest.approx(0.2)
+    assert repeat_settings(30.0, ())["dropout"] == pytest.approx(0.2)  # at most
     assert repeat_settings(30.0, ("dropout",)) == {}  # a dropout the user chose is theirs
 
 
@@ -48,20 +47,20 @@ def test_dropout_is_set_on_a_built_model():
 
 def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small_corpus, tmp_path):
     out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path}", "--compile=False",
-              "--training_tokens=5120", "--keep_ckpts=1").stdout
+              "--training_tokens=7680", "--keep_ckpts=1").stdout
     lines = out.splitlines()
-    assert lines[1] == ("data: 3.49 passes over 1,469 training tokens; more than 2 passes memorise the text, so this "
-                        "run trains with dropout 0.04 and keeps the checkpoint with the lowest validation loss")
+    assert lines[1] == ("data: 5.23 passes over 1,469 training tokens; more than 4 passes memorise the text, so this "
+                        "run trains with dropout 0.058 and keeps the checkpoint with the lowest validation loss")
     # Each evaluation with a new lowest validation loss is saved (keep_ckpts=1 deletes the rest, except the best).
-    val = {int(m[1]): float(m[2]) for m in re.finditer(r"^update (\d+)/40 .*\| val loss ([\d.]+)", out, re.M)}
+    val = {int(m[1]): float(m[2]) for m in re.finditer(r"^update (\d+)/60 .*\| val loss ([\d.]+)", out, re.M)}
     saved = [int(m) for m in re.findall(r"^saved .*ckpt_(\d+)\.pt$", out, re.M)]
     lowest = [s for s in sorted(val) if val[s] < min([val[t] for t in val if t < s], default=99)]
-    assert set(lowest) <= set(saved) and saved[-1] == 40
+    assert set(lowest) <= set(saved) and saved[-1] == 60
     best = min(val, key=val.get)
     assert lines[-1].startswith("lowest validation loss of the saved checkpoints: ") and \
         lines[-1].endswith(f"bpb at update {best}, in {tmp_path}/ckpt_{best:08d}.pt (sample.py and export.py take "
                            "it as --ckpt=best)")
-    assert {p.name for p in checkpoint.checkpoint_paths(tmp_path)} == {f"ckpt_{best:08d}.pt", "ckpt_00000040.pt"}
+    assert {p.name for p in checkpoint.checkpoint_paths(tmp_path)} == {f"ckpt_{best:08d}.pt", "ckpt_00000060.pt"}
 
 
 def test_a_budgeted_run_says_its_passes_once_its_length_is_planned(small_corpus, tmp_path):
