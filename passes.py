@@ -48,8 +48,9 @@ def set_dropout(model, dropout: float):
 
 def plan_repeats(cfg, model, training_steps: int, train_tokens: int, master: bool, planned: dict | None) -> dict:
     """Once the run's length is planned: how many passes it makes and what it trains with, set on the model (cfg is
-    train.py's TrainConfig, model the built Transformer) and said. `planned` is the plan a resumed run's checkpoint
-    holds: the run goes on with it, as a budgeted run must (its length is planned again as it goes)."""
+    train.py's TrainConfig, model the built Transformer) and said. `planned`: the plan a resumed budgeted run's
+    checkpoint holds, which it goes on with (its length has been planned again since). A run of a number of tokens
+    plans again from them: the same plan, or the one for a raised --training_tokens."""
     plan = planned
     if plan is None:
         passes = planned_passes(training_steps, cfg.tokens_per_update, train_tokens)
@@ -68,7 +69,7 @@ def keeps_best(plan: dict | None) -> bool:
 
 def passes_line(plan: dict, train_tokens: int) -> str:
     """What the run says at start-up about how often it reads its data, and what it does about it."""
-    line = f"data: {plan['passes']:.2f} passes over {train_tokens:,} training tokens"
+    line = f"data: {plan['passes']:.3g} passes over {train_tokens:,} training tokens"
     if not keeps_best(plan):
         return line
     chosen = f"dropout {plan['dropout']:g}" if "dropout" in plan else "your dropout"

@@ -705,7 +705,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         step, elapsed_before = resume(*resume_from, cfg, fingerprint, raw_model, optimizer, scheduler, loader, rank,
                                       device)
         record.load_state_dict(resume_from[1].get("validation", {}))
-        planned = resume_from[1].get("repeats")
+        planned = resume_from[1].get("repeats") if cfg.max_minutes else None  # a budget's plan is not made again
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:

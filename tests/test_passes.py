@@ -3,6 +3,7 @@ repeats its data trains with, the checkpoint with the lowest validation loss kep
 export.py, and a rising validation loss said in the progress line."""
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -63,12 +64,19 @@ def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small
     assert {p.name for p in checkpoint.checkpoint_paths(tmp_path)} == {f"ckpt_{best:08d}.pt", "ckpt_00000060.pt"}
 
 
-def test_a_budgeted_run_says_its_passes_once_its_length_is_planned(small_corpus, tmp_path):
-    out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path}", "--compile=False",
-              "--max_minutes=0.05").stdout
-    lines = out.splitlines()
+def test_a_budgeted_run_says_its_passes_once_its_length_is_planned_and_keeps_that_plan_on_resume(small_corpus,
+                                                                                                 tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [*TINY, f"--dataset_dir={small_corpus}", "--compile=False", "--max_minutes=0.1", "--token_ckpt=1280"]
+    lines = run("train.py", *args, f"--ckpt_dir={straight}", "--keep_ckpts=100").stdout.splitlines()
     said = [i for i, line in enumerate(lines) if line.startswith("data: ")]
-    assert len(said) == 1 and lines[said[0] - 1].startswith("update 10/")
+    updates = [int(line.split()[1].split("/")[0]) for line in lines[:said[0]] if line.startswith("update ")]
+    assert len(said) == 1 and updates[-1] == 10  # said before update 11
+    # Resumed after update 20, when its length has been planned again, the run goes on with the plan of update 10.
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000020.pt", resumed)
+    again = run("train.py", *args, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout.splitlines()
+    assert [line for line in again if line.startswith("data: ")] == [lines[said[0]]]
 
 
 # --- the best checkpoint ------------------------------------------------------------------------------------------
