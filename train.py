@@ -10,7 +10,8 @@
 Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) -> Scheduler
 (learning rate per update) -> processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP
 or FSDP) -> one update (train_update, evaluate) -> the time budget -> resuming -> the log -> train(), the loop.
-The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the command line configurator.py's.
+The model is model.py's, Muon is muon.py's, the checkpoint format checkpoint.py's, the command line configurator.py's,
+what a run that repeats its data does passes.py's.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
