@@ -3,60 +3,30 @@ record of its validation loss that shows when a model starts to memorise.
 
 The guide trains one pass over unique tokens, where a model cannot learn the training text by heart. A learner's own
 corpus is often a few megabytes, and --max_minutes gives a run whatever length the machine allows: the faster the
-machine, the more often the same text is read. Past a few passes the model memorises its training text and the
-validation loss climbs again, so a longer run would end worse than a shorter one. A run that repeats its data
-therefore regularises in proportion to how often it reads it (repeat_settings), saves a checkpoint at each new
-lowest validation loss, and keeps that one however many newer ones come (docs/defaults.md measures all of it).
+machine, the more often the same text is read. With each pass cut into new windows (DatasetLoader.pass_start) the
+guide's settings keep the validation loss falling to the end of runs of up to 10 passes, and a longer run ends lower
+than a shorter one; dropout there only costs (docs/defaults.md). Beyond what was measured a model may learn the
+text by heart and its validation loss climb again, so such a run saves a checkpoint at each new lowest validation
+loss and keeps that one however many newer ones come: its best model is never lost.
 """
 import math
 from pathlib import Path
 
 from checkpoint import checkpoint_path
 
-# Above this many passes over its training tokens a run regularises and keeps its best checkpoint. Up to here the
-# validation loss falls to the end of a run with the guide's settings (docs/defaults.md).
-REPEATS_FROM = 4.0
-# Dropout grows with the logarithm of the passes beyond REPEATS_FROM, from 0 there to MAX_DROPOUT at
-# MAX_DROPOUT_FROM passes and beyond (docs/defaults.md): the more often a text is read, the more a model must be kept
-# from learning it by heart.
-MAX_DROPOUT, MAX_DROPOUT_FROM = 0.2, 10.0
+# Above this many passes over its training tokens a run keeps its best checkpoint. Up to here the guide's settings
+# end a run at its lowest validation loss (docs/defaults.md).
+REPEATS_FROM = 10.0
 # Validation losses rising this many evaluations in a row are said in the progress line.
 RISING_EVALUATIONS = 3
 
 
-def planned_passes(training_steps: int, tokens_per_update: int, train_tokens: int) -> float:
-    """How many times the run reads its training split: the tokens it trains on over the tokens there are."""
-    return training_steps * tokens_per_update / train_tokens
-
-
-def repeat_settings(passes: float, user_set: tuple[str, ...]) -> dict:
-    """The settings a run of `passes` passes trains with instead of the config's defaults: none up to REPEATS_FROM
-    passes (the guide's single pass keeps dropout 0), then a dropout growing with the passes. A value the user chose
-    (user_set) is left alone."""
-    if passes <= REPEATS_FROM or "dropout" in user_set:
-        return {}
-    growth = math.log(passes / REPEATS_FROM) / math.log(MAX_DROPOUT_FROM / REPEATS_FROM)
-    return {"dropout": round(MAX_DROPOUT * min(1.0, growth), 3)}
-
-
-def set_dropout(model, dropout: float):
-    """Change the dropout of a built model: every module that reads a `dropout` attribute in its forward."""
-    for module in model.modules():
-        if isinstance(getattr(module, "dropout", None), float):
-            module.dropout = dropout
-
-
-def plan_repeats(cfg, model, training_steps: int, train_tokens: int, master: bool, planned: dict | None) -> dict:
-    """Once the run's length is planned: how many passes it makes and what it trains with, set on the model (cfg is
-    train.py's TrainConfig, model the built Transformer) and said. `planned`: the plan a resumed budgeted run's
-    checkpoint holds, which it goes on with (its length has been planned again since). A run of a number of tokens
-    plans again from them: the same plan, or the one for a raised --training_tokens."""
-    plan = planned
-    if plan is None:
-        passes = planned_passes(training_steps, cfg.tokens_per_update, train_tokens)
-        plan = {"passes": passes, **repeat_settings(passes, cfg.user_set)}
-    if "dropout" in plan:
-        set_dropout(model, plan["dropout"])
+def plan_repeats(training_steps: int, tokens_per_update: int, train_tokens: int, master: bool,
+                 planned: dict | None) -> dict:
+    """Once the run's length is planned: how many passes it makes over its training tokens, said. `planned`: the plan
+    a resumed budgeted run's checkpoint holds, which it goes on with (its length has been planned again since). A
+    run of a number of tokens plans again from them: the same plan, or the one for a raised --training_tokens."""
+    plan = planned or {"passes": training_steps * tokens_per_update / train_tokens}
     if master:
         print(passes_line(plan, train_tokens))
     return plan
@@ -72,9 +42,8 @@ def passes_line(plan: dict, train_tokens: int) -> str:
     line = f"data: {plan['passes']:.3g} passes over {train_tokens:,} training tokens"
     if not keeps_best(plan):
         return line
-    chosen = f"dropout {plan['dropout']:g}" if "dropout" in plan else "your dropout"
-    return (f"{line}; more than {REPEATS_FROM:g} passes memorise the text, so this run trains with {chosen} and "
-            "keeps the checkpoint with the lowest validation loss")
+    return (f"{line}; beyond {REPEATS_FROM:g} passes a model may learn the text by heart, so this run saves a "
+            "checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and export.py)")
 
 
 class ValidationRecord:

@@ -724,7 +724,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     start_step, start_time, update_seconds = step, time.time(), []
     while step < scheduler.training_steps:
         if repeats is None and (step >= BUDGET_PROBE_UPDATES or not cfg.max_minutes):
-            repeats = plan_repeats(cfg, raw_model, scheduler.training_steps, meta["train_tokens"], master, planned)
+            repeats = plan_repeats(scheduler.training_steps, cfg.tokens_per_update, meta["train_tokens"], master,
+                                   planned)
         t0 = time.time()
         lr = scheduler.step(step)
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype)

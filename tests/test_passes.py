@@ -1,6 +1,6 @@
-"""Runs that read their training tokens more than once: the passes said at start-up, the regularisation a run that
-repeats its data trains with, the checkpoint with the lowest validation loss kept and taken by sample.py and
-export.py, and a rising validation loss said in the progress line."""
+"""Runs that read their training tokens more than once: the passes said at start-up, the checkpoint with the lowest
+validation loss saved and kept by a run beyond 10 passes and taken by sample.py and export.py, and a rising
+validation loss said in the progress line."""
 import random
 import re
 import shutil
@@ -10,13 +10,12 @@ import torch
 from test_train import TINY, run
 
 import checkpoint
-from model import ModelConfig, Transformer
-from passes import REPEATS_FROM, ValidationRecord, repeat_settings, set_dropout
+from passes import REPEATS_FROM, ValidationRecord, passes_line
 
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    """About 1,500 training tokens: a run of 7,680 tokens reads them about 5 times."""
+    """About 1,500 training tokens: a run of 15,360 tokens reads them about 10.5 times."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(40)]
     path = tmp_path_factory.mktemp("corpus") / "words.txt"
@@ -27,41 +26,31 @@ def small_corpus(tmp_path_factory):
 
 
 # --- how many passes, and what a run that repeats its data does --------------------------------------------------
-def test_up_to_four_passes_keep_the_guides_settings_beyond_them_dropout_grows_with_the_passes():
-    assert REPEATS_FROM == 4
-    assert repeat_settings(1.0, ()) == {} and repeat_settings(4.0, ()) == {}  # the guide's dropout 0
-    assert repeat_settings(4 * 2.5**0.5, ())["dropout"] == pytest.approx(0.1)  # halfway, on a log scale, to 10
-    assert repeat_settings(10.0, ())["dropout"] == pytest.approx(0.2)
-    assert repeat_settings(30.0, ())["dropout"] == pytest.approx(0.2)  # at most
-    assert repeat_settings(30.0, ("dropout",)) == {}  # a dropout the user chose is theirs
-
-
-def test_dropout_is_set_on_a_built_model():
-    model = Transformer(ModelConfig(vocab_size=64, max_seq_len=16, n_embd=32, n_heads=2, n_kv_heads=2, n_layers=2))
-    x = torch.randint(0, 64, (2, 16))
-    set_dropout(model, 0.3)
-    assert all(block.dropout == block.attention.dropout == 0.3 for block in model.layers)
-    torch.manual_seed(0)
-    with_dropout = model(x, x)[1]
-    assert not torch.equal(with_dropout, model.eval()(x, x)[1])  # dropout acts in training only
+def test_up_to_ten_passes_a_run_only_says_them_beyond_it_keeps_its_best_checkpoint():
+    assert REPEATS_FROM == 10  # up to here the guide's settings end a run at its lowest validation loss (docs/)
+    assert passes_line({"passes": 0.5}, 2_000) == "data: 0.5 passes over 2,000 training tokens"
+    assert passes_line({"passes": 10.0}, 2_000) == "data: 10 passes over 2,000 training tokens"
+    assert passes_line({"passes": 30.0}, 2_000) == (
+        "data: 30 passes over 2,000 training tokens; beyond 10 passes a model may learn the text by heart, so this "
+        "run saves a checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and "
+        "export.py)")
 
 
 def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small_corpus, tmp_path):
     out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path}", "--compile=False",
-              "--training_tokens=7680", "--keep_ckpts=1").stdout
+              "--training_tokens=15360", "--keep_ckpts=1").stdout
     lines = out.splitlines()
-    assert lines[1] == ("data: 5.23 passes over 1,469 training tokens; more than 4 passes memorise the text, so this "
-                        "run trains with dropout 0.058 and keeps the checkpoint with the lowest validation loss")
+    assert lines[1].startswith("data: 10.5 passes over 1,469 training tokens; beyond 10 passes")
     # Each evaluation with a new lowest validation loss is saved (keep_ckpts=1 deletes the rest, except the best).
-    val = {int(m[1]): float(m[2]) for m in re.finditer(r"^update (\d+)/60 .*\| val loss ([\d.]+)", out, re.M)}
+    val = {int(m[1]): float(m[2]) for m in re.finditer(r"^update (\d+)/120 .*\| val loss ([\d.]+)", out, re.M)}
     saved = [int(m) for m in re.findall(r"^saved .*ckpt_(\d+)\.pt$", out, re.M)]
     lowest = [s for s in sorted(val) if val[s] < min([val[t] for t in val if t < s], default=99)]
-    assert set(lowest) <= set(saved) and saved[-1] == 60
+    assert set(lowest) <= set(saved) and saved[-1] == 120
     best = min(val, key=val.get)
     assert lines[-1].startswith("lowest validation loss of the saved checkpoints: ") and \
         lines[-1].endswith(f"bpb at update {best}, in {tmp_path}/ckpt_{best:08d}.pt (sample.py and export.py take "
                            "it as --ckpt=best)")
-    assert {p.name for p in checkpoint.checkpoint_paths(tmp_path)} == {f"ckpt_{best:08d}.pt", "ckpt_00000060.pt"}
+    assert {p.name for p in checkpoint.checkpoint_paths(tmp_path)} == {f"ckpt_{best:08d}.pt", "ckpt_00000120.pt"}
 
 
 def test_a_budgeted_run_says_its_passes_once_its_length_is_planned_and_keeps_that_plan_on_resume(small_corpus,
