@@ -11,8 +11,8 @@ Either is written under a .tmp name and renamed when complete, so a crash never 
 never unpickles anything but tensors and plain values (torch.load's weights_only, and a guard on DCP's index), so
 a checkpoint from someone else cannot run code.
 
-Reading order: names -> writing -> reading -> the newest loadable one -> load_model (sample.py, export.py) -> the
-directory lock.
+Reading order: names -> writing -> reading -> the newest loadable one -> the best one -> load_model (sample.py,
+export.py) -> the directory lock.
 """
 import os
 import pickle
@@ -89,11 +89,17 @@ def write_shards(tmp: Path, state: dict, rank0: bool):
         write_state(tmp / "train_state.pt", rest | {"optimizer_param_groups": state["optimizer"]["param_groups"]})
 
 
-def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: bool = False) -> Path:
-    """Write a new checkpoint and delete all but the newest `keep`. Called by rank 0 alone, or with `sharded` (an
-    FSDP run, whose state holds DTensor shards) by every rank."""
-    name = f"ckpt_{step:08d}" + ("" if sharded else ".pt")
-    path, tmp = Path(ckpt_dir) / name, Path(ckpt_dir) / f"{name}.tmp"
+def checkpoint_path(ckpt_dir: str, step: int, sharded: bool) -> Path:
+    return Path(ckpt_dir) / (f"ckpt_{step:08d}" + ("" if sharded else ".pt"))
+
+
+def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: bool = False,
+                    best: Path | None = None) -> Path:
+    """Write a new checkpoint and delete all but the newest `keep` and `best` (the one with the lowest validation
+    loss, which an overfitting run must not lose). Called by rank 0 alone, or with `sharded` (an FSDP run, whose
+    state holds DTensor shards) by every rank."""
+    path = checkpoint_path(ckpt_dir, step, sharded)
+    tmp = path.with_name(f"{path.name}.tmp")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if sharded:
         write_shards(tmp, state, rank0)
@@ -102,7 +108,8 @@ def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: b
     if rank0:
         os.replace(tmp, path)
         for old in checkpoint_paths(ckpt_dir)[:-keep]:  # only now that the new one is complete
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old != best:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
     if sharded:
         dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
     return path
@@ -210,14 +217,33 @@ def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: str = "
                       f".damaged; resuming from the previous checkpoint {paths[i - 1]}", file=sys.stderr)
 
 
+def best_checkpoint(ckpt_dir: str) -> Path:
+    """The checkpoint of ckpt_dir with the lowest validation loss, as the run's newest checkpoint records it."""
+    paths = checkpoint_paths(ckpt_dir)
+    if not paths:
+        raise UserError(f"no checkpoint in {ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
+    # Only the record is needed: a .pt file is memory-mapped, a sharded checkpoint's tensors are not read at all.
+    newest, state = newest_loadable_checkpoint(paths, master=False, tensors="none" if paths[-1].is_dir() else "model")
+    best = state.get("validation", {}).get("best_saved")
+    if best is None:
+        raise UserError(f"{newest} records no checkpoint saved at an evaluation; pass --ckpt=PATH instead of best")
+    path = checkpoint_path(ckpt_dir, best[0], sharded=newest.is_dir())
+    if not path.exists():
+        raise UserError(f"{path}, the checkpoint with the lowest validation loss, was deleted; pass --ckpt=PATH")
+    return path
+
+
 def load_model(ckpt_dir: str, ckpt: str = "", dataset_dir: str = "", purpose: str = "reading"
                ) -> tuple[Path, dict, Transformer, object]:
     """(path, checkpoint, model, tokenizer) for a reader of a trained model: sample.py and export.py.
 
-    The checkpoint is `ckpt`, or the newest one in ckpt_dir that loads (a warning names a damaged newer one, which
-    is left in place; `purpose` says what is done instead); only its weights are read. The tokenizer is
-    dataset_dir's, by default the one of the dataset the model was trained on, and must be the one it was trained
-    with. The model is built with the checkpoint's architecture, in eval mode, on the CPU."""
+    The checkpoint is `ckpt` ("best": the one with the lowest validation loss, which a run keeps), or the newest one
+    in ckpt_dir that loads (a warning names a damaged newer one, which is left in place; `purpose` says what is done
+    instead); only its weights are read. The tokenizer is dataset_dir's, by default the one of the dataset the
+    model was trained on, and must be the one it was trained with. The model is built with the checkpoint's
+    architecture, in eval mode, on the CPU."""
+    if ckpt == "best":
+        ckpt = str(best_checkpoint(ckpt_dir))
     if ckpt and not Path(ckpt).exists():
         raise UserError(f"--ckpt={ckpt} does not exist; pass a checkpoint path, or --ckpt_dir for its newest")
     paths = [Path(ckpt)] if ckpt else checkpoint_paths(ckpt_dir)

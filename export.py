@@ -4,6 +4,7 @@ directory back for train.py.
     python export.py --ckpt_dir=out --out_dir=out/hf                  # the newest checkpoint, weights as trained
     python export.py --ckpt=out/ckpt_00000488.pt --out_dir=out/hf_bf16 --dtype=bfloat16 --overwrite
     python export.py --ckpt_dir=out --format=gguf --out=out/model.gguf --dtype=q8_0
+    python export.py --ckpt_dir=out --ckpt=best --out_dir=out/hf_best   # the lowest validation loss of the run
 
 The directory (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
 README.md) is what the rest of the ecosystem starts from: transformers' AutoModelForCausalLM and AutoTokenizer,
@@ -454,7 +455,7 @@ class ExportConfig:
     format: str = "hf"  # hf: a Hugging Face model directory; gguf: one file for llama.cpp
     out_dir: str = ""  # --format=hf's directory; "" means <ckpt_dir>/hf
     out: str = ""  # --format=gguf's file; "" means <ckpt_dir>/model.gguf
-    ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir
+    ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir; "best": the lowest val loss
     dataset_dir: str = ""  # whose tokenizer to export; "" means the dataset the checkpoint was trained on
     # q8_0 stores 8 bits and a scale per 32 weights, about a quarter of the size.
     dtype: str = "float32"  # of the saved weights: float32 (as trained) or bfloat16; gguf also float16 and q8_0

@@ -1,6 +1,8 @@
-"""Generate text from the newest checkpoint of a training run.
+"""Generate text from the newest checkpoint of a training run (or another one: --ckpt=PATH, or --ckpt=best for the
+one with the lowest validation loss).
 
     python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_p=0.9
+    python sample.py --ckpt_dir=out --ckpt=best
 """
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ from prepare import prompt_ids
 @dataclass
 class SampleConfig:
     ckpt_dir: str = "out"  # the training run whose newest checkpoint generates
+    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the lowest val loss
     dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained on
     prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that boundary alone
     num_samples: int = 1  # continuations of the prompt, generated together as one batch
@@ -34,7 +37,7 @@ class SampleConfig:
 def main(argv: list[str]):
     cfg = load_config(argv, SampleConfig)
     # Reading only: a damaged newest checkpoint is skipped (train.py renames it when it resumes), not touched.
-    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, dataset_dir=cfg.dataset_dir, purpose="sampling from")
+    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="sampling from")
     device = pick_device(cfg.device)
     model.to(device)
     torch.manual_seed(cfg.seed)

@@ -11,7 +11,7 @@ Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk ->
 devices -> model and optimizer (make_optimizer, wrap_model: none, DDP or FSDP) -> one update (make_scaler,
 train_update, evaluate) -> the time budget -> resuming -> the log -> train(), the loop. The model is model.py's, Muon
 is muon.py's, the learning rate of each update schedule.py's, the checkpoint format checkpoint.py's, the CSV log
-training_log.py's, the command line configurator.py's.
+training_log.py's, the command line configurator.py's, what a run that repeats its data does passes.py's.
 
 Importing this file has no side effects: tests, notebooks and bench.py reuse its parts.
 """
@@ -23,7 +23,6 @@ import functools
 import gc
 import math
 import os
-import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, 
 from model import ModelConfig, Transformer
 from multinode import check_same_files
 from muon import Muon, MuonAndAdamW
+from passes import ValidationRecord, keeps_best, plan_repeats
+from preemption import StopRequest
 from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
 from schedule import Scheduler
 from training_log import append_log, plot_log, start_log
@@ -591,23 +592,6 @@ def progress_line(row: dict, total_updates: int, mfu: float, eta_s: float) -> st
     return line
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks after each update."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.request)
-
-    def request(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, device) -> bool:
-        """All ranks stop at the same update: if any rank was signalled, all of them stop."""
-        flag = torch.tensor(float(self.requested), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 class TrainingDiverged(UserError):
@@ -632,7 +616,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
                                vocab_size=tokenizer.vocab_size)
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
-    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes")
+    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes", "train_tokens")
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
     vocab_size = tokenizer.vocab_size
     if cfg.init_from:  # the architecture of a Hugging Face model's config.json; its weights are loaded below
@@ -662,9 +646,13 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     training_steps = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
     step, elapsed_before = 0, 0.0
+    # repeats: how often the run reads its data and what it does about it (passes.py), once its length is planned.
+    record, repeats, planned = ValidationRecord(), None, None
     if resume_from:
         step, elapsed_before = resume(*resume_from, cfg, fingerprint, raw_model, optimizer, scaler, scheduler, loader,
                                       rank, device)
+        record.load_state_dict(resume_from[1].get("validation", {}))
+        planned = resume_from[1].get("repeats") if cfg.max_minutes else None  # a budget's plan is not made again
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
@@ -681,6 +669,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     next_sample = next_sample_update(step, cfg.model_gen_multiplier)
     start_step, start_time, update_seconds = step, time.time(), []
     while step < scheduler.training_steps:
+        if repeats is None and (step >= BUDGET_PROBE_UPDATES or not cfg.max_minutes):
+            repeats = plan_repeats(scheduler.training_steps, cfg.tokens_per_update, meta["train_tokens"], master,
+                                   planned)
         t0 = time.time()
         lr = scheduler.step(step)
         scale = scaler.get_scale()
@@ -704,11 +695,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
                "tokens_per_sec": cfg.tokens_per_update / update_seconds[-1], "val_loss": None, "val_bpb": None,
                "skipped": int(skipped)}
         # Rank 0 alone evaluates and samples, except under FSDP: there every forward gathers weights from all ranks.
-        takes_part, sample = master or cfg.fsdp, ""
+        takes_part, sample, new_best = master or cfg.fsdp, "", False
         if takes_part and (step % cfg.eval_interval == 0 or step == total):
             row["val_loss"] = evaluate(raw_model, val_loader, eval_batches, device, dtype)
             # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
             row["val_bpb"] = row["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+            new_best = record.add(step, row["val_loss"], row["val_bpb"])
         if takes_part and cfg.model_gen_multiplier and step >= round(next_sample):
             sample = sample_text(raw_model, tokenizer, device, seed=cfg.seed + step)
             next_sample = next_sample_update(step, cfg.model_gen_multiplier)
@@ -718,11 +710,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             mfu = flops_per_token * row["tokens_per_sec"] / world_size / peak_flops
             first = int(step - start_step > 1)  # from the second update on, leave out the first: it also compiled
             eta = (total - step) * (time.time() - start_time - first * update_seconds[0]) / (step - start_step - first)
-            print(progress_line(row, total, mfu, eta), flush=True)
+            print(progress_line(row, total, mfu, eta) + record.note(), flush=True)
             if sample:
                 print(f"--- sample at update {step} ---\n{sample}\n---")
         stopping = stop.agreed(device)
-        if takes_part and (step % ckpt_every == 0 or step == total or stopping):
+        if takes_part and (step % ckpt_every == 0 or step == total or stopping or (new_best and keeps_best(repeats))):
+            record.saved(step)
             model_state, optimizer_state, rng = training_state(raw_model, optimizer, cfg.fsdp, world_size, device)
             state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(),  # an fp16 run's loss scale; {} in bf16 and fp32
@@ -730,7 +723,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
                      "tokenizer": fingerprint, "step": step, "tokens": step * cfg.tokens_per_update,
                      "elapsed_s": elapsed_before + time.time() - start_time,
                      "argv": argv or []}  # the command line, for export.py's model card
-            path = save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts, sharded=cfg.fsdp)
+            state["validation"], state["repeats"] = record.state_dict(), repeats
+            path = save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts, sharded=cfg.fsdp,
+                                   best=record.best_path(cfg.ckpt_dir, cfg.fsdp))
             if master:
                 print(f"saved {path}")
         if stopping:
@@ -739,6 +734,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             break
     if master:
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+        print(record.final_line(cfg.ckpt_dir, cfg.fsdp))
         lock.close()
 
 
