@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from test_train import TINY, assert_same_weights, final_weights, run
 
 import hardware
+import preemption
 import train
 from checkpoint import checkpoint_paths
 from configurator import UserError, load_config
@@ -177,7 +178,7 @@ class OverflowAtUpdate(torch.amp.GradScaler):
 def in_process(argv, monkeypatch, capsys, updates, init_scale=2.0**16) -> str:
     """train.main(argv) in this process with a scaler that overflows at `updates`; what it printed."""
     monkeypatch.setattr(train, "make_scaler", lambda device, dtype: OverflowAtUpdate(device, updates, init_scale))
-    monkeypatch.setattr(train.signal, "signal", lambda *args: None)  # leave pytest's Ctrl-C handler in place
+    monkeypatch.setattr(preemption.signal, "signal", lambda *args: None)  # leave pytest's Ctrl-C handler in place
     try:
         train.main(argv)
     finally:
