@@ -632,10 +632,10 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     if cfg.init_from:
         load_hf_weights(raw_model, cfg.init_from)
     raw_model = raw_model.to(device)
-    # auto is measured (on copies: update_timer); a resumed run keeps its checkpoint's dtype and compile unless they are
-    # set now, so that its updates round as they did.
-    timer = update_timer(raw_model, cfg, loader, accum_steps, device)
-    dtype, compile, speed_note = choose_speed(cfg, resume_from and resume_from[1]["config"], timer, device)
+    # auto is measured on copies (update_timer, not kept: the copies are freed once the choice is made); a resumed run
+    # keeps its checkpoint's dtype and compile unless they are set now, so that its updates round as they did.
+    dtype, compile, speed_note = choose_speed(cfg, resume_from and resume_from[1]["config"],
+                                              update_timer(raw_model, cfg, loader, accum_steps, device), device)
     cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."), compile=compile)  # as checkpoints record
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own random numbers (dropout)
     # raw_model is what checkpoints hold, evaluates and samples: the plain module, or under FSDP the sharded one.
