@@ -51,7 +51,9 @@ from configurator import UserError, load_config, run_cli
 from export import hf_architecture, load_hf_weights
 from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
 from model import ModelConfig, Transformer
+from multiple_choice import load_set, score_set
 from muon import Muon, MuonAndAdamW
+from plot import plot_log
 from prepare import load_tokenizer, open_shards, read_meta, space_for, tokenizer_fingerprint, write_file
 
 
@@ -97,6 +99,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
+    eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation too; "" = none
+    eval_items: int = 0  # score only its first N items; 0 = all
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
     token_ckpt: int = 1_000_000  # save a checkpoint every this many tokens (and at the end)
     keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is complete
@@ -577,6 +581,8 @@ def sample_text(model, tokenizer, device, seed, max_new_tokens=64) -> str:
 LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexity": ".2f", "lr": ".3e",
               "grad_norm": ".4f", "tokens": "d", "tokens_per_sec": ".0f", "elapsed_s": ".1f", "val_loss": ".4f",
               "val_bpb": ".4f"}
+# --eval_data's multiple-choice accuracy (multiple_choice.py): acc, then acc_norm (per character of the choice).
+LOG_FORMAT |= {"eval_acc": ".4f", "eval_acc_norm": ".4f"}
 LOG_COLUMNS = list(LOG_FORMAT)
 
 
@@ -598,7 +604,7 @@ def start_log(log_file: str, step: int):
 
 def append_log(log_file: str, row: dict):
     """Append one row and close the file: a full disk cuts the log back to its last whole row."""
-    line = csv_text([["" if row[k] is None else format(row[k], f) for k, f in LOG_FORMAT.items()]])
+    line = csv_text([["" if row.get(k) is None else format(row[k], f) for k, f in LOG_FORMAT.items()]])
     with space_for(log_file, len(line), SPACE_FIX), open(log_file, "a", newline="") as f:
         f.write(line)
 
@@ -621,32 +627,9 @@ def progress_line(row: dict, total_updates: int, mfu: float, eta_s: float) -> st
             f"ETA {eta_s / 60:.1f} min")
     if row["val_loss"] is not None:
         line += f" | val loss {row['val_loss']:.4f} bpb {row['val_bpb']:.4f}"
+    if row.get("eval_acc") is not None:
+        line += f" | eval acc {row['eval_acc']:.4f} acc_norm {row['eval_acc_norm']:.4f}"
     return line
-
-
-def plot_log(log_file: str, png_path: str):
-    """Loss (train and validation) and learning rate against tokens trained, from the CSV log."""
-    # A bare Figure, not pyplot: no window, and the plotting backend of a notebook that calls train.main is left alone.
-    from matplotlib.figure import Figure
-
-    with open(log_file) as f:
-        rows = list(csv.DictReader(f))
-    tokens = [int(r["tokens"]) for r in rows]
-    fig = Figure(figsize=(8, 6))
-    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
-    ax_loss.plot(tokens, [float(r["train_loss"]) for r in rows], label="train")
-    val = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
-    if val:
-        ax_loss.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.legend()
-    ax_lr.plot(tokens, [float(r["lr"]) for r in rows])
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("tokens trained")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    write_file(Path(png_path), png.getvalue(), SPACE_FIX)
 
 
 class StopRequest:
@@ -690,6 +673,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
                                vocab_size=tokenizer.vocab_size)
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
     meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes")
+    eval_set = load_set(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_items) if cfg.eval_data else None
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
     vocab_size = tokenizer.vocab_size
     if cfg.init_from:  # the architecture of a Hugging Face model's config.json; its weights are loaded below
@@ -758,6 +742,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             row["val_loss"] = evaluate(raw_model, val_loader, eval_batches, device, dtype)
             # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
             row["val_bpb"] = row["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+            if eval_set:
+                scores = score_set(raw_model, eval_set, cfg.batch_size, device, dtype)
+                row["eval_acc"], row["eval_acc_norm"] = scores.acc, scores.acc_norm
         if takes_part and cfg.model_gen_multiplier and step >= round(next_sample):
             sample = sample_text(raw_model, tokenizer, device, seed=cfg.seed + step)
             next_sample = next_sample_update(step, cfg.model_gen_multiplier)
