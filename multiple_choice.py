@@ -169,35 +169,25 @@ def read_items(data: str, limit: int = 0, hf_split: str = "") -> tuple[str, str,
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokens: the harness's rules for turning (context, continuation) into the ids the model reads.
-def tokenizer_config(tokenizer) -> dict:
-    """tokenizer_config.json beside a tokenizer.json, if there is one."""
-    try:
-        return json.loads((Path(tokenizer.path).parent / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def prompt_start(tokenizer) -> tuple[list[int], int]:
-    """(the ids that come before every context, the id an empty context stands for): what lm-evaluation-harness
-    gets when its transformers tokenizer encodes a prompt of the Hugging Face model.
+    """(the ids that come before every context, the id an empty context stands for): what lm-evaluation-harness gets
+    when the transformers tokenizer of the model's Hugging Face directory encodes a prompt.
 
-    This is the one place where the scorer follows the exports' prompt convention, so that eval.py on a checkpoint
-    and the harness on its export agree. export.py's tokenizer.json has no post-processor and its tokenizer_config.json
-    no add_bos_token, so transformers prepends nothing: a checkpoint's contexts start with their own first token. A
-    model directory's tokenizer prepends what its tokenizer_config.json's add_bos_token says, else what the
-    tokenizer.json's post-processor puts in front (Llama's <s>, say). An empty context is the BOS token alone."""
+    This is the one place where the scorer follows the exports' prompt convention, so that eval.py on a checkpoint and
+    the harness on its export agree. export.py's tokenizer.json has no post-processor, so transformers prepends
+    nothing: a checkpoint's contexts start with their own first token, and an empty context is <|endoftext|>, the
+    export's bos_token. A model directory's tokenizer.json prepends what its post-processor puts in front (Llama's
+    <s>, say), and an empty context is its tokenizer_config.json's bos_token."""
     if tokenizer.name != "hf":  # tiktoken's: the model's export is written by export.py
         return [], tokenizer.eot_id
-    config = tokenizer_config(tokenizer)
-    bos = config.get("bos_token")
+    plain = tokenizer.hf.encode("a", add_special_tokens=False).ids
+    full = tokenizer.hf.encode("a", add_special_tokens=True).ids
+    try:
+        bos = json.loads((Path(tokenizer.path).parent / "tokenizer_config.json").read_text()).get("bos_token")
+    except (OSError, ValueError):  # a dataset's tokenizer.json (prepare.py --tokenizer=DIR) has none beside it
+        bos = None
     bos_id = tokenizer.hf.token_to_id(bos["content"] if isinstance(bos, dict) else bos) if bos else None
-    if "add_bos_token" in config:
-        prefix = [bos_id] if config["add_bos_token"] and bos_id is not None else []
-    else:
-        plain = tokenizer.hf.encode("a", add_special_tokens=False).ids
-        full = tokenizer.hf.encode("a", add_special_tokens=True).ids
-        prefix = full[:full.index(plain[0])]
-    return prefix, tokenizer.eot_id if bos_id is None else bos_id
+    return full[:full.index(plain[0])], tokenizer.eot_id if bos_id is None else bos_id
 
 
 def encode_pair(tokenizer, start: tuple[list[int], int], context: str, continuation: str
