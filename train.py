@@ -50,6 +50,7 @@ from export import hf_architecture, load_hf_weights
 from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
 from model import ModelConfig, Transformer
 from multinode import check_same_files
+from multiple_choice import load_set, score_set
 from muon import Muon, MuonAndAdamW
 from passes import ValidationRecord, keeps_best, plan_repeats
 from preemption import StopRequest
@@ -100,6 +101,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
+    eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation too; "" = none
+    eval_items: int = 0  # score only its first N items; 0 = all
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
     token_ckpt: int = 1_000_000  # save a checkpoint every this many tokens (and at the end)
     keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is complete
@@ -589,9 +592,9 @@ def progress_line(row: dict, total_updates: int, mfu: float, eta_s: float) -> st
         line += f" | val loss {row['val_loss']:.4f} bpb {row['val_bpb']:.4f}"
     if row["skipped"]:
         line += " | skipped: a gradient overflowed fp16, the loss scale is halved"
+    if row.get("eval_acc") is not None:
+        line += f" | eval acc {row['eval_acc']:.4f} acc_norm {row['eval_acc_norm']:.4f}"
     return line
-
-
 
 
 class TrainingDiverged(UserError):
@@ -617,6 +620,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
                                vocab_size=tokenizer.vocab_size)
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
     meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes", "train_tokens")
+    eval_set = load_set(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_items) if cfg.eval_data else None
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
     vocab_size = tokenizer.vocab_size
     if cfg.init_from:  # the architecture of a Hugging Face model's config.json; its weights are loaded below
@@ -701,6 +705,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             # nats/token -> bits/byte: divide by ln 2, times tokens per byte of the validation text.
             row["val_bpb"] = row["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
             new_best = record.add(step, row["val_loss"], row["val_bpb"])
+            if eval_set:
+                scores = score_set(raw_model, eval_set, cfg.batch_size, device, dtype)
+                row["eval_acc"], row["eval_acc_norm"] = scores.acc, scores.acc_norm
         if takes_part and cfg.model_gen_multiplier and step >= round(next_sample):
             sample = sample_text(raw_model, tokenizer, device, seed=cfg.seed + step)
             next_sample = next_sample_update(step, cfg.model_gen_multiplier)

@@ -2,7 +2,8 @@
 
 One header row, then one row per optimizer update: step, progress_pct, train_loss, perplexity, lr, grad_norm,
 tokens, tokens_per_sec, elapsed_s, val_loss, val_bpb (these two on evaluation updates only), skipped (1 where an
-fp16 run's loss scaler skipped the update because a gradient overflowed, else 0). train.py starts the log (or cuts
+fp16 run's loss scaler skipped the update because a gradient overflowed, else 0), eval_acc and eval_acc_norm
+(--eval_data's multiple-choice accuracy, on evaluation updates only). train.py starts the log (or cuts
 it back to the checkpoint it resumes from), appends a row after each update and plots it at the end.
 """
 import csv
@@ -17,6 +18,8 @@ from prepare import space_for, write_file
 LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexity": ".2f", "lr": ".3e",
               "grad_norm": ".4f", "tokens": "d", "tokens_per_sec": ".0f", "elapsed_s": ".1f", "val_loss": ".4f",
               "val_bpb": ".4f", "skipped": "d"}
+# --eval_data's multiple-choice accuracy (multiple_choice.py): acc, then acc_norm (per character of the choice).
+LOG_FORMAT |= {"eval_acc": ".4f", "eval_acc_norm": ".4f"}
 LOG_COLUMNS = list(LOG_FORMAT)
 
 
@@ -38,7 +41,7 @@ def start_log(log_file: str, step: int):
 
 def append_log(log_file: str, row: dict):
     """Append one row and close the file: a full disk cuts the log back to its last whole row."""
-    line = csv_text([["" if row[k] is None else format(row[k], f) for k, f in LOG_FORMAT.items()]])
+    line = csv_text([["" if row.get(k) is None else format(row[k], f) for k, f in LOG_FORMAT.items()]])
     with space_for(log_file, len(line), SPACE_FIX), open(log_file, "a", newline="") as f:
         f.write(line)
 

@@ -8,6 +8,7 @@ from test_train import ROOT
 
 from bench import BenchOptions
 from bench_prepare import PrepareBenchConfig
+from eval import EvalConfig
 from export import ExportConfig
 from prepare import PrepareConfig
 from sample import SampleConfig
@@ -15,7 +16,7 @@ from train import TrainConfig
 
 OPTIONS = {"train.py": [TrainConfig], "prepare.py": [PrepareConfig], "sample.py": [SampleConfig],
            "export.py": [ExportConfig], "bench.py": [BenchOptions, TrainConfig],
-           "bench_prepare.py": [PrepareBenchConfig]}
+           "bench_prepare.py": [PrepareBenchConfig], "eval.py": [EvalConfig]}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
@@ -35,7 +36,7 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
 
 def test_the_documentation_shows_every_script():
     shown = {script for _, script, _ in documented_commands()}
-    assert {"train.py", "prepare.py", "sample.py", "export.py", "bench.py"} <= shown
+    assert {"train.py", "prepare.py", "sample.py", "export.py", "bench.py", "eval.py"} <= shown
 
 
 @pytest.mark.parametrize("page, script, options", documented_commands())

@@ -168,7 +168,7 @@ def test_disk_full_while_drawing_the_plot_leaves_no_partial_png(straight, tmp_pa
     full_disk("loss.png.tmp", room=1000)
     with pytest.raises(UserError, match=rf"could not write {tmp_path}/loss\.png\.tmp \(No space left on device\): "
                                         rf"it needs about [0-9.]+ kB and [0-9.]+ [kMGT]?B is free; {re.escape(FIX)}"):
-        train.plot_log(straight / "log.csv", tmp_path / "loss.png")  # what the end of a run does
+        training_log.plot_log(straight / "log.csv", tmp_path / "loss.png")  # what the end of a run does
     assert list(tmp_path.iterdir()) == []
 
 
