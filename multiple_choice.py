@@ -25,6 +25,7 @@ import torch
 
 from configurator import UserError
 from hardware import autocast
+from prepare import prompt_ids
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,12 +175,13 @@ def prompt_start(tokenizer) -> tuple[list[int], int]:
     when the transformers tokenizer of the model's Hugging Face directory encodes a prompt.
 
     This is the one place where the scorer follows the exports' prompt convention, so that eval.py on a checkpoint and
-    the harness on its export agree. export.py's tokenizer.json has no post-processor, so transformers prepends
-    nothing: a checkpoint's contexts start with their own first token, and an empty context is <|endoftext|>, the
-    export's bos_token. A model directory's tokenizer.json prepends what its post-processor puts in front (Llama's
-    <s>, say), and an empty context is its tokenizer_config.json's bos_token."""
+    the harness on its export agree. A checkpoint's contexts start as every prompt of this project does
+    (prepare.prompt_ids: after an <|endoftext|>, as every document in the shards), which is also what the
+    post-processor of export.py's tokenizer.json prepends. A model directory's tokenizer.json prepends what its
+    post-processor puts in front (Llama's <s>, say), and an empty context is its tokenizer_config.json's
+    bos_token."""
     if tokenizer.name != "hf":  # tiktoken's: the model's export is written by export.py
-        return [], tokenizer.eot_id
+        return prompt_ids(tokenizer, ""), tokenizer.eot_id
     plain = tokenizer.hf.encode("a", add_special_tokens=False).ids
     full = tokenizer.hf.encode("a", add_special_tokens=True).ids
     try:

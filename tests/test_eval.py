@@ -83,12 +83,13 @@ def test_the_standard_error_is_the_harness_s_sample_standard_deviation_over_root
 
 def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """The harness's rule for one (context, continuation), unbatched: trailing spaces of the context go to the
-    continuation; an empty context is the <|endoftext|> token; context + continuation are encoded together and split
-    after the context's own tokens; the last max_seq_len + 1 tokens are kept."""
+    continuation; every context starts after <|endoftext|>, as the project's prompts do (an empty one is that token
+    alone); context + continuation are encoded together and split after the context's own tokens; the last
+    max_seq_len + 1 tokens are kept."""
     spaces = len(context) - len(context.rstrip())
     context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
-    head = tokenizer.encode(context) if context else [tokenizer.eot_id]
-    tail = tokenizer.encode(context + continuation)[len(head):] if context else tokenizer.encode(continuation)
+    head = [tokenizer.eot_id, *tokenizer.encode(context)]
+    tail = tokenizer.encode(context + continuation)[len(head) - 1:]
     tokens = (head + tail)[-(model.config.max_seq_len + 1):]
     with torch.no_grad():
         logprobs = model(torch.tensor([tokens[:-1]]))[0][0].log_softmax(-1)
@@ -158,12 +159,16 @@ def test_the_hugging_face_export_through_transformers_chooses_as_eval_py_does(tr
         assert (acc, norm) == (expected_acc, expected_norm)
 
 
-def test_contexts_start_as_the_export_s_tokenizer_starts_them(trained, tmp_path):
-    """export.py's tokenizer prepends nothing; a model directory whose tokenizer.json prepends a BOS token gets one, in
+def test_contexts_start_as_the_export_s_tokenizer_starts_them(trained, shakespeare_dir, tmp_path):
+    """A checkpoint's contexts start after <|endoftext|>, as sample.py's prompts and export.py's tokenizer do; a model
+    directory whose tokenizer.json prepends nothing gets nothing, and one that prepends a BOS token gets it, in
     eval.py as in transformers."""
+    plays = load_tokenizer(shakespeare_dir)
+    assert prompt_start(plays) == ([plays.eot_id], plays.eot_id)
     tokenizer = load_tokenizer(trained / "hf")
-    assert prompt_start(tokenizer) == ([], tokenizer.eot_id)
-    assert AutoTokenizer.from_pretrained(trained / "hf").encode("ROMEO:") == tokenizer.encode("ROMEO:")
+    assert prompt_start(tokenizer) == ([tokenizer.eot_id], tokenizer.eot_id)
+    assert AutoTokenizer.from_pretrained(trained / "hf").encode("ROMEO:") == [tokenizer.eot_id,
+                                                                              *tokenizer.encode("ROMEO:")]
     with_bos = tmp_path / "with_bos"
     shutil.copytree(trained / "hf", with_bos)
     fast = tokenizers.Tokenizer.from_file(str(with_bos / "tokenizer.json"))
