@@ -55,7 +55,9 @@ from muon import Muon, MuonAndAdamW
 from passes import ValidationRecord, keeps_best, plan_repeats
 from preemption import StopRequest
 from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
+from report import write_report
 from schedule import Scheduler
+from tracking import start_tracking, tracker_names
 from training_log import append_log, plot_log, start_log
 
 
@@ -105,6 +107,7 @@ class TrainConfig:
     eval_items: int = 0  # score only its first N items; 0 = all
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
     token_ckpt: int = 1_000_000  # save a checkpoint every this many tokens (and at the end)
+    tracker: str = ""  # also send the log to these (comma list): tensorboard, wandb, trackio; tracking.py
     keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is complete
     load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint exists
     # System
@@ -142,6 +145,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        tracker_names(self.tracker)  # an unknown or missing tracker is refused before anything starts
         try:  # the architecture's own checks, in model.py (which raises ValueError: it imports nothing of ours)
             self.model_config(vocab_size=1)
         except ValueError as e:
@@ -667,6 +671,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         print(run_line(cfg, raw_model.num_params(), scheduler.training_steps, accum_steps, world_size, device, dtype)
               + (f" | {speed_note}" if speed_note else ""))
 
+    tracking = start_tracking(cfg, step, resume_from and resume_from[1].get("tracking"), master)  # rank 0's
+
     # --- The loop: one iteration is one optimizer update. ---
     stop = StopRequest()
     ckpt_every = max(1, cfg.token_ckpt // cfg.tokens_per_update)
@@ -718,6 +724,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             first = int(step - start_step > 1)  # from the second update on, leave out the first: it also compiled
             eta = (total - step) * (time.time() - start_time - first * update_seconds[0]) / (step - start_step - first)
             print(progress_line(row, total, mfu, eta) + record.note(), flush=True)
+            tracking.log(row, sample)
             if sample:
                 print(f"--- sample at update {step} ---\n{sample}\n---")
         stopping = stop.agreed(device)
@@ -731,6 +738,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
                      "elapsed_s": elapsed_before + time.time() - start_time,
                      "argv": argv or []}  # the command line, for export.py's model card
             state["validation"], state["repeats"] = record.state_dict(), repeats
+            state["tracking"] = tracking.state_dict()  # the tracked runs a resumed run goes on with
             path = save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts, sharded=cfg.fsdp,
                                    best=record.best_path(cfg.ckpt_dir, cfg.fsdp))
             if master:
@@ -741,6 +749,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             break
     if master:
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+        write_report(cfg, log_file, argv or [], device, world_size, raw_model.num_params(),
+                     flops_per_token / world_size / peak_flops, tracking.samples, stop.requested)
+        tracking.finish()
         print(record.final_line(cfg.ckpt_dir, cfg.fsdp))
         lock.close()
 

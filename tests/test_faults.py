@@ -306,6 +306,8 @@ def test_two_runs_started_on_one_ckpt_dir_exactly_one_runs(shakespeare_dir, tmp_
     running.send_signal(signal.SIGTERM)
     out, err = communicate(running, timeout=60)
     assert running.returncode == 0 and "stopped by signal" in seen + out, err
+    last = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")[0]  # the report card says where it stopped
+    assert f"the run stopped by a signal after update {last}." in (tmp_path / "report.md").read_text()
 
 
 def test_under_torchrun_every_rank_stops_when_the_ckpt_dir_is_taken(shakespeare_dir, tmp_path):
