@@ -221,7 +221,8 @@ def test_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
     run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}",  # 1 rank x 2 micro-steps of 2x32 tokens
         env=os.environ | OTHER_ROUNDING)
     run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *common,
-        f"--ckpt_dir={tmp_path / 'two'}")  # 2 ranks x 1 micro-step
+        f"--ckpt_dir={tmp_path / 'two'}", "--tracker=tensorboard")  # 2 ranks x 1 micro-step
+    assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1  # rank 0 alone tracks
     # The token embedding's peak (embedding_lr) is the largest learning rate of the run.
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"),
                         atol=drift_tolerance(TrainConfig.embedding_lr, 6))
