@@ -36,7 +36,7 @@ def machine_line(device: str, dtype: str, world_size: int) -> str:
     line = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB memory"
     if device.startswith("cuda"):
         gpu = torch.cuda.get_device_properties(device)
-        line = f"{world_size} x {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) per node of {line}"
+        line = f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), {world_size} rank(s); rank 0's host: {line}"
     return f"{line}; PyTorch {torch.__version__}; {device}, {dtype}"
 
 

@@ -53,6 +53,7 @@ class Tracking:
     def __init__(self, names: list[str], ckpt_dir: str, config: dict, step: int, saved: dict):
         self.writer = self.wandb_run = self.trackio = self.trackio_run = None
         self.samples = {}  # update -> the sample printed at it, for the report card
+        self.saved = saved  # kept for a later resume, also when this part of the run tracks nothing
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package
 
@@ -75,7 +76,8 @@ class Tracking:
                                             resume="allow" if name else "never")
             self.trackio = trackio
             # trackio appends whatever it is given: steps it already holds (logged past the checkpoint by a run that
-            # then crashed, and trained again now) are not sent twice. wandb and TensorBoard see to that themselves.
+            # then crashed, and trained again now) are not sent twice. TensorBoard drops them (purge_step above), and
+            # wandb's server ignores a step below one it holds.
             self.trackio_holds = (name and trackio.SQLiteStorage.get_max_step_for_run(PROJECT, name)) or 0
 
     def log(self, row: dict, sample: str = ""):
@@ -96,7 +98,7 @@ class Tracking:
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps so that a resumed run continues the same tracked runs."""
-        state = {}
+        state = dict(self.saved)
         if self.wandb_run:
             state["wandb_id"] = self.wandb_run.id
         if self.trackio:
