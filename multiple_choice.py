@@ -31,7 +31,7 @@ from prepare import prompt_ids
 # ----------------------------------------------------------------------------------------------------------------
 # Items. Each task reads rows (dicts) with fields of its own and turns each into (context, continuations, gold).
 class Item(NamedTuple):
-    context: str
+    context: str | list[str]  # one context for every choice, or (Winogrande) each continuation's own
     continuations: list[str]  # what is scored after the context: DELIMITER + each choice
     gold: int  # the index of the right continuation
 
@@ -72,13 +72,12 @@ def argmax(values: list[float]) -> int:
 class Task(NamedTuple):
     fields: tuple[str, ...]  # every row must have these: the strings, then the choices, then the answer's index
     item: Callable[[dict], Item]
-    score: Callable[[Item, list[float]], dict[str, float]]
 
 
 TASKS = {
     # HellaSwag's own jsonl, and the rows of its Hugging Face dataset (there label is a string).
-    "hellaswag": Task(("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_item, accuracies),
-    "multiple_choice": Task(("context", "choices", "answer"), plain_item, accuracies),
+    "hellaswag": Task(("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_item),
+    "multiple_choice": Task(("context", "choices", "answer"), plain_item),
 }
 
 
@@ -218,8 +217,9 @@ def requests_of(items: list[Item], tokenizer, max_seq_len: int) -> list[Request]
     tokens: (context + continuation)[-(max_seq_len + 1):], the last one only as a target."""
     start, requests = prompt_start(tokenizer), []
     for number, item in enumerate(items):
-        for continuation in item.continuations:
-            head, tail = encode_pair(tokenizer, start, item.context, continuation)
+        contexts = item.context if isinstance(item.context, list) else [item.context] * len(item.continuations)
+        for context, continuation in zip(contexts, item.continuations, strict=True):
+            head, tail = encode_pair(tokenizer, start, context, continuation)
             if not tail or len(tail) > max_seq_len:
                 raise UserError(f"item {number}: the continuation {continuation!r} is {len(tail)} tokens, which the "
                                 f"model's {max_seq_len}-token context cannot score; shorten or drop the item")
@@ -299,8 +299,7 @@ def score_set(model, eval_set: EvalSet, batch_size: int, device: str, dtype: tor
     per_item, done = [], 0
     for item in eval_set.items:
         item_lls, done = lls[done:done + len(item.continuations)], done + len(item.continuations)
-        metrics = TASKS[eval_set.task].score(item, item_lls)
-        per_item.append({"gold": item.gold, **metrics, "loglikelihoods": item_lls})
+        per_item.append({"gold": item.gold, **accuracies(item, item_lls), "loglikelihoods": item_lls})
     acc, acc_stderr = mean_and_stderr([p["acc"] for p in per_item])
     acc_norm, acc_norm_stderr = mean_and_stderr([p["acc_norm"] for p in per_item])
     return Scores(acc, acc_norm, acc_stderr, acc_norm_stderr, per_item)

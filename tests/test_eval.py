@@ -31,6 +31,7 @@ from multiple_choice import (
     score_set,
 )
 from prepare import load_tokenizer
+from suite import SUITES
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLASWAG = ROOT / "tests" / "eval_sets" / "hellaswag_style.jsonl"
@@ -38,14 +39,14 @@ PLAIN = ROOT / "tests" / "eval_sets" / "multiple_choice.jsonl"
 
 
 @pytest.fixture(scope="module")
-def trained(shakespeare_dir, tmp_path_factory) -> Path:
-    """A tiny model trained for 10 updates with the plain set's first 12 items scored at each evaluation, and its
-    Hugging Face export in hf/."""
+def trained(shakespeare_dir, suite_data, tmp_path_factory) -> Path:
+    """A tiny model trained for 10 updates with the plain set's first 12 items and the suite's fixture (its first 12
+    items of each set: all) scored at each evaluation, and its Hugging Face export in hf/."""
     ckpt_dir = tmp_path_factory.mktemp("eval")
     result = run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt_dir}",
-                 f"--eval_data={PLAIN}", "--eval_items=12")
+                 f"--eval_data={PLAIN}", "--eval_items=12", "--eval_suite=core,mmlu", f"--suite_data={suite_data}")
     assert result.returncode == 0, result.stderr
-    assert " | eval acc " in result.stdout
+    assert " | eval acc " in result.stdout and " | suite " in result.stdout
     result = run("export.py", f"--ckpt_dir={ckpt_dir}", f"--out_dir={ckpt_dir / 'hf'}")
     assert result.returncode == 0, result.stderr
     return ckpt_dir
@@ -195,6 +196,22 @@ def test_training_logs_the_accuracy_eval_py_gives_its_checkpoint(trained):
     again = run("eval.py", f"--ckpt_dir={trained}", f"--data={PLAIN}")  # never replaced without --overwrite
     one_line_error(again, "eval_multiple_choice.json already exists", "--overwrite")
     assert json.loads((trained / "eval_multiple_choice.json").read_text()) == written
+
+
+def test_training_logs_the_suite_s_aggregate_eval_py_gives_its_checkpoint(trained, suite_data, capsys):
+    with open(trained / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [bool(r["suite"]) for r in rows] == [i in (5, 10) for i in range(1, 11)]
+    eval_script.main([f"--ckpt_dir={trained}", "--suite=core,mmlu", f"--suite_data={suite_data}", "--dtype=float32"])
+    written = json.loads((trained / "eval_core+mmlu.json").read_text())
+    assert [r["set"] for r in written["sets"]] == [*SUITES["core"], "mmlu"]
+    assert [r["items"] for r in written["sets"]] == [2] * 12 and len(written["per_item"]["winogrande"]) == 2
+    assert f"{written['aggregate']:.4f}" == rows[-1]["suite"]
+    assert written["aggregate"] == pytest.approx(sum(r["centred"] for r in written["sets"]) / 12)
+    table_end = capsys.readouterr().out.splitlines()[-2]  # the table's last line, above the timing
+    assert table_end.split() == ["aggregate", "(mean", "of", "centred)", f"{written['aggregate']:.4f}"]
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):  # never replaced without --overwrite
+        eval_script.main([f"--ckpt_dir={trained}", "--suite=core,mmlu", f"--suite_data={suite_data}"])
 
 
 @pytest.mark.parametrize("case", ["missing field", "label out of range", "empty file", "no tokenizer"])

@@ -27,7 +27,7 @@ FP16 = [arg for arg in TINY if not arg.startswith("--dtype")] + ["--dtype=float1
 TEN_UPDATES = ["--training_tokens=1280", "--token_ckpt=640", "--keep_ckpts=5"]  # checkpoints after 5 and 10
 # The log's columns: DESIGN.md's eleven, whether the loss scaler skipped the update, --eval_data's accuracies.
 HEADER = ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,elapsed_s,val_loss,val_bpb,"
-          "skipped,eval_acc,eval_acc_norm")
+          "skipped,eval_acc,eval_acc_norm,suite")
 
 
 def log_rows(ckpt_dir) -> list[dict]:

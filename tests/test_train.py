@@ -243,7 +243,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tm
     assert_same_weights(final_weights(straight), final_weights(resumed))
     rows = (resumed / "log.csv").read_text().splitlines()
     assert rows[0] == ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,elapsed_s,"
-                       "val_loss,val_bpb,skipped,eval_acc,eval_acc_norm")
+                       "val_loss,val_bpb,skipped,eval_acc,eval_acc_norm,suite")
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 11)]
     assert rows[-1].split(",")[6] == "1280" and rows[-1].split(",")[10] != ""
     assert (resumed / "loss.png").stat().st_size > 10_000
