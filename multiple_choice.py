@@ -212,19 +212,33 @@ class Request(NamedTuple):
     cut: bool  # whether the context was cut
 
 
+class Unscorable(UserError):
+    """An item with a continuation that is empty or longer than the model's context: nothing a model can score."""
+
+
+def item_requests(item: Item, tokenizer, start: tuple[list[int], int], max_seq_len: int) -> list[Request]:
+    """One Request per continuation of the item. Like the harness, the model reads at most max_seq_len tokens:
+    (context + continuation)[-(max_seq_len + 1):], the last one only as a target."""
+    requests = []
+    contexts = item.context if isinstance(item.context, list) else [item.context] * len(item.continuations)
+    for context, continuation in zip(contexts, item.continuations, strict=True):
+        head, tail = encode_pair(tokenizer, start, context, continuation)
+        if not tail or len(tail) > max_seq_len:
+            raise Unscorable(f"the continuation {continuation!r} is {len(tail)} tokens, which the model's "
+                             f"{max_seq_len}-token context cannot score; shorten or drop the item")
+        tokens = head + tail
+        requests.append(Request(tokens[-(max_seq_len + 1):], len(tail), len(tokens) > max_seq_len + 1))
+    return requests
+
+
 def requests_of(items: list[Item], tokenizer, max_seq_len: int) -> list[Request]:
-    """One Request per continuation of every item, in order. Like the harness, the model reads at most max_seq_len
-    tokens: (context + continuation)[-(max_seq_len + 1):], the last one only as a target."""
+    """The Requests of every item, in order."""
     start, requests = prompt_start(tokenizer), []
     for number, item in enumerate(items):
-        contexts = item.context if isinstance(item.context, list) else [item.context] * len(item.continuations)
-        for context, continuation in zip(contexts, item.continuations, strict=True):
-            head, tail = encode_pair(tokenizer, start, context, continuation)
-            if not tail or len(tail) > max_seq_len:
-                raise UserError(f"item {number}: the continuation {continuation!r} is {len(tail)} tokens, which the "
-                                f"model's {max_seq_len}-token context cannot score; shorten or drop the item")
-            tokens = head + tail
-            requests.append(Request(tokens[-(max_seq_len + 1):], len(tail), len(tokens) > max_seq_len + 1))
+        try:
+            requests += item_requests(item, tokenizer, start, max_seq_len)
+        except Unscorable as e:
+            raise UserError(f"item {number}: {e}") from None
     return requests
 
 
@@ -277,6 +291,7 @@ class EvalSet(NamedTuple):
     task: str
     items: list[Item]
     requests: list[Request]
+    left_out: int = 0  # items of the set not scored (the suite's, whose continuation the model cannot read)
 
 
 class Scores(NamedTuple):

@@ -25,10 +25,12 @@ from multiple_choice import (
     DELIMITER,
     EvalSet,
     Item,
+    Unscorable,
     dataset_rows,
     hellaswag_item,
+    item_requests,
     mean_and_stderr,
-    requests_of,
+    prompt_start,
     score_set,
 )
 
@@ -190,8 +192,20 @@ def read_suite(suite: str, suite_data: str, limit: int = 0) -> dict[str, list[It
 
 
 def encode_suite(sets: dict[str, list[Item]], tokenizer, max_seq_len: int) -> list[EvalSet]:
-    """The read sets encoded for `tokenizer` and a model reading max_seq_len tokens, ready for score_suite."""
-    return [EvalSet(name, name, items, requests_of(items, tokenizer, max_seq_len)) for name, items in sets.items()]
+    """The read sets encoded for `tokenizer` and a model reading max_seq_len tokens, ready for score_suite. An item
+    with a choice longer than the model's context is left out and counted (a few of PIQA's long recipes, for a
+    small context): the harness cannot score it either."""
+    start, eval_sets = prompt_start(tokenizer), []
+    for name, items in sets.items():
+        kept, requests = [], []
+        for item in items:
+            try:
+                requests += item_requests(item, tokenizer, start, max_seq_len)
+                kept.append(item)
+            except Unscorable:
+                pass
+        eval_sets.append(EvalSet(name, name, kept, requests, len(items) - len(kept)))
+    return eval_sets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,8 +220,8 @@ def set_result(eval_set: EvalSet, per_item: list[dict]) -> dict:
     metric = SETS[eval_set.task].metric
     value, stderr = mean_and_stderr([p[metric] for p in per_item])
     chance = sum(1 / len(item.continuations) for item in eval_set.items) / len(eval_set.items)
-    result = {"set": eval_set.name, "items": len(per_item), "metric": metric, "value": value, "stderr": stderr,
-              "chance": chance, "centred": centred(value, chance)}
+    result = {"set": eval_set.name, "items": len(per_item), "left_out": eval_set.left_out, "metric": metric,
+              "value": value, "stderr": stderr, "chance": chance, "centred": centred(value, chance)}
     for other in ("acc", "acc_norm")[:1 + (metric == "acc_norm")]:  # as the harness reports the task
         result[other] = mean_and_stderr([p[other] for p in per_item])[0]
     return result
@@ -236,4 +250,7 @@ def suite_table(result: dict) -> str:
         lines.append(f"{r['set']:<15} {r['items']:>6,}  {r['metric']:<8} {r['value']:>7.4f} {r['stderr']:>8.4f} "
                      f"{r['chance']:>7.4f} {r['centred']:>8.4f}")
     lines.append(f"{'aggregate (mean of centred)':<56} {result['aggregate']:>8.4f}")
+    lines += [f"{r['set']}: {r['left_out']:,} of {r['items'] + r['left_out']:,} items left out, a choice longer than "
+              "the model's context"
+              for r in result["sets"] if r["left_out"]]
     return "\n".join(lines)

@@ -18,7 +18,8 @@ import pytest
 
 from configurator import UserError
 from multiple_choice import EvalSet, Item
-from suite import SETS, SUITES, aggregate, read_set, read_suite, set_names, set_result
+from prepare import load_tokenizer
+from suite import SETS, SUITES, aggregate, encode_suite, read_set, read_suite, set_names, set_result, suite_table
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = json.loads((ROOT / "tests" / "eval_sets" / "suite_harness.json").read_text())
@@ -66,6 +67,18 @@ def test_a_set_s_centred_score_and_the_aggregate():
     assert boolq["centred"] == pytest.approx((0.5 - 0.375) / 0.625)
     assert aggregate([result, boolq]) == pytest.approx((0.6 + 0.2) / 2)
     assert math.isclose(aggregate([{"centred": -0.1}, {"centred": 0.1}]), 0.0, abs_tol=1e-15)
+
+
+def test_an_item_with_a_choice_longer_than_the_context_is_left_out_and_counted(suite_data, shakespeare_dir):
+    """eval.py --data refuses such an item; the suite, whose sets hold a few (PIQA's longest recipes outgrow the
+    default model's 256 tokens), scores the rest and says how many it left out. The harness cannot score them."""
+    piqa, copa = encode_suite(read_suite("piqa,copa", str(suite_data)), load_tokenizer(shakespeare_dir), 12)
+    assert (len(piqa.items), piqa.left_out, len(piqa.requests)) == (1, 1, 2)  # the jar's 14 and 17 tokens: out
+    assert piqa.items[0].continuations == [" wrap them in plastic.", " stuff them with newspaper."]
+    assert (len(copa.items), copa.left_out) == (2, 0)
+    per_item = [{"acc": 1.0, "acc_norm": 1.0}]
+    table = suite_table({"sets": [set_result(piqa, per_item)], "aggregate": 1.0})
+    assert table.splitlines()[-1] == "piqa: 1 of 2 items left out, a choice longer than the model's context"
 
 
 def test_a_suite_names_its_sets():
