@@ -1,32 +1,40 @@
-"""Runs that read their training tokens more than once: how many passes a run makes, what it does about it, and the
+"""Runs that read their training tokens more than once: how many passes a run makes, the most it makes, and the
 record of its validation loss that shows when a model starts to memorise.
 
 The guide trains one pass over unique tokens, where a model cannot learn the training text by heart. A learner's own
 corpus is often a few megabytes, and --max_minutes gives a run whatever length the machine allows: the faster the
 machine, the more often the same text is read. With each pass cut into new windows (DatasetLoader.pass_start) the
-guide's settings keep the validation loss falling to the end of runs of up to 10 passes, and a longer run ends lower
-than a shorter one; dropout there only costs (docs/defaults.md). Beyond what was measured a model may learn the
-text by heart and its validation loss climb again, so such a run saves a checkpoint at each new lowest validation
-loss and keeps that one however many newer ones come: its best model is never lost.
+guide's settings keep the validation loss falling to the end of runs of up to 10 passes; a run planned for more
+passes learns the text by heart, its validation loss turns up long before its end, and its lowest point is no lower
+than a 10-pass run's end, with dropout or without (docs/defaults.md). So a run makes at most --max_passes (10)
+passes: a longer one, or a budget that holds more, ends there, and more compute never trains a worse model. A run
+allowed more (--max_passes raised, or 0) saves a checkpoint at each new lowest validation loss and keeps it however
+many newer ones come: its best model is never lost.
 """
 import math
 from pathlib import Path
 
 from checkpoint import checkpoint_path
 
-# Above this many passes over its training tokens a run keeps its best checkpoint. Up to here the guide's settings
-# end a run at its lowest validation loss (docs/defaults.md).
+# Above this many passes over its training tokens a run keeps its best checkpoint; it is also the default limit
+# (train.py's max_passes): up to here the guide's settings end a run at its lowest validation loss (docs/defaults.md).
 REPEATS_FROM = 10.0
 # Validation losses rising this many evaluations in a row are said in the progress line.
 RISING_EVALUATIONS = 3
 
 
-def plan_repeats(training_steps: int, tokens_per_update: int, train_tokens: int, master: bool,
+def most_updates(max_passes: float, train_tokens: int, tokens_per_update: int) -> int:
+    """The longest run in updates that reads its training tokens at most max_passes times (0: no limit)."""
+    return max(1, int(max_passes * train_tokens // tokens_per_update)) if max_passes else 2**62
+
+
+def plan_repeats(training_steps: int, asked: int, tokens_per_update: int, train_tokens: int, master: bool,
                  planned: dict | None) -> dict:
-    """Once the run's length is planned: how many passes it makes over its training tokens, said. `planned`: the plan
-    a resumed budgeted run's checkpoint holds, which it goes on with (its length has been planned again since). A
-    run of a number of tokens plans again from them: the same plan, or the one for a raised --training_tokens."""
-    plan = planned or {"passes": training_steps * tokens_per_update / train_tokens}
+    """Once the run's length is planned: how many passes it makes over its training tokens, and whether the limit
+    (most_updates) cut it short of the `asked` updates, said. `planned`: the plan a resumed budgeted run's checkpoint
+    holds, which it goes on with (its length has been planned again since). A run of a number of tokens plans again
+    from them: the same plan, or the one for a raised --training_tokens."""
+    plan = planned or {"passes": training_steps * tokens_per_update / train_tokens, "limited": asked > training_steps}
     if master:
         print(passes_line(plan, train_tokens))
     return plan
@@ -40,6 +48,9 @@ def keeps_best(plan: dict | None) -> bool:
 def passes_line(plan: dict, train_tokens: int) -> str:
     """What the run says at start-up about how often it reads its data, and what it does about it."""
     line = f"data: {plan['passes']:.3g} passes over {train_tokens:,} training tokens"
+    if plan.get("limited"):
+        line += (", the most a run makes (--max_passes): more passes end no lower, so it ends there, before the "
+                 "length it was given")
     if not keeps_best(plan):
         return line
     return (f"{line}; beyond {REPEATS_FROM:g} passes a model may learn the text by heart, so this run saves a "

@@ -52,7 +52,7 @@ from model import ModelConfig, Transformer
 from multinode import check_same_files
 from multiple_choice import load_set, score_set
 from muon import Muon, MuonAndAdamW
-from passes import ValidationRecord, keeps_best, plan_repeats
+from passes import ValidationRecord, keeps_best, most_updates, plan_repeats
 from preemption import StopRequest
 from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
 from schedule import Scheduler
@@ -99,6 +99,7 @@ class TrainConfig:
     # Length of the run, evaluation, samples and checkpoints
     training_tokens: int = 2_000_000  # the run's length in tokens (whole updates: rounded down)
     max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
+    max_passes: float = 10.0  # the most passes over the training tokens a run makes (passes.py); 0 = no limit
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
     eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation too; "" = none
@@ -136,8 +137,8 @@ class TrainConfig:
             (self.keep_ckpts >= 1, "--keep_ckpts must be at least 1"),
             (self.optimizer in ("adamw", "muon"), "--optimizer must be adamw or muon"),
             (self.optimizer == "adamw" or self.max_lr > 0, "--optimizer=muon needs max_lr > 0"),
-            (min(self.muon_lr, self.embedding_lr, self.max_minutes) >= 0,
-             "--muon_lr, --embedding_lr and --max_minutes must not be negative"),
+            (min(self.muon_lr, self.embedding_lr, self.max_minutes, self.max_passes) >= 0,
+             "--muon_lr, --embedding_lr, --max_minutes and --max_passes must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -646,8 +647,11 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     model = wrap_model(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = make_scaler(device, dtype)
-    # A budgeted run times its first updates, then plans its length from them (updates_in_budget).
-    training_steps = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
+    # A budgeted run times its first updates, then plans its length from them (updates_in_budget). Either way it
+    # reads its training tokens at most max_passes times (passes.py): `asked` is the length before that limit.
+    most = most_updates(cfg.max_passes, meta["train_tokens"], cfg.tokens_per_update)
+    asked = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
+    training_steps = asked if cfg.max_minutes else min(asked, most)
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
     step, elapsed_before = 0, 0.0
     # repeats: how often the run reads its data and what it does about it (passes.py), once its length is planned.
@@ -674,8 +678,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     start_step, start_time, update_seconds = step, time.time(), []
     while step < scheduler.training_steps:
         if repeats is None and (step >= BUDGET_PROBE_UPDATES or not cfg.max_minutes):
-            repeats = plan_repeats(scheduler.training_steps, cfg.tokens_per_update, meta["train_tokens"], master,
-                                   planned)
+            repeats = plan_repeats(scheduler.training_steps, asked, cfg.tokens_per_update, meta["train_tokens"],
+                                   master, planned)
         t0 = time.time()
         lr = scheduler.step(step)
         scale = scaler.get_scale()
@@ -684,9 +688,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         step += 1
         update_seconds.append(time.time() - t0)
         if cfg.max_minutes and replans_length(step):
-            scheduler.training_steps = updates_in_budget(
-                cfg, step, elapsed_before + time.time() - start_time, update_seconds,
-                eval_batches * cfg.batch_size * cfg.max_seq_len, raw_model.num_params(), device)
+            asked = updates_in_budget(cfg, step, elapsed_before + time.time() - start_time, update_seconds,
+                                      eval_batches * cfg.batch_size * cfg.max_seq_len, raw_model.num_params(), device)
+            scheduler.training_steps = min(asked, max(most, step + 1))  # a plan is followed by one update at least
         # In fp16 an overflowing gradient only skips its update; a scale driven below 1 means gradients overflow
         # even unscaled. Either way nothing is saved: the last checkpoint is good.
         if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)) or scaler.get_scale() < 1:

@@ -1,6 +1,7 @@
-"""Runs that read their training tokens more than once: the passes said at start-up, the checkpoint with the lowest
-validation loss saved and kept by a run beyond 10 passes and taken by sample.py and export.py, and a rising
-validation loss said in the progress line."""
+"""Runs that read their training tokens more than once: the passes said at start-up, at most --max_passes of them
+(10) whatever length or budget the run is given, the checkpoint with the lowest validation loss saved and kept by a
+run allowed beyond 10 passes and taken by sample.py and export.py, and a rising validation loss said in the progress
+line."""
 import random
 import re
 import shutil
@@ -10,7 +11,7 @@ import torch
 from test_train import TINY, run
 
 import checkpoint
-from passes import REPEATS_FROM, ValidationRecord, passes_line
+from passes import REPEATS_FROM, ValidationRecord, most_updates, passes_line
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,29 @@ def test_up_to_ten_passes_a_run_only_says_them_beyond_it_keeps_its_best_checkpoi
         "data: 30 passes over 2,000 training tokens; beyond 10 passes a model may learn the text by heart, so this "
         "run saves a checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and "
         "export.py)")
+    assert passes_line({"passes": 9.95, "limited": True}, 2_000) == (
+        "data: 9.95 passes over 2,000 training tokens, the most a run makes (--max_passes): more passes end no "
+        "lower, so it ends there, before the length it was given")
+
+
+def test_a_run_makes_at_most_max_passes_over_its_data_whatever_length_it_is_given(small_corpus, tmp_path):
+    assert most_updates(10, 1_469, 128) == 114 and most_updates(0.01, 1_469, 128) == 1
+    assert most_updates(0, 1_469, 128) > 10**15  # 0: no limit
+    out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path / 'tokens'}",
+              "--compile=False", "--training_tokens=15360", "--model_gen_multiplier=0").stdout
+    assert "| 114 updates of 128 tokens" in out.splitlines()[0]  # asked for 120
+    assert out.splitlines()[1].startswith("data: 9.93 passes over 1,469 training tokens, the most a run makes")
+    assert re.search(r"^update 114/114 .*\| val loss", out, re.M)
+    # A budget that holds more than the limit ends at it too, long before the budget: here one pass, 11 updates.
+    out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path / 'budget'}",
+              "--compile=False", "--max_minutes=5", "--max_passes=1", "--model_gen_multiplier=0").stdout
+    assert re.findall(r"^update (\d+)/(\d+) ", out, re.M)[-1] == ("11", "11")
+    assert "data: 0.958 passes over 1,469 training tokens, the most a run makes" in out
 
 
 def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small_corpus, tmp_path):
     out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path}", "--compile=False",
-              "--training_tokens=15360", "--keep_ckpts=1").stdout
+              "--training_tokens=15360", "--keep_ckpts=1", "--max_passes=0").stdout
     lines = out.splitlines()
     assert lines[1].startswith("data: 10.5 passes over 1,469 training tokens; beyond 10 passes")
     # Each evaluation with a new lowest validation loss is saved (keep_ckpts=1 deletes the rest, except the best).
