@@ -1,7 +1,6 @@
 """Runs that read their training tokens more than once: the passes said at start-up, at most --max_passes of them
 (10) whatever length or budget the run is given, the checkpoint with the lowest validation loss saved and kept by a
-run allowed beyond 10 passes and taken by sample.py and export.py, and a rising validation loss said in the progress
-line."""
+run beyond 2 passes and taken by sample.py and export.py, and a rising validation loss said in the progress line."""
 import random
 import re
 import shutil
@@ -27,17 +26,16 @@ def small_corpus(tmp_path_factory):
 
 
 # --- how many passes, and what a run that repeats its data does --------------------------------------------------
-def test_up_to_ten_passes_a_run_only_says_them_beyond_it_keeps_its_best_checkpoint():
-    assert REPEATS_FROM == 10  # up to here the guide's settings end a run at its lowest validation loss (docs/)
+def test_up_to_two_passes_a_run_only_says_them_beyond_it_keeps_its_best_checkpoint():
+    assert REPEATS_FROM == 2  # up to here runs end at their lowest validation loss (docs/defaults.md)
     assert passes_line({"passes": 0.5}, 2_000) == "data: 0.5 passes over 2,000 training tokens"
-    assert passes_line({"passes": 10.0}, 2_000) == "data: 10 passes over 2,000 training tokens"
-    assert passes_line({"passes": 30.0}, 2_000) == (
-        "data: 30 passes over 2,000 training tokens; beyond 10 passes a model may learn the text by heart, so this "
-        "run saves a checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and "
-        "export.py)")
-    assert passes_line({"passes": 9.95, "limited": True}, 2_000) == (
+    assert passes_line({"passes": 2.0}, 2_000) == "data: 2 passes over 2,000 training tokens"
+    assert passes_line({"passes": 3.0}, 2_000) == (
+        "data: 3 passes over 2,000 training tokens; beyond 2 passes the validation loss can rise again, so this run "
+        "saves a checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and export.py)")
+    assert passes_line({"passes": 9.95, "limited": True}, 2_000).startswith(
         "data: 9.95 passes over 2,000 training tokens, the most a run makes (--max_passes): more passes end no "
-        "lower, so it ends there, before the length it was given")
+        "lower, so it ends there, before the length it was given; beyond 2 passes")
 
 
 def test_a_run_makes_at_most_max_passes_over_its_data_whatever_length_it_is_given(small_corpus, tmp_path):
@@ -59,7 +57,7 @@ def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small
     out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path}", "--compile=False",
               "--training_tokens=15360", "--keep_ckpts=1", "--max_passes=0").stdout
     lines = out.splitlines()
-    assert lines[1].startswith("data: 10.5 passes over 1,469 training tokens; beyond 10 passes")
+    assert lines[1].startswith("data: 10.5 passes over 1,469 training tokens; beyond 2 passes")
     # Each evaluation with a new lowest validation loss is saved (keep_ckpts=1 deletes the rest, except the best).
     val = {int(m[1]): float(m[2]) for m in re.finditer(r"^update (\d+)/120 .*\| val loss ([\d.]+)", out, re.M)}
     saved = [int(m) for m in re.findall(r"^saved .*ckpt_(\d+)\.pt$", out, re.M)]
