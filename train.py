@@ -690,7 +690,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         if cfg.max_minutes and replans_length(step):
             asked = updates_in_budget(cfg, step, elapsed_before + time.time() - start_time, update_seconds,
                                       eval_batches * cfg.batch_size * cfg.max_seq_len, raw_model.num_params(), device)
-            scheduler.training_steps = min(asked, max(most, step + 1))  # a plan is followed by one update at least
+            scheduler.training_steps = min(asked, max(most, step))  # ends at the limit, or after one update more
         # In fp16 an overflowing gradient only skips its update; a scale driven below 1 means gradients overflow
         # even unscaled. Either way nothing is saved: the last checkpoint is good.
         if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)) or scaler.get_scale() < 1:

@@ -46,11 +46,12 @@ def test_a_run_makes_at_most_max_passes_over_its_data_whatever_length_it_is_give
     assert "| 114 updates of 128 tokens" in out.splitlines()[0]  # asked for 120
     assert out.splitlines()[1].startswith("data: 9.93 passes over 1,469 training tokens, the most a run makes")
     assert re.search(r"^update 114/114 .*\| val loss", out, re.M)
-    # A budget that holds more than the limit ends at it too, long before the budget: here one pass, 11 updates.
+    # A budget that holds more than the limit ends at it too, long before the budget: here 20 updates, a length the
+    # budget is planned again at.
     out = run("train.py", *TINY, f"--dataset_dir={small_corpus}", f"--ckpt_dir={tmp_path / 'budget'}",
-              "--compile=False", "--max_minutes=5", "--max_passes=1", "--model_gen_multiplier=0").stdout
-    assert re.findall(r"^update (\d+)/(\d+) ", out, re.M)[-1] == ("11", "11")
-    assert "data: 0.958 passes over 1,469 training tokens, the most a run makes" in out
+              "--compile=False", "--max_minutes=5", "--max_passes=1.75", "--model_gen_multiplier=0").stdout
+    assert re.findall(r"^update (\d+)/(\d+) ", out, re.M)[-1] == ("20", "20")
+    assert "data: 1.74 passes over 1,469 training tokens, the most a run makes" in out
 
 
 def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small_corpus, tmp_path):
