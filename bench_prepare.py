@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from configurator import UserError, load_config, run_cli
-from prepare import gpt2_tokenizer, load_tokenizer, shakespeare_documents
+from prepare import shakespeare_documents
+from tokenizer import gpt2_tokenizer, load_tokenizer
 
 
 @dataclass

@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from configurator import UserError
+from files import full_disk_error, is_full_disk, lock_directory, space_for
 from model import ModelConfig, Transformer
-from prepare import full_disk_error, is_full_disk, load_tokenizer, lock_directory, space_for, tokenizer_fingerprint
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})(\.pt)?")
 # What a run says when its disk is full: the checkpoints already saved are intact, so it can go on from them.

@@ -19,11 +19,10 @@ import torch
 
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
-from export import load_hf_weights, model_config_from_hf
+from files import refuse_existing, write_file
 from hardware import pick_device
-from model import ModelConfig, Transformer
+from huggingface import load_hf_model
 from multiple_choice import EvalSet, read_items, requests_of, score_set
-from prepare import load_tokenizer, write_file
 
 
 @dataclass
@@ -49,36 +48,13 @@ class EvalConfig:
             raise UserError("--dtype must be auto, float32 or bfloat16, and --batch_size at least 1")
 
 
-def load_hf_model(directory: Path) -> tuple[Transformer, object]:
-    """A Hugging Face LlamaForCausalLM directory (export.py's, or a published one) as a model.py Transformer in fp32,
-    with its tokenizer; what model.py cannot compute exactly is refused, as for train.py --init_from."""
-    if not (directory / "tokenizer.json").exists():
-        raise UserError(f"{directory} has no tokenizer.json; save the model's fast tokenizer there (transformers' "
-                        "AutoTokenizer.from_pretrained(...).save_pretrained) to score it")
-    tokenizer = load_tokenizer(directory)
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{directory}/config.json cannot be read; it is not a Hugging Face model directory") from None
-    fields = model_config_from_hf(hf, str(directory / "config.json"), ModelConfig.multiple_of)
-    # The context the harness gives the model is config.json's too (LlamaConfig's default when it is missing).
-    config = ModelConfig(**fields, max_seq_len=hf.get("max_position_embeddings", 2048))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{directory}'s tokenizer has {tokenizer.vocab_size} ids but its embedding only "
-                        f"{config.vocab_size} rows; the tokenizer belongs to another model")
-    model = Transformer(config)
-    load_hf_weights(model, str(directory))
-    return model.eval(), tokenizer
-
-
 def main(argv: list[str]):
     cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], EvalConfig)
     # The set first: a mistake in it is reported before a large model is read.
     name, task, items = read_items(cfg.hf_dataset or cfg.data, cfg.limit, cfg.hf_split if cfg.hf_dataset else "")
     root = Path(cfg.ckpt_dir)
     out = Path(cfg.out or root / f"eval_{name}.json")
-    if out.exists() and not cfg.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    refuse_existing(out, cfg.overwrite, "--out")
     if (root / "config.json").exists():  # a Hugging Face model directory
         model, tokenizer = load_hf_model(root)
         what, trained_dtype = str(root), "float32"

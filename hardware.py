@@ -9,6 +9,7 @@ utilisation) is measured against measure_matmul_flops, the speed of a large matr
 import contextlib
 import functools
 import logging
+import math
 import resource
 import time
 import warnings
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import UserError
+from model import ModelConfig, Transformer
 
 
 def pick_device(name: str) -> str:
@@ -230,3 +232,56 @@ def cuda_speed(dtype: str, compile: bool | str, device: str) -> tuple[torch.dtyp
     if compile == "auto" and not triton:
         reasons.append("compile: no, Triton needs compute capability 7.0")
     return chosen, triton if compile == "auto" else compile, "; ".join(reasons)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: what a config needs per GPU, before anything is allocated (bench.py --estimate, the preflight).
+
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those of one Block), counted on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return model.num_params(), sum(p.numel() for p in model.layers[0].parameters())
+
+
+def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpointing: bool) -> dict[str, float]:
+    """Bytes per GPU at the peak of an update (the start of backward, gradients kept from earlier micro-steps).
+
+    Weights, gradients and AdamW's two moments are fp32 (4 bytes each per parameter); with --optimizer=muon the
+    blocks' matrices keep Muon's one momentum instead (4 bytes), sharded like the rest under FSDP. (Muon's step also
+    holds whole, for a moment, the matrices a rank orthogonalizes: about 1/world_size of them, after backward has
+    freed the activations, so not at this peak.) Under bf16 (dtype auto or
+    bfloat16; float16 takes as much) the matmuls run in bf16, so each layer also keeps bf16 copies:
+    - DDP: autocast's bf16 copy of every matrix, saved for backward (2 bytes per parameter); with more than one
+      rank, DDP's gradient buckets are a second fp32 copy of the gradients;
+    - FSDP: the sharded fp32 state is 1/world_size of the above; on top, weights are gathered whole in the compute
+      dtype for two Blocks at a time (one computing, the next prefetched) and for the root (embedding, final norm,
+      output) through the whole step; a Block's gradients are whole, then cast to fp32 for the reduce-scatter.
+    Activations, per token of a micro-batch (batch_size x max_seq_len), as saved by model.py's code (counted with
+    saved-tensor hooks): each RMSNorm keeps its fp32 input and normalised value and the bf16 copy the matmuls read
+    (8h + a*h bytes, a = 2 in bf16, 4 in fp32); attention keeps q, k, v after RoPE, the attention output and its
+    reshaped copy (a*(3h + 2kv), with grouped-query attention the repeated k, v instead: 5a*h); SwiGLU keeps
+    four tensors of the hidden width f (4a*f). Checkpointing keeps only each Block's fp32 input (4h) and redoes one
+    Block at a time in backward. The loss adds 12 bytes per vocabulary entry (fp32 log-probabilities and the two
+    gradients that replace them)."""
+    config = cfg.model_config(vocab_size)
+    n, per_block = parameter_counts(config)
+    root = n - config.n_layers * per_block
+    a = 4 if cfg.dtype == "float32" else 2
+    h, L = config.n_embd, config.n_layers
+    kv = h // config.n_heads * config.n_kv_heads
+    f = config.multiple_of * math.ceil(int(8 * h / 3) / config.multiple_of)
+    attention = 5 * a * h if kv < h else a * (3 * h + 2 * kv)
+    layer = 2 * (8 * h + a * h) + attention + 4 * a * f
+    kept = L * 4 * h + layer if checkpointing else L * layer
+    activations = cfg.batch_size * cfg.max_seq_len * (kept + 8 * h + a * h + 12 * vocab_size)
+    in_muon = L * (per_block - 2 * h) if cfg.optimizer == "muon" else 0  # all but a Block's two norm gains
+    optimizer = 8 * n - 4 * in_muon
+    if fsdp:
+        params = 4 * n / world_size + a * (2 * per_block + root)
+        grads = 4 * n / world_size + a * root + (a + (4 if a != 4 else 0)) * per_block
+        optimizer /= world_size
+    else:
+        params = 4 * n + (2 * n if a == 2 else 0)
+        grads = 4 * n * (2 if world_size > 1 else 1)
+    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}

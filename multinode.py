@@ -9,6 +9,7 @@ names the fix before anything is trained, read or saved. The dataset may be a co
 copies are alike; ckpt_dir must be one directory that every node mounts.
 """
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -18,7 +19,8 @@ import torch.distributed as dist
 
 from checkpoint import checkpoint_paths
 from configurator import UserError
-from prepare import read_meta, tokenizer_fingerprint
+from dataset import read_meta
+from tokenizer import tokenizer_fingerprint
 
 CKPT_FIX = "put ckpt_dir on a filesystem every node mounts"
 DATASET_FIX = "copy the same prepared dataset to every node, or put dataset_dir on a filesystem every node mounts"
@@ -30,12 +32,12 @@ def dataset_view(dataset_dir: str) -> tuple[str, str]:
     and the tokenizer a dataset prepared otherwise."""
     root = Path(dataset_dir)
     try:
-        read_meta(dataset_dir)
-        tokenizer = tokenizer_fingerprint(dataset_dir)
+        meta = read_meta(dataset_dir)
+        tokenizer = tokenizer_fingerprint(dataset_dir, meta)
         sizes = sorted((p.name, p.stat().st_size) for p in root.glob("*.npy"))
     except (UserError, OSError) as e:
         return "none", str(e)
-    digest = hashlib.sha256((root / "meta.json").read_bytes() + f"{tokenizer} {sizes}".encode())
+    digest = hashlib.sha256(f"{json.dumps(meta, sort_keys=True)} {tokenizer} {sizes}".encode())
     return "dataset", digest.hexdigest()[:16]
 
 

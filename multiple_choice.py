@@ -25,7 +25,7 @@ import torch
 
 from configurator import UserError
 from hardware import autocast
-from prepare import prompt_ids
+from tokenizer import prompt_ids
 
 
 # ----------------------------------------------------------------------------------------------------------------

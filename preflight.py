@@ -51,9 +51,16 @@ from checkpoint import (
     save_checkpoint,
 )
 from configurator import UserError
-from hardware import choose_speed, measure_matmul_flops, peak_memory_mib, pick_device, synchronize
+from hardware import (
+    choose_speed,
+    measure_matmul_flops,
+    memory_estimate,
+    peak_memory_mib,
+    pick_device,
+    synchronize,
+)
 from model import Transformer
-from prepare import load_tokenizer
+from tokenizer import load_tokenizer
 from train import (
     DatasetLoader,
     TrainConfig,
@@ -429,10 +436,9 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
     return figure, Speed(tokens_per_sec, size)
 
 
-def check_config(m: Machine, fsdp: bool, compile: bool, warmup: int, steps: int, estimates: dict) -> Row:
+def check_config(m: Machine, fsdp: bool, compile: bool, warmup: int, steps: int) -> Row:
     """The user's config under DDP or FSDP, compiled or eager; on a GPU that runs out of memory, again with
-    activation checkpointing. `estimates`: bench.py --estimate's bytes per GPU, keyed by (fsdp, activation
-    checkpointing)."""
+    activation checkpointing. Beside the peak measured: hardware.memory_estimate's (bench.py --estimate's)."""
     cfg, _ = fit_batch(dataclasses.replace(m.cfg, fsdp=fsdp, compile=compile), m.world_size)
     name = f"your config, {'FSDP' if fsdp else 'DDP'}, {'compiled' if compile else 'eager'}"
     for checkpointing in dict.fromkeys((cfg.activation_checkpointing, True)):
@@ -445,7 +451,7 @@ def check_config(m: Machine, fsdp: bool, compile: bool, warmup: int, steps: int,
                                            warmup, steps)
         except torch.OutOfMemoryError:
             continue
-        estimate = estimates[(fsdp, checkpointing)] / 2**20
+        estimate = sum(memory_estimate(cfg, m.vocab_size, m.world_size, fsdp, checkpointing).values()) / 2**20
         return Row(name + " + AC" * checkpointing, True, f"{figure} (estimate {estimate:,.0f} MiB)", speed=speed)
     return Row(name, False, "", "out of GPU memory even with activation checkpointing; lower --batch_size (with "
                                 "--fsdp=True if it is not set)")
@@ -531,7 +537,7 @@ def refuse_a_bad_launch(cfg: TrainConfig):
                         f"use --nproc_per_node={torch.cuda.device_count()}")
 
 
-def run(cfg: TrainConfig, warmup: int, steps: int, estimates: dict) -> bool:
+def run(cfg: TrainConfig, warmup: int, steps: int) -> bool:
     """Run every check on this rank, print the table (rank 0) and write it to <ckpt_dir>/preflight.txt. True when
     every row passed."""
     refuse_a_bad_launch(cfg)
@@ -557,7 +563,7 @@ def run(cfg: TrainConfig, warmup: int, steps: int, estimates: dict) -> bool:
             # compile=auto measures both: what compiling buys on this machine is worth knowing before a long run.
             compiles = (False, True) if cfg.compile == "auto" else (cfg.compile,)
             rows += [guarded(m, "dtype and attention", check_precision)]
-            rows += [guarded(m, "your config", check_config, fsdp, compile, warmup, steps, estimates)
+            rows += [guarded(m, "your config", check_config, fsdp, compile, warmup, steps)
                      for fsdp in (False, True) for compile in compiles]
             fastest = max((r.speed for r in rows if r.speed), key=lambda s: s.tokens_per_sec, default=None)
             rows += [guarded(m, "projected run", check_projection, fastest),

@@ -31,38 +31,24 @@ and is read whole: split a huge plain-text corpus across files, or use .jsonl / 
 The dataset is built in a temporary directory next to --out_dir and renamed into place when it is complete.
 One prepare.py at a time per --out_dir: a second one stops at once, naming the first (see lock_directory).
 """
-import base64
 import contextlib
-import errno
-import fcntl
-import hashlib
 import importlib.resources
 import io
 import json
-import os
 import re
-import shlex
 import shutil
-import socket
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rustbpe
-import tiktoken
 from tqdm import tqdm
 
 from configurator import UserError, load_config, run_cli
+from files import check_space, full_disk_error, is_full_disk, lock_directory, publish, refuse_existing, write_file
+from tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 
-EOT = "<|endoftext|>"
-# GPT-4's split pattern, except that numbers are chunked by at most 2 digits (as nanochat does): with only a few
-# thousand tokens the vocabulary is better spent on words than on every 3-digit number.
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
 BPE_TRAIN_BYTES = 1_000_000_000  # the BPE learns from at most the first 1 GB of training text: plenty for its merges
 ENCODE_BATCH_CHARS = 1 << 22  # hand the tokenizer threads ~4M characters at a time
 PARQUET_BATCH_BYTES = 1 << 20  # read parquet ~1 MB of rows at a time: bigger batches only raise the peak memory
@@ -101,306 +87,6 @@ class PrepareConfig:
             raise UserError("pass either --input or --hf_dataset, not both")
         if (self.input or self.hf_dataset) and not self.out_dir:
             raise UserError("pass --out_dir=data/NAME to say where this corpus goes")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Faults of the machine or of a second process (a full disk, a damaged file, two runs in one directory) end in one
-# line as well: they, too, need a person to do something, and a traceback would not say what.
-
-# No space left, a file larger than the file system or `ulimit -f` allows, a disk quota used up.
-FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-REBUILD = "rebuild the dataset with `python prepare.py --overwrite` and the options it was made with"
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def is_full_disk(e: Exception) -> bool:
-    """A full disk surfaces as an errno, as numpy's short-write OSError (no errno) or as a RuntimeError from the
-    zip writer inside torch.save, which notices only that the file is shorter than what it wrote."""
-    if isinstance(e, OSError):
-        return e.errno in FULL_DISK or (e.errno is None and " requested and " in str(e))
-    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))
-
-
-@contextlib.contextmanager
-def space_for(path, needed: int, fix: str):
-    """Write `path` (about `needed` bytes) inside this block. Too little free space, seen before writing or while
-    writing, becomes one line naming the file, the space it needs, the space free and `fix`. The partial write is
-    undone (a new file removed, an appended one cut back), so it does not go on holding the space that ran out."""
-    path = Path(path)
-    check_space(path, needed, fix)
-    size_before = path.stat().st_size if path.exists() else None
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if not is_full_disk(e):
-            raise
-        if size_before is None:
-            path.unlink(missing_ok=True)
-        else:
-            os.truncate(path, size_before)
-        raise full_disk_error(path, needed, e, fix) from None
-
-
-def check_space(path: Path, needed: int, fix: str):
-    """Stop before writing `path` (about `needed` bytes) when its disk has less than that free."""
-    free = shutil.disk_usage(path.parent).free
-    if free < needed:
-        raise UserError(f"could not write {path} (not enough free space, checked before writing): it needs about "
-                        f"{human_size(needed)} and {human_size(free)} is free; {fix}")
-
-
-def full_disk_error(path: Path, needed: int, e: Exception, fix: str) -> UserError:
-    """The one line for a write of `path` that failed with is_full_disk(e)."""
-    reason = os.strerror(e.errno) if getattr(e, "errno", None) else "disk full"
-    free = shutil.disk_usage(path.parent).free
-    return UserError(f"could not write {path} ({reason}): it needs about {human_size(needed)} and "
-                     f"{human_size(free)} is free; {fix}")
-
-
-def write_file(path: Path, data: bytes, fix: str):
-    """A whole file, written under a temporary name and renamed, so that nobody ever reads half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with space_for(tmp, len(data), fix), open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-LOCKS = {}  # lock file -> the open file holding its lock, for every lock this process has taken
-
-
-def lock_directory(lock_path: Path, what: str, fix: str):
-    """Take an exclusive OS lock (flock) on lock_path, or stop with one line naming the process that holds it.
-
-    The kernel drops the lock when its holder exits, however it dies (kill -9, a crash), so a stale lock never
-    blocks a restart (a network filesystem drops a lost node's lock when the server notices: docs/reliability.md).
-    The lock lasts while the returned file stays open; the caller closes it when done. A second call for the same
-    lock in this process (a notebook or a test running again after an error) takes it over from the first. Where
-    the filesystem keeps no locks (Lustre mounted without -o flock, NFS without its lock service) the work goes on
-    unguarded after a warning: the lock guards against a second run started by mistake, and refusing to run at all
-    would leave no way to train there."""
-    lock_path = Path(lock_path).resolve()
-    if lock_path in LOCKS:
-        LOCKS.pop(lock_path).close()
-    f = open(lock_path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{what} is in use by {holder}; {fix}") from None
-    except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: this filesystem keeps no locks
-        print(f"warning: {what} is on a filesystem without file locks ({e.strerror}); nothing stops a second run "
-              "from using it at the same time", file=sys.stderr)
-    f.truncate(0)  # who holds it, for the message a second process prints
-    f.write(f"process {os.getpid()} on {socket.gethostname()} ({shlex.join([Path(sys.executable).name, *sys.argv])})")
-    f.flush()
-    LOCKS[lock_path] = f
-    return f
-
-
-def damaged(path: Path, e: Exception) -> UserError:
-    reason = (str(e).splitlines() or [""])[0]
-    return UserError(f"{path} is damaged or unreadable ({type(e).__name__}: {reason}); {REBUILD}")
-
-
-def read_meta(dataset_dir, *keys: str) -> dict:
-    """meta.json of a prepared dataset, holding at least `keys` (those the caller reads). A directory without one
-    was never prepared; one that does not parse, or lacks a key, is damaged."""
-    path = Path(dataset_dir) / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); build one with `python prepare.py`")
-    try:
-        meta = json.loads(path.read_text())
-        missing = [key for key in keys if key not in meta]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-    except (OSError, ValueError, TypeError) as e:
-        raise damaged(path, e) from None
-    return meta
-
-
-def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
-    """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
-    root = Path(dataset_dir)
-    meta = read_meta(dataset_dir, "dtype", "shards")
-    names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
-    on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
-    if not names or names != on_disk:
-        raise UserError(f"{dataset_dir}: the {split} shards on disk do not match meta.json; "
-                        "rebuild the dataset with `python prepare.py --overwrite`")
-    shards = []
-    for name in names:
-        try:  # a truncated file (an interrupted copy, a disk error) cannot be mapped
-            shard = np.load(root / name, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise damaged(root / name, e) from None
-        if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
-            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset with "
-                            "`python prepare.py --overwrite`")
-        shards.append(shard)
-    return shards, meta
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """The tokenizer as the rest of the repo sees it: a tiktoken Encoding plus the facts train.py needs."""
-
-    def __init__(self, encoding: tiktoken.Encoding, name: str):
-        self.encoding = encoding
-        self.name = name  # "bpe" or "gpt2"
-        self.eot_id = encoding.eot_token
-        self.vocab_size = encoding.n_vocab
-        self.pattern = encoding._pat_str  # tiktoken has no public getter for the split regex
-
-    def encode(self, text: str) -> list[int]:
-        # "ordinary": a literal "<|endoftext|>" inside a text is just characters, never the separator token
-        return self.encoding.encode_ordinary(text)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """encode() as a uint32 array. tiktoken hands the ids over as one buffer instead of a Python list of ints,
-        which it would build while holding the GIL (and which would then be copied into an array anyway). With no
-        special token allowed or disallowed, a literal "<|endoftext|>" is ordinary text here too."""
-        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        # tiktoken releases the GIL while it encodes, so threads use every core
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            return list(pool.map(self.encode_array, texts))
-
-    def decode(self, ids) -> str:
-        return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # numpy and torch too
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer.json (a model directory's, e.g. one export.py wrote) with Tokenizer's interface."""
-
-    def __init__(self, path: Path, eot_token: str):
-        import tokenizers
-
-        try:
-            self.hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:100]}); it is not a valid "
-                            "tokenizer.json") from None
-        # Like tiktoken's encode_ordinary: the text of a special token inside a document is just characters.
-        self.hf.encode_special_tokens = True
-        self.path, self.name, self.pattern = path, "hf", None
-        self.eot_id = self.hf.token_to_id(eot_token)
-        if self.eot_id is None:
-            raise UserError(f"{path} has no token {eot_token!r} (its eos_token); fix tokenizer_config.json")
-        self.vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids  # no BOS/EOS: documents end with eot_id
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Rust threads encode the batch on every core (set TOKENIZERS_PARALLELISM=false to stop them)
-        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self.hf.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids), skip_special_tokens=False)
-
-
-def model_dir_tokenizer(model_dir: Path) -> HFTokenizer:
-    """The tokenizer of a Hugging Face model directory; its eos_token is the document separator."""
-    if not (model_dir / "tokenizer.json").exists():
-        raise UserError(f"{model_dir} has no tokenizer.json; save the model's fast tokenizer there (transformers' "
-                        "AutoTokenizer(...).save_pretrained) or pass another --tokenizer")
-    try:
-        eos = json.loads((model_dir / "tokenizer_config.json").read_text())["eos_token"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{model_dir}/tokenizer_config.json names no eos_token to end documents with; add one") \
-            from None
-    return HFTokenizer(model_dir / "tokenizer.json", eos["content"] if isinstance(eos, dict) else eos)
-
-
-def bpe_tokenizer(ranks: dict[bytes, int], pattern: str) -> Tokenizer:
-    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last merge."""
-    encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
-    return Tokenizer(encoding, "bpe")
-
-
-def gpt2_tokenizer() -> Tokenizer:
-    try:
-        return Tokenizer(tiktoken.get_encoding("r50k_base"), "gpt2")  # r50k_base is GPT-2's vocabulary
-    except Exception as e:
-        raise UserError(f"cannot load GPT-2's vocabulary ({type(e).__name__}); connect to the network or point "
-                        "TIKTOKEN_CACHE_DIR at a tiktoken cache holding r50k_base (../shared/tiktoken_cache)") from None
-
-
-def train_bpe(texts, vocab_size: int) -> Tokenizer:
-    """Learn vocab_size - 1 byte-level tokens (256 bytes + merges) from texts; the last id is <|endoftext|>."""
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(texts, vocab_size - 1, pattern=SPLIT_PATTERN)
-    if trainer.vocab_size != vocab_size - 1:
-        raise UserError(f"the training text only supports {trainer.vocab_size + 1} tokens, not --vocab_size="
-                        f"{vocab_size}; lower --vocab_size or add text")
-    return bpe_tokenizer({bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}, SPLIT_PATTERN)
-
-
-def save_tokenizer(tokenizer: Tokenizer, path: Path):
-    """tiktoken's rank file: one "base64(token bytes) rank" line per token, in rank order."""
-    lines = [f"{base64.b64encode(tokenizer.encoding.decode_single_token_bytes(rank)).decode()} {rank}\n"
-             for rank in range(tokenizer.eot_id)]
-    write_file(path, "".join(lines).encode(), DATASET_SPACE_FIX)
-
-
-def read_ranks(path: Path) -> dict[bytes, int]:
-    # tiktoken.load.load_tiktoken_bpe reads this format too, but it caches files by path under TIKTOKEN_CACHE_DIR,
-    # so after a dataset is rebuilt it would hand back the old vocabulary.
-    ranks = {}
-    for line in path.read_bytes().splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
-    """The tokenizer a dataset directory was prepared with (or a Hugging Face model directory's): the one way every
-    script gets its tokenizer."""
-    if (Path(dataset_dir) / "config.json").exists() and not (Path(dataset_dir) / "meta.json").exists():
-        return model_dir_tokenizer(Path(dataset_dir))
-    meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern", "special_tokens")
-    if meta["tokenizer"] == "gpt2":
-        return gpt2_tokenizer()
-    if meta["tokenizer"] == "hf":  # special_tokens' one entry is the document separator
-        return HFTokenizer(Path(dataset_dir) / "tokenizer.json", next(iter(meta["special_tokens"])))
-    path = Path(dataset_dir) / "tokenizer.tiktoken"
-    try:
-        ranks = read_ranks(path)
-        # A file cut short loses tokens or repeats one; tiktoken would not say which file, it would panic.
-        if len(ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{len(ranks) + 1} tokens, meta.json says {meta['vocab_size']}")
-    except (OSError, ValueError) as e:
-        raise damaged(path, e) from None
-    return bpe_tokenizer(ranks, meta["pattern"])
-
-
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """The ids a prompt reaches the model as: <|endoftext|>, then the text. In the shards every document starts right
-    after an <|endoftext|>, so a prompt that starts the same way reads as the start of a text, which the model
-    predicts better than text with nothing before it (docs/benchmarks.md, "The prompt"). sample.py, the Hugging Face
-    tokenizer export.py writes and its GGUF file (add_bos_token) all begin a prompt this way."""
-    return [tokenizer.eot_id, *tokenizer.encode(text)]
-
-
-def tokenizer_fingerprint(dataset_dir) -> str:
-    """Identifies a dataset's vocabulary, so that a model is never trained on, or read with, another tokenizer's ids."""
-    meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
-    files = [p for p in (Path(dataset_dir) / "tokenizer.tiktoken", Path(dataset_dir) / "tokenizer.json") if p.exists()]
-    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()[:16] if files else meta["tokenizer"]
-    return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -727,19 +413,6 @@ def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int,
             "val_bytes": text_bytes["val"], "shards": {**writers["train"].shards, **writers["val"].shards}}
 
 
-def publish(tmp_dir: Path, out_dir: Path, overwrite: bool):
-    """Move the finished dataset into place; an old one (with --overwrite) is removed only after the swap."""
-    if not out_dir.exists():
-        tmp_dir.rename(out_dir)
-        return
-    if not overwrite:
-        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
-    old = tmp_dir.with_name(tmp_dir.name + ".old")
-    out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    shutil.rmtree(old)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 def document_source(cfg: PrepareConfig):
     """A function that starts a fresh pass over the corpus: it is read two or three times (measure, BPE, encode)."""
@@ -758,8 +431,7 @@ def main(argv: list[str]):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_directory(out_dir.parent / f".{out_dir.name}.lock", str(out_dir),
                           "wait for it to finish or stop it, or choose another --out_dir")
-    if out_dir.exists() and not cfg.overwrite:
-        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
+    refuse_existing(out_dir, cfg.overwrite, "--out_dir")
     documents = document_source(cfg)
     tokenizer = None  # --tokenizer=bpe: trained below, on the training side of the validation cut
     if cfg.tokenizer == "gpt2":
@@ -787,7 +459,7 @@ def main(argv: list[str]):
         counts = write_dataset(tmp_dir, pairs, tokenizer, cfg.shard_tokens, total_bytes,
                                cfg.val_tokens if cfg.hf_dataset else None)
         if tokenizer.name == "bpe":
-            save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
+            save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken", DATASET_SPACE_FIX)
         elif tokenizer.name == "hf":  # the dataset keeps its own copy, like tokenizer.tiktoken
             write_file(tmp_dir / "tokenizer.json", tokenizer.path.read_bytes(), DATASET_SPACE_FIX)
         meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,

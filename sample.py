@@ -11,7 +11,7 @@ import torch
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
 from hardware import pick_device
-from prepare import prompt_ids
+from tokenizer import prompt_ids
 
 
 @dataclass

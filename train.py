@@ -28,7 +28,6 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -46,16 +45,17 @@ from checkpoint import (
     save_checkpoint,
 )
 from configurator import UserError, load_config, run_cli
-from export import hf_architecture, load_hf_weights
+from dataset import DatasetLoader, read_meta
 from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
+from huggingface import hf_architecture, load_hf_weights
 from model import ModelConfig, Transformer
 from multinode import check_same_files
 from multiple_choice import load_set, score_set
 from muon import Muon, MuonAndAdamW
 from passes import ValidationRecord, keeps_best, plan_repeats
 from preemption import StopRequest
-from prepare import load_tokenizer, open_shards, read_meta, tokenizer_fingerprint
 from schedule import Scheduler
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 from training_log import append_log, plot_log, start_log
 
 
@@ -150,80 +150,6 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The architecture part of the config, with the vocabulary size taken from the dataset."""
         return ModelConfig.from_dict(vars(self), vocab_size=vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: shards of token ids on disk (prepare.py's) -> (x, y) batches, with every rank reading its own slices.
-class DatasetLoader:
-    """Serves (x, y) batches from a split, y being x shifted by one token.
-
-    The shards are read in order through memory maps, so memory use does not grow with the dataset. With W ranks,
-    one "group" of W batches is taken per step: rank r reads at offset + r*B*T, and offset advances by B*T*W, so
-    ranks never read the same tokens. A shard that cannot fill another whole group is left (its tail, less than
-    one batch per rank, is skipped) and the next shard starts; after the last shard the loader wraps around.
-    Each pass over the data after the first enters every shard a fraction of a sequence further in (see
-    pass_start), so the text is cut into different T-token windows each time.
-    The position (shard, offset, passes) is all the state there is, and it goes into checkpoints. It counts tokens,
-    not batches, so a run resumed on another number of ranks carries on from the same token: the first group then
-    starts at offset, whatever the group size was before.
-    """
-
-    def __init__(self, dataset_dir, split, batch_size, seq_len, rank=0, world_size=1, device="cpu", vocab_size=None):
-        self.B, self.T, self.rank, self.world_size, self.device = batch_size, seq_len, rank, world_size, device
-        shards, _ = open_shards(dataset_dir, split)
-        group = batch_size * seq_len * world_size
-        # Each shard must feed at least one whole group (+1 token for the shifted target), or it is skipped.
-        self.shards = [s for s in shards if len(s) >= group + 1]
-        if not self.shards:
-            raise UserError(f"no {split} shard in {dataset_dir} holds batch_size*max_seq_len*world_size+1 = "
-                            f"{group + 1} tokens; lower batch_size or max_seq_len")
-        self.vocab_size = vocab_size
-        self.checked = set()  # shards whose token ids were checked against vocab_size
-        self.shard, self.offset, self.passes = 0, 0, 0
-
-    def batches_per_shard(self, index: int) -> int:
-        return (len(self.shards[index]) - 1) // (self.B * self.T * self.world_size)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.shards[self.shard]
-        if self.vocab_size is not None and self.shard not in self.checked:
-            if int(data.max()) >= self.vocab_size:  # one pass per shard, the first time it is used
-                raise UserError(f"the dataset holds token id {int(data.max())} but the model's vocabulary has "
-                                f"{self.vocab_size} ids; use a dataset made with the same tokenizer")
-            self.checked.add(self.shard)
-        start = self.offset + self.rank * self.B * self.T
-        chunk = torch.from_numpy(data[start:start + self.B * self.T + 1].astype(np.int64))
-        self.offset += self.B * self.T * self.world_size
-        self.skip_short_tail()
-        if str(self.device).startswith("cuda"):
-            # Page-locked memory lets the copy run asynchronously, overlapping with the GPU's work.
-            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-        x, y = chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
-        return x, y
-
-    def pass_start(self) -> int:
-        """Where each shard is entered on this pass: token 0 on the first pass, then 0.618 * T tokens further (mod T)
-        on each new one. A small corpus is read many times; cut at the same places, it would show the model the very
-        same windows every pass, and the model would memorise them (docs/defaults.md). Stepping by the golden ratio
-        keeps the cuts of successive passes far apart."""
-        return int(self.passes * 0.6180339887 * self.T) % self.T
-
-    def skip_short_tail(self):
-        """Move to the next shard when what is left of this one cannot fill another whole group."""
-        group = self.B * self.T * self.world_size
-        if self.offset + group + 1 > len(self.shards[self.shard]):
-            self.shard = (self.shard + 1) % len(self.shards)
-            self.passes += self.shard == 0
-            start = self.pass_start()
-            self.offset = start if start + group + 1 <= len(self.shards[self.shard]) else 0  # a shard just big enough
-
-    def state_dict(self) -> dict:
-        return {"shard": self.shard, "offset": self.offset, "passes": self.passes}
-
-    def load_state_dict(self, state: dict):
-        # Checkpoints written before passes were counted resume as if on the first pass.
-        self.shard, self.offset, self.passes = state["shard"], state["offset"], state.get("passes", 0)
-        self.skip_short_tail()  # a position saved with fewer ranks may leave too little for this many
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,7 +370,7 @@ def update_timer(raw_model, cfg, loader, accum_steps, device):
 def evaluate(model, val_loader, n_batches, device, dtype) -> float:
     """Mean loss over the first n_batches of the validation split: the same tokens every time."""
     model.eval()
-    val_loader.load_state_dict({"shard": 0, "offset": 0})
+    val_loader.load_state_dict({"shard": 0, "offset": 0, "passes": 0})
     losses = []
     for _ in range(n_batches):
         x, y = val_loader.next_batch()
@@ -613,15 +539,15 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     check_same_files(cfg.dataset_dir, cfg.ckpt_dir)  # several machines: one dataset, one shared ckpt_dir
 
     # --- Data: each rank reads its own slices of train; every evaluation reads the same first batches of val. ---
-    tokenizer = load_tokenizer(cfg.dataset_dir)
+    meta = read_meta(cfg.dataset_dir)  # read once, passed on
+    tokenizer = load_tokenizer(cfg.dataset_dir, meta)
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, rank, world_size, device,
-                           vocab_size=tokenizer.vocab_size)
+                           vocab_size=tokenizer.vocab_size, meta=meta)
     val_loader = DatasetLoader(cfg.dataset_dir, "val", cfg.batch_size, cfg.max_seq_len, 0, 1, device,
-                               vocab_size=tokenizer.vocab_size)
+                               vocab_size=tokenizer.vocab_size, meta=meta)
     eval_batches = max(1, min(cfg.eval_tokens // (cfg.batch_size * cfg.max_seq_len), val_loader.batches_per_shard(0)))
-    meta = read_meta(cfg.dataset_dir, "val_tokens", "val_bytes", "train_tokens")
     eval_set = load_set(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_items) if cfg.eval_data else None
-    fingerprint = tokenizer_fingerprint(cfg.dataset_dir)
+    fingerprint = tokenizer_fingerprint(cfg.dataset_dir, meta)
     vocab_size = tokenizer.vocab_size
     if cfg.init_from:  # the architecture of a Hugging Face model's config.json; its weights are loaded below
         cfg, vocab_size = hf_architecture(cfg, vocab_size)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from checkpoint import SPACE_FIX
-from prepare import space_for, write_file
+from files import space_for, write_file
 
 # The log's columns, in order, and how each value is written; a value of None (no evaluation) is left empty.
 LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexity": ".2f", "lr": ".3e",

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from processes import alive, descendants, kill_tree
+from helpers import alive, descendants, kill_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layers=1", "--n_embd=32", "--n_heads=2", "--n_kv_heads=2", "--batch_size=2", "--max_seq_len=32",

@@ -2,9 +2,10 @@
 import re
 
 import pytest
-from test_train import TINY, run
+from helpers import TINY, run
 
 import bench
+import hardware
 from configurator import UserError, load_config
 from train import TrainConfig
 
@@ -49,7 +50,7 @@ def test_the_memory_estimate_counts_the_optimizer_the_run_uses():
     # default model hold 4 blocks x (4 x 128x128 attention + 3 x 128x384 SwiGLU) = 851,968 parameters.
     def optimizer_bytes(argv, fsdp=False):
         cfg = load_config(argv, TrainConfig)
-        return bench.memory_estimate(cfg, 8192, world_size=4, fsdp=fsdp, checkpointing=False)["optimizer"]
+        return hardware.memory_estimate(cfg, 8192, world_size=4, fsdp=fsdp, checkpointing=False)["optimizer"]
 
     n = 2_950_272
     assert optimizer_bytes(["--optimizer=adamw"]) == 8 * n

@@ -4,7 +4,7 @@ import dataclasses
 import re
 
 import pytest
-from test_train import ROOT
+from helpers import ROOT
 
 from bench import BenchOptions
 from bench_prepare import PrepareBenchConfig

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
-from test_export import TINY, one_line_error, run
+from helpers import EVAL_SET, ROOT, one_line_error, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eval as eval_script
 from checkpoint import load_model
 from configurator import UserError
+from huggingface import load_hf_model
 from multiple_choice import (
     Item,
     accuracies,
@@ -30,24 +31,18 @@ from multiple_choice import (
     read_items,
     score_set,
 )
-from prepare import load_tokenizer
+from tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
 HELLASWAG = ROOT / "tests" / "eval_sets" / "hellaswag_style.jsonl"
-PLAIN = ROOT / "tests" / "eval_sets" / "multiple_choice.jsonl"
+PLAIN = EVAL_SET
 
 
 @pytest.fixture(scope="module")
-def trained(shakespeare_dir, tmp_path_factory) -> Path:
-    """A tiny model trained for 10 updates with the plain set's first 12 items scored at each evaluation, and its
-    Hugging Face export in hf/."""
-    ckpt_dir = tmp_path_factory.mktemp("eval")
-    result = run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt_dir}",
-                 f"--eval_data={PLAIN}", "--eval_items=12")
-    assert result.returncode == 0, result.stderr
-    assert " | eval acc " in result.stdout
-    result = run("export.py", f"--ckpt_dir={ckpt_dir}", f"--out_dir={ckpt_dir / 'hf'}")
-    assert result.returncode == 0, result.stderr
+def trained(small_runs) -> Path:
+    """The small model trained for 10 updates with the plain set's first 12 items scored at each evaluation, and
+    its Hugging Face export in hf/ (conftest's small_runs)."""
+    ckpt_dir = small_runs("mha")
+    assert " | eval acc " in (ckpt_dir / "stdout.txt").read_text()
     return ckpt_dir
 
 
@@ -153,7 +148,7 @@ def transformers_predictions(hf_dir: Path, items: list[Item]) -> tuple[list[int]
 def test_the_hugging_face_export_through_transformers_chooses_as_eval_py_does(trained, path):
     _, _, items = read_items(str(path))
     expected_acc, expected_norm = transformers_predictions(trained / "hf", items)
-    for model, tokenizer in (load_model(str(trained))[2:], eval_script.load_hf_model(trained / "hf")):
+    for model, tokenizer in (load_model(str(trained))[2:], load_hf_model(trained / "hf")):
         scores = score_set(model, load_set(str(path), tokenizer, model.config.max_seq_len), 16, "cpu", torch.float32)
         acc, norm = harness_predictions([p["loglikelihoods"] for p in scores.per_item], items)
         assert (acc, norm) == (expected_acc, expected_norm)
@@ -179,7 +174,8 @@ def test_contexts_start_as_the_export_s_tokenizer_starts_them(trained, shakespea
     assert AutoTokenizer.from_pretrained(with_bos).encode("ROMEO:") == [tokenizer.eot_id, *tokenizer.encode("ROMEO:")]
 
 
-def test_training_logs_the_accuracy_eval_py_gives_its_checkpoint(trained):
+def test_training_logs_the_accuracy_eval_py_gives_its_checkpoint(trained, tmp_path):
+    trained = shutil.copytree(trained, tmp_path / "run")  # eval.py writes its result beside the checkpoints
     with open(trained / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [bool(r["eval_acc"]) for r in rows] == [bool(r["val_loss"]) for r in rows] == [i in (5, 10)
@@ -192,7 +188,7 @@ def test_training_logs_the_accuracy_eval_py_gives_its_checkpoint(trained):
     assert f"acc       {written['acc']:.4f} ± {written['acc_stderr']:.4f}" in result.stdout
     assert (rows[-1]["eval_acc"], rows[-1]["eval_acc_norm"]) == (f"{written['acc']:.4f}",
                                                                  f"{written['acc_norm']:.4f}")
-    again = run("eval.py", f"--ckpt_dir={trained}", f"--data={PLAIN}")  # never replaced without --overwrite
+    again = run("eval.py", f"--ckpt_dir={trained}", f"--data={PLAIN}", check=False)  # never replaced without --overwrite
     one_line_error(again, "eval_multiple_choice.json already exists", "--overwrite")
     assert json.loads((trained / "eval_multiple_choice.json").read_text()) == written
 

@@ -4,58 +4,33 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, SHAPES, VARIED_TEXT, logit_tolerance, one_line_error, recording_top_two_gaps, run
 from safetensors.torch import load_file
-from test_model import logit_tolerance, recording_top_two_gaps
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import prepare
 from checkpoint import checkpoint_paths, load_checkpoint
 from configurator import UserError, load_config
-from export import ExportConfig, export, hf_architecture, load_hf_weights, model_config_from_hf, write_tokenizer
+from export import ExportConfig, export
+from huggingface import hf_architecture, load_hf_weights, model_config_from_hf, write_tokenizer
 from model import Transformer
+from tokenizer import gpt2_tokenizer, load_tokenizer, prompt_ids
 from train import TrainConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {"mha": ["--n_heads=4", "--n_kv_heads=4"], "gqa": ["--n_heads=4", "--n_kv_heads=2"]}
-# Ten updates of a 2-layer, 64-wide model: about 5 s on a 2-core CPU, enough to move the weights off their init.
-TINY = ["--n_layers=2", "--n_embd=64", "--batch_size=4", "--max_seq_len=64", "--tokens_per_update=256",
-        "--training_tokens=2560", "--warmup_iterations=2", "--eval_interval=5", "--eval_tokens=512",
-        "--model_gen_multiplier=0", "--device=cpu", "--dtype=float32"]
-VARIED_TEXT = ("Hello, world! 日本語のテキストと中文，还有한국어. emoji 🙂🚀 👨‍👩‍👧‍👦 🇫🇷 👍🏽; "
-               "combining e\u0301 a\u0308 \u0915\u094d\u0937 Z\u0351a\u0315; "
-               "odd  whitespace:\t\ttabs\r\nCRLF\u00a0nbsp\u2028\u3000 \u200b\n\n\n   digits 1234567890 3.14159 "
-               "and code:\n    def f(x):\n        return {'k': x ** 2}  # it's\n  ")
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
-
-
-def one_line_error(result, *words):
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
-    assert all(word in result.stderr for word in words), result.stderr
 
 
 @pytest.fixture(scope="module")
-def exports(shakespeare_dir, tmp_path_factory):
-    """shape -> (checkpoint dict, export directory) of a tiny model trained with train.py, exported with export.py;
-    each shape is trained once per module."""
+def exports(small_runs):
+    """shape -> (checkpoint dict, export directory) of the small model trained with train.py and exported with
+    export.py (conftest's small_runs: each shape is trained once per test run)."""
     made = {}
 
     def get(shape):
         if shape not in made:
-            ckpt_dir = tmp_path_factory.mktemp(shape)
-            result = run("train.py", *TINY, *SHAPES[shape], f"--dataset_dir={shakespeare_dir}",
-                         f"--ckpt_dir={ckpt_dir}")
-            assert result.returncode == 0, result.stderr
-            result = run("export.py", f"--ckpt_dir={ckpt_dir}", f"--out_dir={ckpt_dir / 'hf'}")
-            assert result.returncode == 0, result.stderr
+            ckpt_dir = small_runs(shape)
             made[shape] = load_checkpoint(checkpoint_paths(ckpt_dir)[-1]), ckpt_dir / "hf"
         return made[shape]
 
@@ -154,7 +129,7 @@ def test_sample_py_and_transformers_continue_a_prompt_alike(gqa_export, shakespe
     ours = result.stdout.split("\n", 1)[1].removesuffix("\n" + "-" * 40 + "\n")  # after the header line
     tokenizer, model = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     prompt = tokenizer("ROMEO:", return_tensors="pt")
-    assert prompt["input_ids"][0, 0].item() == tokenizer.bos_token_id == prepare.load_tokenizer(shakespeare_dir).eot_id
+    assert prompt["input_ids"][0, 0].item() == tokenizer.bos_token_id == load_tokenizer(shakespeare_dir).eot_id
     with torch.no_grad():
         theirs = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0]
     assert ours == tokenizer.decode(theirs, skip_special_tokens=True)
@@ -163,9 +138,9 @@ def test_sample_py_and_transformers_continue_a_prompt_alike(gqa_export, shakespe
 @pytest.mark.parametrize("which", ["bpe", "gpt2"])
 def test_the_tokenizer_encodes_like_tiktoken(which, gqa_export, shakespeare_dir, tmp_path):
     if which == "bpe":
-        tiktoken_tokenizer, hf_dir = prepare.load_tokenizer(shakespeare_dir), gqa_export[1]
+        tiktoken_tokenizer, hf_dir = load_tokenizer(shakespeare_dir), gqa_export[1]
     else:
-        tiktoken_tokenizer, hf_dir = prepare.gpt2_tokenizer(), tmp_path
+        tiktoken_tokenizer, hf_dir = gpt2_tokenizer(), tmp_path
         write_tokenizer(tiktoken_tokenizer, tmp_path, 1024)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     plays = tiktoken_tokenizer.decode(np.load(shakespeare_dir / "val_000000.npy")[:20_000])
@@ -174,7 +149,7 @@ def test_the_tokenizer_encodes_like_tiktoken(which, gqa_export, shakespeare_dir,
         assert ids == tiktoken_tokenizer.encode(text)
         assert tokenizer.decode(ids) == text
         # A prompt reaches the model as sample.py gives it: after an <|endoftext|>, as every document in the shards
-        assert tokenizer(text)["input_ids"] == prepare.prompt_ids(tiktoken_tokenizer, text) == [
+        assert tokenizer(text)["input_ids"] == prompt_ids(tiktoken_tokenizer, text) == [
             tiktoken_tokenizer.eot_id, *ids]
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == tiktoken_tokenizer.eot_id
     assert len(tokenizer) == tiktoken_tokenizer.vocab_size
@@ -188,7 +163,7 @@ def test_bfloat16_export_and_an_existing_out_dir(gqa_export, tmp_path):
     weights = load_file(out / "model.safetensors")
     assert torch.equal(weights["lm_head.weight"], ckpt["model"]["output.weight"].bfloat16())
     before = (out / "model.safetensors").stat().st_mtime_ns
-    one_line_error(run("export.py", f"--ckpt_dir={hf_dir.parent}", f"--out_dir={out}"), "--overwrite")
+    one_line_error(run("export.py", f"--ckpt_dir={hf_dir.parent}", f"--out_dir={out}", check=False), "--overwrite")
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     export(ExportConfig(ckpt_dir=str(hf_dir.parent), out_dir=str(out), overwrite=True))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
@@ -279,7 +254,7 @@ def test_rope_scaling_is_refused_on_the_command_line_before_anything_is_written(
     config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    result = run("train.py", f"--init_from={tmp_path / 'model'}", f"--ckpt_dir={tmp_path / 'out'}")
+    result = run("train.py", f"--init_from={tmp_path / 'model'}", f"--ckpt_dir={tmp_path / 'out'}", check=False)
     one_line_error(result, "rope_scaling")
     assert not (tmp_path / "out").exists()
 
@@ -309,7 +284,7 @@ def test_prepare_encodes_with_a_model_directorys_tokenizer(tied_gqa_llama, tmp_p
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["tokenizer"], meta["vocab_size"], meta["special_tokens"]) == ("hf", 8192, {"<|endoftext|>": 8191})
     hf = AutoTokenizer.from_pretrained(directory)
-    tokenizer = prepare.load_tokenizer(out)  # a dataset made this way reads back with its own tokenizer.json
+    tokenizer = load_tokenizer(out)  # a dataset made this way reads back with its own tokenizer.json
     documents = []
     for split in ("train", "val"):
         ids = np.concatenate([np.load(p) for p in sorted(out.glob(f"{split}_*.npy"))]).tolist()
@@ -322,7 +297,7 @@ def test_prepare_encodes_with_a_model_directorys_tokenizer(tied_gqa_llama, tmp_p
     with pytest.raises(UserError, match="has no tokenizer.json"):
         (tmp_path / "no_tokenizer").mkdir()
         (tmp_path / "no_tokenizer" / "config.json").write_text("{}")
-        prepare.load_tokenizer(tmp_path / "no_tokenizer")
+        load_tokenizer(tmp_path / "no_tokenizer")
 
 
 def test_tied_embeddings_share_one_matrix_counted_once():

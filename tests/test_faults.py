@@ -22,15 +22,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from processes import communicate
-from test_train import ROOT, TINY, assert_same_weights, final_weights, run
+from helpers import ROOT, TINY, assert_same_weights, communicate, final_weights, one_line, run
 
 import checkpoint
+import files
 import prepare
 import train
 import training_log
 from checkpoint import checkpoint_paths
 from configurator import UserError
+from tokenizer import load_tokenizer
 
 FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the checkpoints saved "
        "before are intact")
@@ -109,13 +110,6 @@ def full_disk(monkeypatch):
     return fill
 
 
-def one_line(stderr: str) -> str:
-    """The error line, and nothing else but progress bars: no traceback, no second message."""
-    lines = [line for line in stderr.strip().splitlines() if line and not line.startswith(("measuring", "tokenizing"))]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
 # --- a full disk ----------------------------------------------------------------------------------------------------
 def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_bitwise(shakespeare_dir, straight,
                                                                                        tmp_path):
@@ -173,7 +167,7 @@ def test_disk_full_while_drawing_the_plot_leaves_no_partial_png(straight, tmp_pa
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: SimpleNamespace(free=3000))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=3000))
     state = {"model": {"w": torch.zeros(1000)}, "step": 1}  # 4,000 bytes of tensor, 512 of zip records
     with pytest.raises(UserError, match=re.escape(f"could not write {tmp_path}/ckpt_00000001.pt.tmp (not enough free "
                                                   "space, checked before writing): it needs about 4.5 kB and 3.0 kB "
@@ -255,7 +249,7 @@ def test_an_unreadable_tokenizer_file_is_named_with_the_fix(dataset_copy, cut, r
     ranks = dataset_copy / "tokenizer.tiktoken"
     ranks.write_bytes(cut(ranks.read_bytes()))
     with pytest.raises(UserError, match=re.escape(f"{ranks} is damaged or unreadable ({reason}); {REBUILD}")):
-        prepare.load_tokenizer(dataset_copy)
+        load_tokenizer(dataset_copy)
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespeare_dir, straight, tmp_path, capsys):
@@ -309,7 +303,7 @@ def test_two_runs_started_on_one_ckpt_dir_exactly_one_runs(shakespeare_dir, tmp_
 
 
 def test_under_torchrun_every_rank_stops_when_the_ckpt_dir_is_taken(shakespeare_dir, tmp_path):
-    lock = prepare.lock_directory(tmp_path / ".lock", "x", "")  # this test process plays the first run
+    lock = files.lock_directory(tmp_path / ".lock", "x", "")  # this test process plays the first run
     try:
         result = run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *TINY,
                      f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", check=False, timeout=120)
@@ -326,7 +320,7 @@ def test_on_a_filesystem_without_locks_a_run_warns_once_and_trains(shakespeare_d
     def no_locks(file, operation):  # what flock answers on Lustre mounted without -o flock
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
-    monkeypatch.setattr(prepare.fcntl, "flock", no_locks)
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
     train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", "--training_tokens=256"])
     assert capsys.readouterr().err == (f"warning: {tmp_path} is on a filesystem without file locks (Function not "
                                        "implemented); nothing stops a second run from using it at the same time\n")
@@ -335,7 +329,7 @@ def test_on_a_filesystem_without_locks_a_run_warns_once_and_trains(shakespeare_d
 
 def test_a_second_prepare_on_one_out_dir_stops_naming_the_first(shakespeare_dir, tmp_path):
     corpus = write_corpus(tmp_path / "plays.txt")
-    lock = prepare.lock_directory(tmp_path / ".data.lock", "x", "")  # this test process plays the first prepare
+    lock = files.lock_directory(tmp_path / ".data.lock", "x", "")  # this test process plays the first prepare
     command = [sys.executable, str(ROOT / "prepare.py"), f"--input={corpus}", f"--out_dir={tmp_path / 'data'}",
                f"--tokenizer={shakespeare_dir}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)

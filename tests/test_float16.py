@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
+from helpers import TINY, assert_same_weights, final_weights, run
 from safetensors.torch import load_file
-from test_train import TINY, assert_same_weights, final_weights, run
 
 import hardware
 import preemption

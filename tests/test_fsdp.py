@@ -2,7 +2,6 @@
 between numbers of ranks, the default batch fits any world size, and the memory estimate matches a measurement.
 
 Every multi-rank run goes through torchrun on CPU (gloo), as a user would start it."""
-import csv
 import json
 import os
 import pickle
@@ -10,47 +9,38 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from processes import communicate, descendants, free_port
-from test_reliability import RunsCode
-from test_train import LOGGED, OTHER_ROUNDING, ROOT, TINY, assert_same_weights, drift_tolerance, run, toy_dataset
+from helpers import (
+    OTHER_ROUNDING,
+    PEAK_LR,
+    ROOT,
+    TINY_384,
+    RunsCode,
+    assert_same_curve,
+    assert_same_weights,
+    communicate,
+    descendants,
+    final_weights,
+    free_port,
+    logged,
+    run,
+    torchrun,
+    toy_dataset,
+)
 
-import bench
+import hardware
 import muon
 import train
 from checkpoint import checkpoint_paths, load_checkpoint
 from configurator import UserError, load_config
+from preflight import drift_tolerance
 from train import DatasetLoader, TrainConfig, accumulation_steps, fit_batch
 
-# 384 tokens per update: micro-batches of 2 x 32 tokens, 6 micro-steps on one rank, 3 on each of 2, 2 on each of 3.
-# The default optimizer, Muon for the blocks' matrices and AdamW for the rest. A constant learning rate, so that a
-# run resumed with more training_tokens follows the same schedule. A checkpoint every 4 updates.
-TINY = [*TINY, "--tokens_per_update=384"]
-SHARDED = [*TINY, "--fsdp=True", "--schedule=constant", "--token_ckpt=1536", "--keep_ckpts=5"]
+SHARDED = [*TINY_384, "--fsdp=True", "--schedule=constant", "--token_ckpt=1536", "--keep_ckpts=5"]
 TWELVE = "--training_tokens=4608"  # 12 updates
-PEAK_LR = train.TrainConfig.embedding_lr  # the largest learning rate of a Muon run: the token embedding's
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-
-
-def torchrun(ranks: int, *args, **kwargs):
-    return run(f"-m torch.distributed.run --standalone --nproc_per_node={ranks} train.py", *args, **kwargs)
-
-
-def logged(ckpt_dir) -> dict[int, dict]:
-    with open(Path(ckpt_dir) / "log.csv") as f:
-        return {int(row["step"]): row for row in csv.DictReader(f)}
-
-
-def assert_same_curve(a: dict, b: dict, steps, column="train_loss"):
-    for step in steps:
-        assert abs(float(a[step][column]) - float(b[step][column])) <= LOGGED, (step, a[step], b[step])
-
-
-def final_model(ckpt_dir) -> dict:
-    return load_checkpoint(checkpoint_paths(ckpt_dir)[-1])["model"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def test_two_and_three_sharded_ranks_match_one_process_with_accumulation(referen
     assert [p.name for p in checkpoint_paths(reference)] == ["ckpt_00000004", "ckpt_00000008", "ckpt_00000012"]
     assert sorted(os.listdir(checkpoint_paths(reference)[-1])) == [".metadata", "__0_0.distcp", "__1_0.distcp",
                                                                    "train_state.pt"]
-    common = [*TINY, "--schedule=constant", f"--dataset_dir={shakespeare_dir}", TWELVE]
+    common = [*TINY_384, "--schedule=constant", f"--dataset_dir={shakespeare_dir}", TWELVE]
     # One process, no FSDP, 6 micro-steps per update; and activation checkpointing, which must change nothing.
     run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}", "--activation_checkpointing=True",
         env=os.environ | OTHER_ROUNDING)
@@ -76,16 +66,16 @@ def test_two_and_three_sharded_ranks_match_one_process_with_accumulation(referen
     for other in ("one", "three", "ddp_three"):
         assert_same_curve(logged(reference), logged(tmp_path / other), range(1, 13))
         assert_same_curve(logged(reference), logged(tmp_path / other), range(1, 13), column="grad_norm")
-        assert_same_weights(final_model(reference), final_model(tmp_path / other), atol=drift_tolerance(PEAK_LR, 12))
+        assert_same_weights(final_weights(reference), final_weights(tmp_path / other), atol=drift_tolerance(PEAK_LR, 12))
 
 
 def test_adamw_sharded_on_two_ranks_matches_one_process(shakespeare_dir, tmp_path):
-    common = [*TINY, "--optimizer=adamw", "--schedule=constant", f"--dataset_dir={shakespeare_dir}",
+    common = [*TINY_384, "--optimizer=adamw", "--schedule=constant", f"--dataset_dir={shakespeare_dir}",
               "--training_tokens=1536"]  # 4 updates
     run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}", env=os.environ | OTHER_ROUNDING)
     torchrun(2, *common, "--fsdp=True", f"--ckpt_dir={tmp_path / 'two'}")
     assert_same_curve(logged(tmp_path / "one"), logged(tmp_path / "two"), range(1, 5))
-    assert_same_weights(final_model(tmp_path / "one"), final_model(tmp_path / "two"),
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"),
                         atol=drift_tolerance(train.TrainConfig.max_lr, 4))
 
 
@@ -106,7 +96,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_then_on_three(reference, shak
     shutil.copytree(one, three)
     torchrun(3, *args, f"--ckpt_dir={three}", TWELVE)
     assert_same_curve(logged(reference), logged(three), range(1, 13))
-    assert_same_weights(final_model(reference), final_model(three), atol=drift_tolerance(PEAK_LR, 12))
+    assert_same_weights(final_weights(reference), final_weights(three), atol=drift_tolerance(PEAK_LR, 12))
     # sample.py reads a sharded checkpoint in one process
     text = run("sample.py", f"--ckpt_dir={three}", "--prompt=ROMEO:", "--max_new_tokens=5").stdout
     assert "ckpt_00000012 (update 12, 4,608 tokens)" in text
@@ -160,7 +150,7 @@ def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupt
     torn.mkdir(exist_ok=True)
     (torn / "__0_0.distcp").write_bytes(b"half a shard")
     run(" ".join(cmd[1:]))
-    assert_same_weights(final_model(reference), final_model(tmp_path))  # bitwise
+    assert_same_weights(final_weights(reference), final_weights(tmp_path))  # bitwise
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -300,7 +290,7 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(shakespeare_di
     measured = json.loads(subprocess.run([sys.executable, script, ROOT, *args], capture_output=True, text=True,
                                          check=True, env=os.environ | MEASURE_TENSORS).stdout)
     cfg = load_config(args, TrainConfig)
-    estimate = bench.memory_estimate(cfg, 8192, world_size=1, fsdp=False, checkpointing=checkpointing)
+    estimate = hardware.memory_estimate(cfg, 8192, world_size=1, fsdp=False, checkpointing=checkpointing)
     # The weights were allocated before the measurement started; everything else during it.
     grown = sum(estimate.values()) - measured["weights"]
     assert abs(grown - measured["peak"]) <= 0.25 * measured["peak"], (estimate, measured)
@@ -333,7 +323,7 @@ def test_a_batch_the_user_chose_is_never_changed():
 
 def test_fsdp_without_torchrun_is_refused_before_anything_is_written(shakespeare_dir, tmp_path):
     with pytest.raises(UserError, match="launch it as torchrun"):
-        train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path / 'out'}", "--fsdp=True"])
+        train.main([*TINY_384, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path / 'out'}", "--fsdp=True"])
     assert not (tmp_path / "out").exists()
 
 
@@ -348,7 +338,7 @@ def test_resuming_a_sharded_checkpoint_differently_is_refused(reference, shakesp
         monkeypatch.setenv(name, value)
     try:
         with pytest.raises(UserError, match=message):
-            train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt_dir}", "--load_ckpt=True",
+            train.main([*TINY_384, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt_dir}", "--load_ckpt=True",
                         *extra])
     finally:
         if dist.is_initialized():

@@ -3,8 +3,6 @@ weights in llama.cpp's layout, the metadata llama.cpp needs, and a vocabulary th
 pass written from llama.cpp's conventions, fed its tensors, gives model.py's logits."""
 import errno
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -13,16 +11,16 @@ import pytest
 import regex
 import torch
 from gguf import GGUFReader
-from test_export import VARIED_TEXT, one_line_error
+from helpers import VARIED_TEXT, one_line_error, run
 
 import prepare
 from checkpoint import load_model
 from configurator import UserError
-from export import ExportConfig, byte_characters, export_gguf, gguf_name, main
+from export import ExportConfig, export_gguf, gguf_name, main
+from huggingface import byte_characters
 from model import ModelConfig, Transformer
-from prepare import tokenizer_fingerprint
+from tokenizer import load_tokenizer, prompt_ids, tokenizer_fingerprint
 
-ROOT = Path(__file__).resolve().parent.parent
 # (n_heads, n_kv_heads, tie_embeddings) of the models the file must describe exactly.
 SHAPES = {"mha-untied": (4, 4, False), "gqa-tied": (4, 2, True), "mqa-untied": (4, 1, False), "mha-tied": (2, 2, True)}
 # Numbers of every length, code, whitespace runs, non-Latin scripts and emoji, beside VARIED_TEXT.
@@ -30,10 +28,6 @@ MORE_TEXT = ["ROMEO:\nBut soft, what light through yonder window breaks?\n", "7 
              "x = [1, 22, 333]\nfor i in range(10):\n\tprint(f'{i:03d}')  \n", "\n\n\n\n    \t  \r\n  end   ",
              "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם", "🙂🙂🙂 naïve café — “quotes” …",
              "don't I'LL we've THEY'RE it'S", ""]
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +124,8 @@ def test_the_metadata_is_what_llama_cpp_reads(exports, shakespeare_dir):
         "llama.rope.dimension_count": 16, "llama.vocab_size": 8192, "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8191, "tokenizer.ggml.eos_token_id": 8191,
         "tokenizer.ggml.add_bos_token": True}
-    # llama.cpp prepends that BOS to every prompt: the ids sample.py feeds (prepare.prompt_ids), <|endoftext|> first
-    assert prepare.prompt_ids(prepare.load_tokenizer(shakespeare_dir), "ROMEO:")[0] == 8191
+    # llama.cpp prepends that BOS to every prompt: the ids sample.py feeds (prompt_ids), <|endoftext|> first
+    assert prompt_ids(load_tokenizer(shakespeare_dir), "ROMEO:")[0] == 8191
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == 8192
     assert tokens[8191] == "<|endoftext|>" and types[8191] == gguf.TokenType.CONTROL
@@ -240,9 +234,9 @@ def gguf_encoder(reader: GGUFReader, pattern: str):
 
 @pytest.mark.parametrize("vocabulary", ["bpe", "gpt2"])
 def test_the_tokens_and_merges_encode_like_tiktoken(exports, vocabulary, shakespeare_dir, gpt2_dir):
-    tokenizer = prepare.load_tokenizer({"bpe": shakespeare_dir, "gpt2": gpt2_dir}[vocabulary])
+    tokenizer = load_tokenizer({"bpe": shakespeare_dir, "gpt2": gpt2_dir}[vocabulary])
     encode = gguf_encoder(exports(vocabulary, "gqa-tied")[1], tokenizer.pattern)
-    plays = prepare.load_tokenizer(shakespeare_dir).decode(np.load(shakespeare_dir / "val_000000.npy")[:5000])
+    plays = load_tokenizer(shakespeare_dir).decode(np.load(shakespeare_dir / "val_000000.npy")[:5000])
     total = 0
     for text in [VARIED_TEXT, plays, *MORE_TEXT]:
         expected = tokenizer.encode(text)
@@ -293,7 +287,7 @@ def test_an_existing_file_needs_overwrite_and_a_bad_dtype_is_named(shakespeare_d
     out, options = tmp_path / "model.gguf", [f"--ckpt_dir={tmp_path / 'out'}", "--format=gguf"]
     main([*options, f"--out={out}"])
     before = out.read_bytes()
-    one_line_error(run("export.py", *options, f"--out={out}"), f"{out} already exists; pass --overwrite")
+    one_line_error(run("export.py", *options, f"--out={out}", check=False), f"{out} already exists; pass --overwrite")
     with pytest.raises(UserError, match="--dtype=q4_0: a GGUF file takes float32, float16, bfloat16, q8_0"):
         main([*options, f"--out={out}", "--overwrite", "--dtype=q4_0"])
     with pytest.raises(UserError, match="--format=gguf with --out "):

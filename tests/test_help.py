@@ -3,7 +3,7 @@ source, and exits 0."""
 import dataclasses
 
 import pytest
-from test_train import run
+from helpers import run
 
 import bench
 import bench_nanogpt

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train import ROOT
+from helpers import ROOT
 
 from train import Scheduler, TrainConfig
 

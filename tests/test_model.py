@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from helpers import logit_tolerance, recording_top_two_gaps
 
 import model as model_py
 from configurator import UserError, load_config
@@ -12,28 +13,6 @@ from sample import SampleConfig
 
 # Small enough that a forward pass takes about a millisecond on a laptop CPU.
 TINY = dict(vocab_size=64, max_seq_len=16, n_embd=32, n_heads=4, n_kv_heads=2, n_layers=2, multiple_of=16)
-
-
-def logit_tolerance(logits: torch.Tensor) -> float:
-    """How far apart two fp32 computations of the same logits may be when they only sum in other orders (another
-    kernel, a KV cache, another library's code): each logit ends a chain of sums of a few hundred products, each
-    rounded to 24 bits, so they agree to a few millionths of the largest logit. A ten-thousandth of it leaves room
-    for any CPU's kernels; a real mistake (a wrong weight layout, a missing rotation) moves logits by percents."""
-    return 1e-4 * logits.abs().max().item()
-
-
-def recording_top_two_gaps(monkeypatch) -> list[float]:
-    """Make generate() record, at every step, how far its best logit lies above the second best."""
-    gaps = []
-
-    def sample(logits, *args, **kwargs):
-        top2 = logits.float().topk(2, dim=-1).values
-        gaps.append((top2[:, 0] - top2[:, 1]).min().item())
-        return real_sample(logits, *args, **kwargs)
-
-    real_sample = model_py.sample
-    monkeypatch.setattr(model_py, "sample", sample)
-    return gaps
 
 
 def tiny_model(seed=0, **overrides):

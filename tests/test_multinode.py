@@ -12,18 +12,28 @@ import sys
 import time
 
 import pytest
-from processes import free_port, kill_tree
-from test_fsdp import PEAK_LR, TINY, assert_same_curve, final_model, logged, torchrun
-from test_train import ROOT, assert_same_weights, drift_tolerance
+from helpers import (
+    PEAK_LR,
+    ROOT,
+    TINY_384,
+    assert_same_curve,
+    assert_same_weights,
+    final_weights,
+    free_port,
+    kill_tree,
+    logged,
+    torchrun,
+)
 
 import multinode
 from checkpoint import checkpoint_paths
 from configurator import UserError, run_cli
+from preflight import drift_tolerance
 
 HOST = socket.gethostname()
 # A checkpoint every 4 updates of 384 tokens, a constant learning rate: a run resumed with more training_tokens
 # follows the schedule of one that was given them from the start.
-ARGS = [*TINY, "--schedule=constant", "--token_ckpt=1536"]
+ARGS = [*TINY_384, "--schedule=constant", "--token_ckpt=1536"]
 FOUR, EIGHT = "--training_tokens=1536", "--training_tokens=3072"
 RENDEZVOUS_ERROR = "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError"
 
@@ -81,7 +91,7 @@ def test_two_nodes_train_checkpoint_and_resume_as_one_machine_with_two_ranks(sha
     assert_same_curve(logged(one_machine), logged(shared), range(1, 9))
     assert_same_curve(logged(one_machine), logged(shared), range(1, 9), column="grad_norm")
     assert_same_curve(logged(one_machine), logged(shared), [4, 8], column="val_loss")
-    assert_same_weights(final_model(one_machine), final_model(shared), atol=drift_tolerance(PEAK_LR, 8))
+    assert_same_weights(final_weights(one_machine), final_weights(shared), atol=drift_tolerance(PEAK_LR, 8))
     assert sorted(os.listdir(shared)) == sorted(os.listdir(one_machine))  # the checkpoints, the log, the plot
     if mode == "fsdp":
         assert sorted(os.listdir(checkpoint_paths(shared)[-1])) == [".metadata", "__0_0.distcp", "__1_0.distcp",

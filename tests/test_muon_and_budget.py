@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_train import TINY, assert_same_weights, final_weights, run
+from helpers import TINY, assert_same_weights, final_weights, run
 
 import train
 from budget import BUDGET_PROBE_UPDATES, replans_length

@@ -8,14 +8,13 @@ fixture builds if it is missing.
 import copy
 import sys
 import time
-from pathlib import Path
 
 import nbformat
 import pytest
 from execute import code_hash  # notebooks/execute.py, which stores them executed
+from helpers import ROOT
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parent.parent
 # Each notebook and the number of figures it draws (loss curves, schedules, batch layouts, probability bars,
 # token frequencies).
 NOTEBOOKS = {

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_train import TINY, run
+from helpers import TINY, run
 
 import checkpoint
 from passes import REPEATS_FROM, ValidationRecord, passes_line

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from test_train import ROOT, TINY, run
+from helpers import ROOT, TINY, run
 
 import bench
 from configurator import UserError
@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import checkpoint, preflight
 from configurator import load_config
-from prepare import load_tokenizer
+from tokenizer import load_tokenizer
 from train import DatasetLoader, TrainConfig, distributed
 import torch.distributed as dist
 

@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken.load
+from helpers import ROOT
 
 import prepare
 from configurator import UserError
+from tokenizer import gpt2_tokenizer, load_tokenizer, read_ranks
 
-ROOT = Path(__file__).resolve().parent.parent
 UNICODE_SAMPLES = [
     "Hello, world!",
     "日本語のテキストと中文文本，还有한국어 문장。",
@@ -44,7 +45,7 @@ def build(out_dir: Path, *options: str) -> dict:
 
 def documents_in(out_dir: Path, split: str) -> list[str]:
     """The documents of one split, decoded from its shards (they are separated by <|endoftext|>)."""
-    tokenizer = prepare.load_tokenizer(out_dir)
+    tokenizer = load_tokenizer(out_dir)
     ids = np.concatenate([np.load(path) for path in sorted(out_dir.glob(f"{split}_*.npy"))])
     assert ids[-1] == tokenizer.eot_id, "every document, the last one included, ends with <|endoftext|>"
     ends = np.flatnonzero(ids == tokenizer.eot_id)
@@ -78,7 +79,7 @@ def test_default_dataset_layout(shakespeare_dir, monkeypatch):
     assert meta["special_tokens"] == {"<|endoftext|>": 8191}
     assert meta["train_bytes"] + meta["val_bytes"] == sum(len(p.encode()) for p in prepare.shakespeare_documents())
     assert 0.0999 < meta["val_bytes"] / (meta["train_bytes"] + meta["val_bytes"]) <= 0.1  # cut moved to a line end
-    tokenizer = prepare.load_tokenizer(shakespeare_dir)
+    tokenizer = load_tokenizer(shakespeare_dir)
     assert (tokenizer.name, tokenizer.vocab_size, tokenizer.eot_id) == ("bpe", 8192, 8191)
     # tiktoken's own loader reads the rank file (caching off, so the shared cache is left alone)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
@@ -89,7 +90,7 @@ def test_default_dataset_layout(shakespeare_dir, monkeypatch):
 
 @pytest.mark.parametrize("which", ["bpe", "gpt2"])
 def test_decode_inverts_encode_on_any_unicode(which, shakespeare_dir):
-    tokenizer = prepare.load_tokenizer(shakespeare_dir) if which == "bpe" else prepare.gpt2_tokenizer()
+    tokenizer = load_tokenizer(shakespeare_dir) if which == "bpe" else gpt2_tokenizer()
     for text in UNICODE_SAMPLES:
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert [tokenizer.decode(ids) for ids in tokenizer.encode_batch(UNICODE_SAMPLES)] == UNICODE_SAMPLES
@@ -104,10 +105,10 @@ def test_decode_inverts_encode_on_any_unicode(which, shakespeare_dir):
 def test_bpe_has_exactly_the_requested_vocabulary(vocab_size, plays, tmp_path):
     (tmp_path / "plays.txt").write_text(plays[0])
     meta = build(tmp_path / "data", f"--input={tmp_path / 'plays.txt'}", f"--vocab_size={vocab_size}")
-    tokenizer = prepare.load_tokenizer(tmp_path / "data")
+    tokenizer = load_tokenizer(tmp_path / "data")
     assert meta["vocab_size"] == tokenizer.vocab_size == vocab_size
     assert meta["special_tokens"] == {"<|endoftext|>": vocab_size - 1}
-    assert len(prepare.read_ranks(tmp_path / "data" / "tokenizer.tiktoken")) == vocab_size - 1
+    assert len(read_ranks(tmp_path / "data" / "tokenizer.tiktoken")) == vocab_size - 1
     assert max(np.load(path).max() for path in (tmp_path / "data").glob("*.npy")) == vocab_size - 1
 
 
@@ -123,7 +124,7 @@ def test_validation_is_the_final_fraction_cut_at_a_line_and_unseen_by_the_bpe(pl
     total = sum(len(t.encode()) for t in texts)
     assert (meta["train_bytes"], meta["val_bytes"]) == (len("".join(train).encode()), len(val[0].encode()))
     assert 0.2 - 15 / total < meta["val_bytes"] / total <= 0.2  # off by at most the rest of one short line
-    assert len(prepare.load_tokenizer(tmp_path / "data").encode(" zyzzyva quokka")) > 8  # 3 if the BPE had seen it
+    assert len(load_tokenizer(tmp_path / "data").encode(" zyzzyva quokka")) > 8  # 3 if the BPE had seen it
 
 
 def test_shards_have_the_requested_size_and_meta_counts_them(plays, tmp_path):
@@ -170,7 +171,7 @@ def test_gpt2_vocabulary(tmp_path):
     assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
     assert meta["special_tokens"] == {"<|endoftext|>": 50256}
     assert not (tmp_path / "data" / "tokenizer.tiktoken").exists()
-    tokenizer = prepare.load_tokenizer(tmp_path / "data")
+    tokenizer = load_tokenizer(tmp_path / "data")
     assert tokenizer.name == "gpt2" and tokenizer.encode("Hello world") == [15496, 995]
     assert np.load(tmp_path / "data" / "train_000000.npy")[:2].tolist() == [15496, 995]
 
@@ -203,7 +204,7 @@ def test_a_stream_holds_out_val_tokens_not_a_fraction_of_itself(shakespeare_dir,
     meta = build(tmp_path / "data", "--hf_dataset=HuggingFaceFW/fineweb-edu", f"--tokenizer={shakespeare_dir}",
                  "--val_fraction=0.25", "--val_tokens=300")
     # every 4th document from the start is validation until the split holds 300 tokens; the rest of the stream trains
-    tokenizer = prepare.load_tokenizer(shakespeare_dir)
+    tokenizer = load_tokenizer(shakespeare_dir)
     held, val = 0, []
     for text in texts[3::4]:
         if held >= 300:
@@ -304,7 +305,7 @@ def test_bad_input_is_a_user_error(argv, message, tmp_path, monkeypatch):
 
 def test_load_tokenizer_names_the_fix(tmp_path):
     with pytest.raises(UserError, match=re.escape("build one with `python prepare.py`")):
-        prepare.load_tokenizer(tmp_path / "missing")
+        load_tokenizer(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("argv", [["--vocab_sise=300"], ["--out_dir={tmp}", "--input={tmp}"]])

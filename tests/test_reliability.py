@@ -9,8 +9,18 @@ import time
 
 import pytest
 import torch
-from processes import alive, communicate, descendants, kill_tree
-from test_train import ROOT, TINY, assert_same_weights, final_weights, run
+from helpers import (
+    ROOT,
+    TINY,
+    RunsCode,
+    alive,
+    assert_same_weights,
+    communicate,
+    descendants,
+    final_weights,
+    kill_tree,
+    run,
+)
 
 import train
 from checkpoint import checkpoint_paths
@@ -99,16 +109,6 @@ def test_resume_without_a_checkpoint_and_sample_without_one(shakespeare_dir, tmp
     assert result.returncode == 2 and "no checkpoint in" in result.stderr
 
 
-class RunsCode:
-    """Unpickling this would run a shell command: exactly what weights_only loading must refuse."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_checkpoint_carrying_code_is_refused_and_never_run(shakespeare_dir, tmp_path):
     marker = tmp_path / "pwned"
     ckpt_dir = tmp_path / "out"
@@ -136,7 +136,7 @@ def test_an_explicit_compile_that_cannot_build_is_one_line_naming_compile_false(
 
 def test_compile_auto_that_cannot_build_trains_eager_and_says_why(shakespeare_dir, tmp_path):
     # 200,000 updates would take minutes eager, so compile=auto wants to compile. Stopped after a few updates.
-    argv = tiny(shakespeare_dir, tmp_path, "--training_tokens=25_600_000")
+    argv = tiny(shakespeare_dir, tmp_path, "--training_tokens=25_600_000", "--compile=auto")
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=os.environ | NO_COMPILER)
     start_up = proc.stdout.readline()

@@ -1,18 +1,14 @@
 """train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and resuming."""
 import copy
-import json
 import math
 import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from processes import communicate
+from helpers import OTHER_ROUNDING, TINY, assert_same_weights, final_weights, run, toy_dataset
 
 import hardware
 from checkpoint import checkpoint_paths
@@ -20,47 +16,6 @@ from configurator import UserError, load_config
 from model import Transformer
 from preflight import drift_tolerance
 from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps, make_optimizer, update_timer
-
-ROOT = Path(__file__).resolve().parent.parent
-# A model small enough that a few updates take a second or two on a laptop CPU.
-TINY = ["--n_layers=1", "--n_embd=32", "--n_heads=2", "--n_kv_heads=2", "--batch_size=2", "--max_seq_len=32",
-        "--tokens_per_update=128", "--warmup_iterations=2", "--eval_interval=4", "--eval_tokens=256",
-        "--model_gen_multiplier=0", "--device=cpu", "--dtype=float32"]
-
-
-def run(script, *args, check=True, timeout=600, **kwargs):
-    """Run one of the repository's scripts the way a user would. One that is still running after `timeout` seconds
-    (a hang) is killed, with every process it started, and fails the test."""
-    proc = subprocess.Popen([sys.executable, *script.split(), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-    out, err = communicate(proc, timeout)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def final_weights(ckpt_dir):
-    return torch.load(checkpoint_paths(ckpt_dir)[-1], weights_only=True)["model"]
-
-
-# Another CPU's rounding, on this one. ATen's plain kernels (ATEN_CPU_CAPABILITY=default: no vector instructions) and
-# MKL's compatible code path add up sums in other orders than this machine's own kernels, as another CPU's would. A
-# parity test runs one side with them, so that a tolerance which only this machine's rounding happens to meet fails
-# here instead of on a user's machine.
-OTHER_ROUNDING = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
-# The log prints losses and gradient norms with 4 decimals: two equal values can print up to 1e-4 apart, and fp32
-# rounding of a mean over a batch adds a few 1e-6 for values near 10.
-LOGGED = 1.2e-4
-
-
-def assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for name in a:
-        if atol == 0:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
@@ -140,17 +95,6 @@ def test_scheduler_sets_the_optimizer():
 
 
 # --- the loader -------------------------------------------------------------------------------------------------
-def toy_dataset(path: Path, shard_lengths, split="train"):
-    """A dataset dir like prepare.py's whose token at position i of the whole split is i (ids are positions)."""
-    path.mkdir(parents=True, exist_ok=True)
-    shards, start = {}, 0
-    for i, n in enumerate(shard_lengths):
-        name = f"{split}_{i:06d}.npy"
-        np.save(path / name, np.arange(start, start + n, dtype=np.uint32))
-        shards[name] = n
-        start += n
-    (path / "meta.json").write_text(json.dumps({"vocab_size": 2**31, "dtype": "uint32", "shards": shards}))
-    return path
 
 
 def test_batches_are_next_token_pairs(tmp_path):
@@ -271,7 +215,7 @@ def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile
     """dtype=auto and compile=auto are decided when a run starts; a resumed run takes them from its checkpoint and
     measures nothing. With the same dtype and compile setting, on one rank of the same machine, its updates round as
     the uninterrupted run's did: the tolerance is zero."""
-    auto = [arg for arg in TINY if not arg.startswith("--dtype")]
+    auto = [arg for arg in TINY if not arg.startswith(("--dtype", "--compile"))]
     common = [*auto, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280", "--token_ckpt=640", "--keep_ckpts=5"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     start_up = re.compile(r"^[\d,]+ parameters \| .*$", re.MULTILINE)  # the line a run starts with
