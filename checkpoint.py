@@ -1,5 +1,5 @@
 """The checkpoint format on disk: writing and reading both forms, finding the newest one that loads, one run per
-directory. What a checkpoint holds, and how a run resumes from it, is train.py's business (checkpoint_state, resume).
+directory, and what a checkpoint holds.
 
 A checkpoint is one of:
 - ckpt_%08d.pt, one file written by rank 0: a single process or DDP, where rank 0 holds the whole state;
@@ -12,8 +12,10 @@ never unpickles anything but tensors and plain values (torch.load's weights_only
 a checkpoint from someone else cannot run code.
 
 Reading order: names -> writing -> reading -> the newest loadable one -> the best one -> load_model (sample.py,
-export.py) -> the directory lock.
+export.py, eval.py) -> the directory lock -> what a checkpoint holds (checkpoint_state, which train.py and the
+preflight save, and restore, which puts a run back from it).
 """
+import dataclasses
 import os
 import pickle
 import re
@@ -187,9 +189,10 @@ def load_checkpoint(path: Path, tensors: str = "all") -> dict:
         raise unsafe(path, e) from None
 
 
-def load_shards(path: Path, model, optimizers, param_groups: list):
+def load_shards(path: Path, model, optimizer, param_groups: list):
     """An FSDP run resumes from a sharded checkpoint: each rank reads just the slices of every tensor it holds now,
-    whatever the number of ranks that wrote them. `optimizers`: one torch optimizer, or several (Muon and AdamW)."""
+    whatever the number of ranks that wrote them."""
+    optimizers = torch_optimizers(optimizer)
     try:
         read_dcp_index(path)
         model_state, optimizer_state = get_state_dict(model, optimizers)  # this rank's DTensors, filled in place
@@ -225,7 +228,7 @@ def best_checkpoint(ckpt_dir: str) -> Path:
         raise UserError(f"no checkpoint in {ckpt_dir}; train first (python train.py) or pass --ckpt_dir")
     # Only the record is needed: a .pt file is memory-mapped, a sharded checkpoint's tensors are not read at all.
     newest, state = newest_loadable_checkpoint(paths, master=False, tensors="none" if paths[-1].is_dir() else "model")
-    best = state.get("validation", {}).get("best_saved")
+    best = state["validation"]["best_saved"]
     if best is None:
         raise UserError(f"{newest} records no checkpoint saved at an evaluation; pass --ckpt=PATH instead of best")
     path = checkpoint_path(ckpt_dir, best[0], sharded=newest.is_dir())
@@ -289,3 +292,101 @@ def lock_ckpt_dir(ckpt_dir: str, master: bool):
     if refusal[0]:
         raise UserError(refusal[0], every_rank=True)
     return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a checkpoint holds: a run's whole state, built by checkpoint_state and put back by restore.
+
+def torch_optimizers(optimizer):
+    """The torch optimizer behind `optimizer`, or with --optimizer=muon its two (muon.MuonAndAdamW): what
+    torch.distributed.checkpoint saves and loads, each one's state under the parameters' names."""
+    return getattr(optimizer, "optimizers", optimizer)
+
+
+def checkpoint_state(cfg, model, optimizer, world_size: int, device: str, *, scheduler, scaler, loader, record,
+                     fingerprint: str, step: int, elapsed_s: float, argv: list[str], repeats) -> dict:
+    """Everything a checkpoint holds, the one place that says what that is: the model's, the optimizer's and the
+    random generators' state (training_state); the schedule's (scheduler), an fp16 run's loss scale (scaler, {}
+    in bf16 and fp32) and the position in the data (loader); the run's whole config (cfg, a TrainConfig), the
+    tokenizer's fingerprint, the updates done (step) and their tokens, the seconds trained, the command line (for
+    export.py's model card), the validation record (passes.ValidationRecord) and the plan for repeated data
+    (passes.plan_repeats). Under FSDP every rank calls it and holds only its own shards of the tensors."""
+    model_state, optimizer_state, rng = training_state(model, optimizer, cfg.fsdp, world_size, device)
+    return {"model": model_state, "optimizer": optimizer_state, "rng": rng, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "loader": loader.state_dict(), "config": dataclasses.asdict(cfg),
+            "tokenizer": fingerprint, "step": step, "tokens": step * cfg.tokens_per_update, "elapsed_s": elapsed_s,
+            "argv": argv, "validation": record.state_dict(), "repeats": repeats}
+
+
+def training_state(model, optimizer, fsdp: bool, world_size: int, device: str) -> tuple[dict, dict, object]:
+    """The model's, the optimizer's and the random number generator's state, as a checkpoint holds them. Under FSDP:
+    this rank's shards (DTensors), the optimizer's state keyed by parameter name, and every rank's RNG (a list)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict(), rng_state(device)
+    model_state, optimizer_state = get_state_dict(model, torch_optimizers(optimizer))
+    rng = [None] * world_size
+    dist.all_gather_object(rng, rng_state(device))
+    return model_state, optimizer_state, rng
+
+
+def rng_state(device: str) -> dict:
+    return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})
+
+
+def restore_rng(rng, rank: int, device: str):
+    """`rng` is rank 0's state (a .pt checkpoint) or a list of every rank's (a sharded one). A rank the list has no
+    entry for (resumed on more ranks) keeps its fresh seed."""
+    if isinstance(rng, list):
+        if rank >= len(rng):
+            return
+        rng = rng[rank]
+    torch.set_rng_state(rng["cpu"])
+    if device.startswith("cuda") and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def check_resumable(ckpt: dict, cfg, fingerprint: str, path: Path):
+    """Refuse to resume with another architecture, tokenizer or update size than the checkpoint was trained with."""
+    if path.is_dir() != cfg.fsdp:
+        raise UserError(f"{path} was written by a{'n FSDP' if cfg.fsdp is False else ' non-FSDP'} run; resume it "
+                        f"with --fsdp={not cfg.fsdp}" + (" under torchrun" if not cfg.fsdp else ""))
+    if ckpt["config"]["optimizer"] != cfg.optimizer:
+        raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer}; resume with "
+                        f"--optimizer={ckpt['config']['optimizer']}, or use a new --ckpt_dir")
+    if ckpt["tokenizer"] != fingerprint:
+        raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
+                        "it was trained on or a new --ckpt_dir")
+    saved = ModelConfig.from_dict(ckpt["config"], vocab_size=1)
+    for field in dataclasses.fields(ModelConfig):
+        if field.name != "vocab_size" and getattr(saved, field.name) != getattr(cfg, field.name):
+            raise UserError(f"{path} has {field.name}={getattr(saved, field.name)} but the config says "
+                            f"{getattr(cfg, field.name)}; resume with the same architecture or use a new --ckpt_dir")
+    if ckpt["config"]["tokens_per_update"] != cfg.tokens_per_update:  # updates are counted in these units
+        raise UserError(f"{path} has tokens_per_update={ckpt['config']['tokens_per_update']} but this run "
+                        f"{cfg.tokens_per_update}; pass --tokens_per_update={ckpt['config']['tokens_per_update']} "
+                        "with a batch_size that divides it")
+
+
+def restore(path: Path, ckpt: dict, cfg, fingerprint: str, model, optimizer, scaler, scheduler, loader, rank: int,
+            device: str):
+    """Put a run back as checkpoint_state saved it (`ckpt`: load_checkpoint's, without the tensors for FSDP), after
+    checking that it fits this run (check_resumable). What resumes is the run's state; the learning rates are this
+    run's config: a run that diverged is resumed with a lower max_lr."""
+    check_resumable(ckpt, cfg, fingerprint, path)
+    if cfg.fsdp:
+        load_shards(path, model, optimizer, ckpt["optimizer"]["param_groups"])
+    else:
+        model.load_state_dict(ckpt["model"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError) as e:  # parameter groups that another version of make_optimizer made
+            raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer} "
+                            f"({type(e).__name__}); resume with the train.py it was saved with, or use a new "
+                            "--ckpt_dir") from None
+    # A budgeted run keeps the length it planned; otherwise training_tokens sets it (it may be raised, to go on).
+    if cfg.max_minutes:
+        scheduler.training_steps = ckpt["scheduler"]["training_steps"]
+    loader.load_state_dict(ckpt["loader"])  # a position in tokens: valid for any number of ranks
+    if ckpt["scaler"]:  # an fp16 run's loss scale; {} in bf16 and fp32
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], rank, device)

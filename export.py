@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
@@ -53,8 +52,7 @@ def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_par
     row = final_validation(Path(cfg["log_file"]) if cfg["log_file"] else path.parent / "log.csv", ckpt["step"])
     val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte (update {row['step']}, "
            f"{cfg['eval_tokens']:,} validation tokens)" if row else "not recorded (no log.csv next to the checkpoint)")
-    command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`" if "argv" in ckpt \
-        else "not recorded (the checkpoint predates it)"
+    command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`"
     c = model_cfg
     architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / {c.n_kv_heads} "
                     f"key-value heads, SwiGLU width {ffn_width(c.n_embd, c.multiple_of)}, RoPE theta {c.theta:g}, "
@@ -241,6 +239,8 @@ def written_in_place(out: Path, overwrite: bool, option: str):
 
 def export(cfg: ExportConfig) -> Path:
     """--format=hf: the checkpoint as a Hugging Face LlamaForCausalLM directory."""
+    from safetensors.torch import save_file
+
     out_dir = Path(cfg.out_dir or Path(cfg.ckpt_dir) / "hf")
     path, ckpt, model, tokenizer = start_export(cfg, out_dir, "--out_dir", ("float32", "bfloat16"))
     model_cfg = model.config

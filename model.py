@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         # 2 * n_layers branch outputs, starts at a size independent of depth. The logits then start small (std about
         # 0.02 * sqrt(n_embd)), every token about equally likely, and the loss near ln(vocab_size).
         # The output projection is not tied to the embedding by default (as in LLaMA): reading a token and predicting
-        # the next one are different jobs, and sharing the matrix did not help in our runs (docs/defaults.md). With
+        # the next one are different jobs, each with a matrix of its own. With
         # tie_embeddings=True (common in small open models, e.g. one imported with train.py's --init_from) the two
         # share one matrix: named_parameters() lists it once, as tok_embeddings.weight, so it is drawn once.
         for name, p in self.named_parameters():

@@ -45,12 +45,16 @@ from torch.nn.attention import SDPBackend
 from checkpoint import (
     checkpoint_bytes,
     checkpoint_paths,
+    checkpoint_state,
     load_checkpoint,
     load_shards,
     newest_loadable_checkpoint,
     save_checkpoint,
+    torch_optimizers,
+    training_state,
 )
 from configurator import UserError
+from dataset import read_meta
 from hardware import (
     choose_speed,
     measure_matmul_flops,
@@ -60,7 +64,9 @@ from hardware import (
     synchronize,
 )
 from model import Transformer
-from tokenizer import load_tokenizer
+from passes import ValidationRecord
+from schedule import Scheduler
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 from train import (
     DatasetLoader,
     TrainConfig,
@@ -71,7 +77,6 @@ from train import (
     make_scaler,
     timed_updates,
     train_update,
-    training_state,
     update_timer,
     wrap_model,
 )
@@ -108,6 +113,7 @@ class Machine:
     device: str
     vocab_size: int
     scratch: Path
+    fingerprint: str = ""  # the dataset's tokenizer, as checkpoints record it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,16 +221,14 @@ def check_fsdp_equals_one_rank(m: Machine) -> Row:
 
 
 def save_tiny(run: TinyRun, m: Machine, ckpt_dir: Path) -> Path:
-    """A sharded checkpoint of an FSDP run, written by every rank as train.py writes one."""
-    cfg = tiny_config(m.cfg, m.world_size)
-    model_state, optimizer_state, rng = training_state(run.raw, run.optimizer, True, m.world_size, m.device)
-    state = {"model": model_state, "optimizer": optimizer_state, "loader": run.loader.state_dict(), "rng": rng,
-             "config": dataclasses.asdict(cfg), "step": len(run.losses)}
-    return save_checkpoint(str(ckpt_dir), len(run.losses), state, cfg.keep_ckpts, sharded=True)
-
-
-def optimizers(run: TinyRun):
-    return getattr(run.optimizer, "optimizers", run.optimizer)  # Muon + AdamW are two optimizers
+    """A sharded checkpoint of an FSDP run, built and written by every rank as train.py builds and writes one."""
+    cfg = dataclasses.replace(tiny_config(m.cfg, m.world_size), fsdp=True)
+    updates = len(run.losses)
+    scheduler = Scheduler(run.optimizer, cfg.schedule, updates, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr)
+    state = checkpoint_state(cfg, run.raw, run.optimizer, m.world_size, m.device, scheduler=scheduler,
+                             scaler=run.scaler, loader=run.loader, record=ValidationRecord(),
+                             fingerprint=m.fingerprint, step=updates, elapsed_s=0.0, argv=[], repeats=None)
+    return save_checkpoint(str(ckpt_dir), updates, state, cfg.keep_ckpts, sharded=True)
 
 
 def check_resume_on_n_ranks(m: Machine) -> Row:
@@ -232,13 +236,13 @@ def check_resume_on_n_ranks(m: Machine) -> Row:
     name = f"checkpoint {m.world_size} -> {m.world_size} ranks, bitwise"
     written = train_tiny(m, m.world_size, fsdp=True)
     path = save_tiny(written, m, m.scratch / "resume_n")
-    saved = full_tensors(get_state_dict(written.raw, optimizers(written)))
+    saved = full_tensors(get_state_dict(written.raw, torch_optimizers(written.optimizer)))
     resumed = train_tiny(m, m.world_size, fsdp=True, updates=0)
     try:
-        load_shards(path, resumed.raw, optimizers(resumed), load_checkpoint(path, "none")["optimizer"]["param_groups"])
+        load_shards(path, resumed.raw, resumed.optimizer, load_checkpoint(path, "none")["optimizer"]["param_groups"])
     except UserError as e:
         return Row(name, False, "", str(e))
-    restored = full_tensors(get_state_dict(resumed.raw, optimizers(resumed)))
+    restored = full_tensors(get_state_dict(resumed.raw, torch_optimizers(resumed.optimizer)))
     differ = [k for k, v in flatten(saved).items() if not torch.equal(v, flatten(restored)[k])]
     if differ:
         return Row(name, False, f"{len(differ)} tensors differ", f"{differ[0]} is not restored bitwise")
@@ -265,7 +269,7 @@ def check_resume_on_one_rank(m: Machine) -> Row:
         ckpt = load_checkpoint(path)
     except UserError as e:
         return Row(name, False, "", str(e))
-    set_state_dict(one.raw, optimizers(one), model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"])
+    set_state_dict(one.raw, torch_optimizers(one.optimizer), model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"])
     one.loader.load_state_dict(ckpt["loader"])
     written.losses, one.losses = [], []
     train_more(written, cfg, m.device, 1)
@@ -541,7 +545,8 @@ def run(cfg: TrainConfig, warmup: int, steps: int) -> bool:
     """Run every check on this rank, print the table (rank 0) and write it to <ckpt_dir>/preflight.txt. True when
     every row passed."""
     refuse_a_bad_launch(cfg)
-    vocab_size = load_tokenizer(cfg.dataset_dir).vocab_size  # a missing dataset is refused here, naming the fix
+    meta = read_meta(cfg.dataset_dir)  # a missing dataset is refused here, naming the fix
+    vocab_size, fingerprint = load_tokenizer(cfg.dataset_dir, meta).vocab_size, tokenizer_fingerprint(cfg.dataset_dir, meta)
     # FSDP is among the checks: the process group starts even on one rank.
     with distributed(dataclasses.replace(cfg, fsdp=True), timeout=PREFLIGHT_TIMEOUT) as (rank, world_size, device):
         check_process_group(device)
@@ -550,7 +555,7 @@ def run(cfg: TrainConfig, warmup: int, steps: int) -> bool:
             os.makedirs(cfg.ckpt_dir, exist_ok=True)
             scratch = [tempfile.mkdtemp(prefix="preflight-", dir=cfg.ckpt_dir)]
         dist.broadcast_object_list(scratch, src=0)
-        m = Machine(cfg, rank, world_size, device, vocab_size, Path(scratch[0]))
+        m = Machine(cfg, rank, world_size, device, vocab_size, Path(scratch[0]), fingerprint)
         try:
             rows = [guarded(m, "DDP = 1 rank", check_ddp_equals_one_rank),
                     guarded(m, "FSDP = 1 rank", check_fsdp_equals_one_rank),

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -39,9 +38,10 @@ from torch.distributed.tensor import DTensor
 from budget import BUDGET_PROBE_UPDATES, replans_length, updates_in_budget
 from checkpoint import (
     checkpoint_paths,
-    load_shards,
+    checkpoint_state,
     lock_ckpt_dir,
     newest_loadable_checkpoint,
+    restore,
     save_checkpoint,
 )
 from configurator import UserError, load_config, run_cli
@@ -63,8 +63,8 @@ from training_log import append_log, plot_log, start_log
 # Configuration: every knob of a run, with the guide's names. A config file is plain Python assigning some of them.
 @dataclass
 class TrainConfig:
-    # The defaults train in about 10 minutes on a 2-core laptop CPU, where this small model with Muon learnt the most in
-    # that time (docs/defaults.md). The guide's 1.3B run, with the guide's AdamW, is config/llama_1b3.py.
+    # The defaults are a small model with Muon, the settings that learnt the most in a short CPU run
+    # (docs/defaults.md has the table); the guide's 1.3B run, with the guide's AdamW, is config/llama_1b3.py.
     # Paths
     dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken, meta.json
     ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
@@ -381,35 +381,7 @@ def evaluate(model, val_loader, n_batches, device, dtype) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resuming: a checkpoint (checkpoint.py's format) holds everything the run needs to go on exactly where it was.
-def training_state(model, optimizer, fsdp: bool, world_size: int, device: str) -> tuple[dict, dict, object]:
-    """The model's, the optimizer's and the random number generator's state, as a checkpoint holds them. Under FSDP:
-    this rank's shards (DTensors), the optimizer's state keyed by parameter name, and every rank's RNG (a list)."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict(), rng_state(device)
-    # Muon + AdamW are two optimizers: DCP saves each one's state under the parameters' names.
-    model_state, optimizer_state = get_state_dict(model, getattr(optimizer, "optimizers", optimizer))
-    rng = [None] * world_size
-    dist.all_gather_object(rng, rng_state(device))
-    return model_state, optimizer_state, rng
-
-
-def rng_state(device: str) -> dict:
-    return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})
-
-
-def restore_rng(rng, rank: int, device: str):
-    """`rng` is rank 0's state (a .pt checkpoint) or a list of every rank's (a sharded one). A rank the list has no
-    entry for (resumed on more ranks) keeps its fresh seed."""
-    if isinstance(rng, list):
-        if rank >= len(rng):
-            return
-        rng = rng[rank]
-    torch.set_rng_state(rng["cpu"])
-    if device.startswith("cuda") and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
-
-
+# Resuming: which checkpoint a run goes on from (checkpoint.py builds, reads and restores what it holds).
 def checkpoint_to_resume(cfg: TrainConfig, master: bool) -> tuple[Path, dict] | None:
     """The checkpoint this run goes on from (path, contents), or None for a new run, which never mixes into another
     run's ckpt_dir. An FSDP run reads its own shards of the tensors later, in resume(), not the whole model here."""
@@ -420,56 +392,6 @@ def checkpoint_to_resume(cfg: TrainConfig, master: bool) -> tuple[Path, dict] | 
         raise UserError(f"{cfg.ckpt_dir} already holds checkpoints of an earlier run; resume it with "
                         "--load_ckpt=True or choose another --ckpt_dir")
     return newest_loadable_checkpoint(existing, master, tensors="none" if cfg.fsdp else "all") if existing else None
-
-
-def check_resumable(ckpt: dict, cfg: TrainConfig, fingerprint: str, path: Path):
-    """Refuse to resume with another architecture, tokenizer or update size than the checkpoint was trained with."""
-    if path.is_dir() != cfg.fsdp:
-        raise UserError(f"{path} was written by a{'n FSDP' if cfg.fsdp is False else ' non-FSDP'} run; resume it "
-                        f"with --fsdp={not cfg.fsdp}" + (" under torchrun" if not cfg.fsdp else ""))
-    if ckpt["config"]["optimizer"] != cfg.optimizer:
-        raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer}; resume with "
-                        f"--optimizer={ckpt['config']['optimizer']}, or use a new --ckpt_dir")
-    if ckpt["tokenizer"] != fingerprint:
-        raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use the dataset "
-                        "it was trained on or a new --ckpt_dir")
-    saved = ModelConfig.from_dict(ckpt["config"], vocab_size=1)
-    for field in dataclasses.fields(ModelConfig):
-        if field.name != "vocab_size" and getattr(saved, field.name) != getattr(cfg, field.name):
-            raise UserError(f"{path} has {field.name}={getattr(saved, field.name)} but the config says "
-                            f"{getattr(cfg, field.name)}; resume with the same architecture or use a new --ckpt_dir")
-    if ckpt["config"]["tokens_per_update"] != cfg.tokens_per_update:  # updates are counted in these units
-        raise UserError(f"{path} has tokens_per_update={ckpt['config']['tokens_per_update']} but this run "
-                        f"{cfg.tokens_per_update}; pass --tokens_per_update={ckpt['config']['tokens_per_update']} "
-                        "with a batch_size that divides it")
-
-
-def resume(path: Path, ckpt: dict, cfg, fingerprint, model, optimizer, scaler, scheduler, loader, rank,
-           device) -> tuple[int, float]:
-    """Restore a run from a checkpoint (loaded by checkpoint_to_resume), after checking it fits this run. Returns
-    (updates done, seconds trained)."""
-    check_resumable(ckpt, cfg, fingerprint, path)
-    if cfg.fsdp:
-        load_shards(path, model, getattr(optimizer, "optimizers", optimizer), ckpt["optimizer"]["param_groups"])
-    else:
-        model.load_state_dict(ckpt["model"])
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, ValueError) as e:  # parameter groups that another version of make_optimizer made
-            raise UserError(f"{path} holds optimizer state that does not fit --optimizer={cfg.optimizer} "
-                            f"({type(e).__name__}); resume with the train.py it was saved with, or use a new "
-                            "--ckpt_dir") from None
-    # A budgeted run keeps the length it planned; otherwise training_tokens sets it (it may be raised, to go on).
-    # The learning rates are this run's config: a run that diverged is resumed with a lower max_lr.
-    if cfg.max_minutes:
-        scheduler.training_steps = ckpt["scheduler"]["training_steps"]
-    loader.load_state_dict(ckpt["loader"])  # a position in tokens: valid for any number of ranks
-    if ckpt.get("scaler"):  # an fp16 run's loss scale; other runs save {}, and older checkpoints nothing
-        scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], rank, device)
-    if rank == 0:
-        print(f"resumed from {path} at update {ckpt['step']} ({ckpt['tokens']:,} tokens)")
-    return ckpt["step"], ckpt["elapsed_s"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,10 +501,13 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     # repeats: how often the run reads its data and what it does about it (passes.py), once its length is planned.
     record, repeats, planned = ValidationRecord(), None, None
     if resume_from:
-        step, elapsed_before = resume(*resume_from, cfg, fingerprint, raw_model, optimizer, scaler, scheduler, loader,
-                                      rank, device)
-        record.load_state_dict(resume_from[1].get("validation", {}))
-        planned = resume_from[1].get("repeats") if cfg.max_minutes else None  # a budget's plan is not made again
+        path, ckpt = resume_from
+        restore(path, ckpt, cfg, fingerprint, raw_model, optimizer, scaler, scheduler, loader, rank, device)
+        step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
+        record.load_state_dict(ckpt["validation"])
+        planned = ckpt["repeats"] if cfg.max_minutes else None  # a budget's plan is not made again
+        if master:
+            print(f"resumed from {path} at update {step} ({ckpt['tokens']:,} tokens)")
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
@@ -649,14 +574,10 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         stopping = stop.agreed(device)
         if takes_part and (step % ckpt_every == 0 or step == total or stopping or (new_best and keeps_best(repeats))):
             record.saved(step)
-            model_state, optimizer_state, rng = training_state(raw_model, optimizer, cfg.fsdp, world_size, device)
-            state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(),  # an fp16 run's loss scale; {} in bf16 and fp32
-                     "loader": loader.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg),
-                     "tokenizer": fingerprint, "step": step, "tokens": step * cfg.tokens_per_update,
-                     "elapsed_s": elapsed_before + time.time() - start_time,
-                     "argv": argv or []}  # the command line, for export.py's model card
-            state["validation"], state["repeats"] = record.state_dict(), repeats
+            state = checkpoint_state(cfg, raw_model, optimizer, world_size, device, scheduler=scheduler,
+                                     scaler=scaler, loader=loader, record=record, fingerprint=fingerprint, step=step,
+                                     elapsed_s=elapsed_before + time.time() - start_time, argv=argv or [],
+                                     repeats=repeats)
             path = save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts, sharded=cfg.fsdp,
                                    best=record.best_path(cfg.ckpt_dir, cfg.fsdp))
             if master:
