@@ -107,7 +107,11 @@ def help_text(*classes) -> str:
 def exit_if_help(argv: list[str], *classes):
     """`--help` or `-h` anywhere on the command line: print the settings of `classes` and exit with status 0."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(*classes))
+        try:
+            print(help_text(*classes), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader stopped once it had what it wanted
+            # Python flushes stdout again at exit, which would fail the same way: point it at nothing.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
 
 

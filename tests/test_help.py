@@ -1,9 +1,12 @@
 """Every script answers --help (or -h) with each of its settings: type, default and the comment beside it in the
 source, and exits 0."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
-from helpers import run
+from helpers import ROOT, run
 
 import bench
 import bench_nanogpt
@@ -45,3 +48,14 @@ def test_every_setting_has_a_one_line_comment(cls):
     comments = field_comments(cls)
     assert set(comments) == {f.name for f in dataclasses.fields(cls)}
     assert [name for name, comment in comments.items() if not comment and name != "user_set"] == []
+
+
+def test_help_read_in_part_ends_quietly():
+    # `--help | head -3`: head closes the pipe after three lines. Here the pipe is closed before the script writes
+    # at all, the earliest a reader can stop: the script still exits 0, with no BrokenPipeError traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
