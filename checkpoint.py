@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from configurator import UserError
+from dataset import read_meta
 from files import full_disk_error, is_full_disk, lock_directory, space_for
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -257,8 +258,9 @@ def load_model(ckpt_dir: str, ckpt: str = "", dataset_dir: str = "", purpose: st
     if path != paths[-1]:
         print(f"warning: {paths[-1]} cannot be loaded (damaged or unsafe); {purpose} {path}", file=sys.stderr)
     dataset_dir = dataset_dir or state["config"]["dataset_dir"]
-    tokenizer = load_tokenizer(dataset_dir)
-    if tokenizer_fingerprint(dataset_dir) != state["tokenizer"]:
+    meta = read_meta(dataset_dir)
+    tokenizer = load_tokenizer(dataset_dir, meta)
+    if tokenizer_fingerprint(dataset_dir, meta) != state["tokenizer"]:
         raise UserError(f"{dataset_dir} has another tokenizer than {path} was trained with; pass the training "
                         "dataset with --dataset_dir, or restore it")
     # The embedding's rows, not the tokenizer's size: a model imported with --init_from may have spare rows.

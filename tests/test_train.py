@@ -1,9 +1,12 @@
 """train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and resuming."""
+import builtins
 import copy
+import io
 import math
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ import torch
 from helpers import OTHER_ROUNDING, TINY, assert_same_weights, final_weights, run, toy_dataset
 
 import hardware
+import preemption
+import train
 from checkpoint import checkpoint_paths
 from configurator import UserError, load_config
 from model import Transformer
@@ -273,3 +278,21 @@ def test_prepare_train_resume_sample_end_to_end(tmp_path):
     assert math.isclose(float(rows[0].split(",")[2]), math.log(400), abs_tol=0.3)  # starts near ln V
     text = run("sample.py", f"--ckpt_dir={ckpt}", "--prompt=ROMEO:", "--max_new_tokens=20").stdout
     assert "update 16" in text and "ROMEO:" in text
+
+
+def test_a_run_reads_meta_json_once(shakespeare_dir, tmp_path, monkeypatch):
+    """The dataset's meta.json is read once when a run starts and passed on: to the tokenizer, to both splits'
+    shards, to the fingerprint that checkpoints record and to the bits-per-byte of every evaluation."""
+    opened, real_open = [], io.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)  # what pathlib's read_text opens files with
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(preemption.signal, "signal", lambda *args: None)  # leave pytest's Ctrl-C handler in place
+    train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", "--training_tokens=256"])
+    assert opened.count("meta.json") == 1
+    assert checkpoint_paths(tmp_path)  # the run went through to its checkpoint
