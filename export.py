@@ -210,13 +210,16 @@ class ExportConfig:
     overwrite: bool = False  # replace an existing out_dir or out
 
 
+FORMATS = {"hf": "a Hugging Face directory", "gguf": "a GGUF file"}
+
+
 def start_export(cfg: ExportConfig, out: Path, option: str, dtypes) -> tuple[Path, dict, Transformer, object]:
     """What both formats do first, before anything is written: refuse an existing `out` (without --overwrite) and
     a --dtype the format cannot store, then read the checkpoint's weights (never its optimizer state) and the
     tokenizer it was trained with. Returns load_model's (path, checkpoint, model, tokenizer)."""
     refuse_existing(out, cfg.overwrite, option)
     if cfg.dtype not in dtypes:
-        raise UserError(f"--dtype={cfg.dtype}: --format={cfg.format} takes {', '.join(dtypes)}")
+        raise UserError(f"--dtype={cfg.dtype}: {FORMATS[cfg.format]} takes {', '.join(dtypes)}")
     return load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="exporting")
 
 
