@@ -45,18 +45,10 @@ def args(shakespeare_dir, ckpt_dir, *extra) -> list[str]:
             "--token_ckpt=256", "--keep_ckpts=5", "--load_ckpt=auto", *extra]
 
 
-@pytest.fixture(scope="module")
-def straight(shakespeare_dir, tmp_path_factory):
-    """The uninterrupted run every interrupted one must match bitwise."""
-    ckpt = tmp_path_factory.mktemp("straight")
-    run("train.py", *args(shakespeare_dir, ckpt))
-    return ckpt
-
-
-def first_checkpoint_of(straight, tmp_path) -> Path:
-    """A run directory holding only the straight run's first checkpoint (and its whole log): as if the run had
+def first_checkpoint_of(tiny_run, tmp_path) -> Path:
+    """A run directory holding only tiny_run's first checkpoint (and its whole log): as if the run had
     stopped after update 2."""
-    ckpt = shutil.copytree(straight, tmp_path / "run")
+    ckpt = shutil.copytree(tiny_run, tmp_path / "run")
     for path in checkpoint_paths(ckpt)[1:]:
         path.unlink()
     return ckpt
@@ -111,9 +103,9 @@ def full_disk(monkeypatch):
 
 
 # --- a full disk ----------------------------------------------------------------------------------------------------
-def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_bitwise(shakespeare_dir, straight,
+def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_bitwise(shakespeare_dir, tiny_run,
                                                                                        tmp_path):
-    ckpt = first_checkpoint_of(straight, tmp_path)
+    ckpt = first_checkpoint_of(tiny_run, tmp_path)
     before = (ckpt / "ckpt_00000002.pt").read_bytes()
     # A checkpoint of the tiny model is 6.4 MB (weights, AdamW's two moments for the embedding and head, Muon's one
     # momentum for the block's matrices): at update 4, resumed from update 2, it no longer fits.
@@ -125,7 +117,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_
     assert sorted(p.name for p in ckpt.glob("ckpt_*")) == ["ckpt_00000002.pt"], "no partial .tmp holds the space"
     assert (ckpt / "ckpt_00000002.pt").read_bytes() == before
     run("train.py", *args(shakespeare_dir, ckpt))
-    assert_same_weights(final_weights(straight), final_weights(ckpt))
+    assert_same_weights(final_weights(tiny_run), final_weights(ckpt))
 
 
 def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_partial_shards(shakespeare_dir,
@@ -141,8 +133,8 @@ def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_p
     assert "exitcode  : 2" in result.stderr and not list(tmp_path.glob("ckpt_*")), "no partial shards hold the space"
 
 
-def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(shakespeare_dir, straight, tmp_path, full_disk):
-    ckpt = first_checkpoint_of(straight, tmp_path)
+def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(shakespeare_dir, tiny_run, tmp_path, full_disk):
+    ckpt = first_checkpoint_of(tiny_run, tmp_path)
     header_and_two_rows = (ckpt / "log.csv").read_text().splitlines()[:3]
     full_disk("log.csv", room=100)  # update 3's row fits, update 4's does not
     with pytest.raises(UserError) as error:
@@ -154,15 +146,15 @@ def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(shakespeare_dir
     assert [p.name for p in checkpoint_paths(ckpt)] == ["ckpt_00000002.pt"]  # the save at 4 never came
     full_disk("log.csv", room=10**9)
     train.main(args(shakespeare_dir, ckpt))
-    assert_same_weights(final_weights(straight), final_weights(ckpt))
+    assert_same_weights(final_weights(tiny_run), final_weights(ckpt))
     assert [row.split(",")[0] for row in (ckpt / "log.csv").read_text().splitlines()[1:]] == list("123456")
 
 
-def test_disk_full_while_drawing_the_plot_leaves_no_partial_png(straight, tmp_path, full_disk):
+def test_disk_full_while_drawing_the_plot_leaves_no_partial_png(tiny_run, tmp_path, full_disk):
     full_disk("loss.png.tmp", room=1000)
     with pytest.raises(UserError, match=rf"could not write {tmp_path}/loss\.png\.tmp \(No space left on device\): "
                                         rf"it needs about [0-9.]+ kB and [0-9.]+ [kMGT]?B is free; {re.escape(FIX)}"):
-        training_log.plot_log(straight / "log.csv", tmp_path / "loss.png")  # what the end of a run does
+        training_log.plot_log(tiny_run / "log.csv", tmp_path / "loss.png")  # what the end of a run does
     assert list(tmp_path.iterdir()) == []
 
 
@@ -252,8 +244,8 @@ def test_an_unreadable_tokenizer_file_is_named_with_the_fix(dataset_copy, cut, r
         load_tokenizer(dataset_copy)
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespeare_dir, straight, tmp_path, capsys):
-    ckpt = Path(shutil.copytree(straight, tmp_path / "run"))
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespeare_dir, tiny_run, tmp_path, capsys):
+    ckpt = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     (ckpt / "ckpt_00000006.pt").unlink()
     newest = ckpt / "ckpt_00000004.pt"
     os.truncate(newest, newest.stat().st_size - 100)  # renamed into place, then cut short by a disk fault
@@ -262,12 +254,12 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespear
     assert err.splitlines() == [f"warning: {newest} cannot be loaded (damaged or unsafe), renamed it to "
                                 f"ckpt_00000004.pt.damaged; resuming from the previous checkpoint "
                                 f"{ckpt}/ckpt_00000002.pt"]
-    assert_same_weights(final_weights(straight), final_weights(ckpt))
+    assert_same_weights(final_weights(tiny_run), final_weights(ckpt))
     assert (ckpt / "ckpt_00000004.pt.damaged").exists()  # kept for a look, but no longer the newest
 
 
-def test_sample_py_skips_a_damaged_newest_checkpoint_and_leaves_it_in_place(straight, tmp_path):
-    ckpt = Path(shutil.copytree(straight, tmp_path / "run"))
+def test_sample_py_skips_a_damaged_newest_checkpoint_and_leaves_it_in_place(tiny_run, tmp_path):
+    ckpt = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     newest = ckpt / "ckpt_00000006.pt"
     os.truncate(newest, newest.stat().st_size - 100)
     result = run("sample.py", f"--ckpt_dir={ckpt}", "--max_new_tokens=5")

@@ -27,14 +27,6 @@ from checkpoint import checkpoint_paths
 from configurator import UserError
 
 
-@pytest.fixture(scope="module")
-def trained(shakespeare_dir, tmp_path_factory):
-    """A finished two-update run to resume from, sample from and compare against."""
-    ckpt = tmp_path_factory.mktemp("trained")
-    run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt}", "--training_tokens=256")
-    return ckpt
-
-
 def tiny(shakespeare_dir, ckpt_dir, *extra) -> list[str]:
     return [*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={ckpt_dir}", *extra]
 
@@ -72,32 +64,32 @@ def test_missing_or_empty_dataset_dir_points_at_prepare(tmp_path):
             train.main([*TINY, f"--dataset_dir={path}", f"--ckpt_dir={tmp_path / 'out'}"])
 
 
-def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(shakespeare_dir, trained):
-    before = {p: p.stat().st_mtime_ns for p in checkpoint_paths(trained)}
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(shakespeare_dir, tiny_run):
+    before = {p: p.stat().st_mtime_ns for p in checkpoint_paths(tiny_run)}
     with pytest.raises(UserError, match="already holds checkpoints"):
-        train.main(tiny(shakespeare_dir, trained))
-    assert {p: p.stat().st_mtime_ns for p in checkpoint_paths(trained)} == before
+        train.main(tiny(shakespeare_dir, tiny_run))
+    assert {p: p.stat().st_mtime_ns for p in checkpoint_paths(tiny_run)} == before
 
 
-def test_resuming_with_another_architecture_is_refused(shakespeare_dir, trained, tmp_path):
-    ckpt = shutil.copytree(trained, tmp_path / "copy")
+def test_resuming_with_another_architecture_is_refused(shakespeare_dir, tiny_run, tmp_path):
+    ckpt = shutil.copytree(tiny_run, tmp_path / "copy")
     with pytest.raises(UserError, match="n_layers=1 but the config says 2"):
         train.main(tiny(shakespeare_dir, ckpt, "--n_layers=2", "--load_ckpt=True"))
 
 
-def test_resuming_with_another_optimizer_is_refused(shakespeare_dir, trained, tmp_path):
-    ckpt = shutil.copytree(trained, tmp_path / "copy")  # trained with the default, Muon
+def test_resuming_with_another_optimizer_is_refused(shakespeare_dir, tiny_run, tmp_path):
+    ckpt = shutil.copytree(tiny_run, tmp_path / "copy")  # tiny_run with the default, Muon
     with pytest.raises(UserError, match="does not fit --optimizer=adamw"):
         train.main(tiny(shakespeare_dir, ckpt, "--optimizer=adamw", "--load_ckpt=True"))
 
 
-def test_resuming_on_another_tokenizers_data_is_refused(trained, tmp_path):
+def test_resuming_on_another_tokenizers_data_is_refused(tiny_run, tmp_path):
     import prepare
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} of another corpus, with words\n" for i in range(3000)))
     prepare.main([f"--input={corpus}", f"--out_dir={tmp_path / 'other'}", "--vocab_size=300"])
-    ckpt = shutil.copytree(trained, tmp_path / "copy")
+    ckpt = shutil.copytree(tiny_run, tmp_path / "copy")
     with pytest.raises(UserError, match="another tokenizer"):
         train.main([*TINY, f"--dataset_dir={tmp_path / 'other'}", f"--ckpt_dir={ckpt}", "--load_ckpt=True"])
 
