@@ -12,7 +12,8 @@ from configurator import UserError
 
 def test_preflight_on_two_cpu_ranks_passes_every_row_and_writes_the_table(shakespeare_dir, tmp_path):
     out = run("-m torch.distributed.run --standalone --nproc_per_node=2 bench.py --preflight=True", *TINY,
-              f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", "--steps=1", "--warmup=1").stdout
+              f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", "--steps=1", "--warmup=1",
+              "--compile=auto").stdout  # auto: the config's rows eager and compiled
     table = (tmp_path / "preflight.txt").read_text()
     assert table in out
     rows = table.splitlines()[2:]
