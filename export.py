@@ -5,13 +5,14 @@
     python export.py --ckpt_dir=out --format=gguf --out=out/model.gguf --dtype=q8_0
     python export.py --ckpt_dir=out --ckpt=best --out_dir=out/hf_best   # the lowest validation loss of the run
 
-The directory (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
-README.md) is what the rest of the ecosystem starts from: transformers' AutoModelForCausalLM and AutoTokenizer,
-vLLM, lm-evaluation-harness, the Hub. The mapping between model.py and that format, both ways, is
-huggingface.py's; the way back in is `python train.py --init_from=DIR` and `python prepare.py --tokenizer=DIR`.
+The directory (config.json, model.safetensors, generation_config.json, tokenizer.json,
+tokenizer_config.json, README.md) is what the rest of the ecosystem starts from: transformers'
+AutoModelForCausalLM and AutoTokenizer, vLLM, lm-evaluation-harness, the Hub. The mapping between
+model.py and that format, both ways, is huggingface.py's; the way back in is `python train.py
+--init_from=DIR` and `python prepare.py --tokenizer=DIR`.
 
-Reading order: the model card -> GGUF's names, layout and metadata -> exporting: what both formats share
-(start_export, written_in_place), then export() and export_gguf().
+Reading order: the model card -> GGUF's names, layout and metadata -> exporting: what both formats
+share (start_export, written_in_place), then export() and export_gguf().
 """
 import contextlib
 import csv
@@ -36,10 +37,11 @@ from model import ModelConfig, Transformer, ffn_width
 from tokenizer import EOT
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model card: what the checkpoint and its log say about how the model was made.
 def final_validation(log_file: Path, step: int) -> dict | None:
-    """The last evaluated row of the CSV log at or before the checkpoint's update, if the log is still there."""
+    """The last evaluated row of the CSV log at or before the checkpoint's update, if the log is
+    still there."""
     if not log_file.exists():
         return None
     with open(log_file, newline="") as f:
@@ -49,15 +51,21 @@ def final_validation(log_file: Path, step: int) -> dict | None:
 
 def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_params: int) -> str:
     cfg = ckpt["config"]  # the training run's whole config
-    row = final_validation(Path(cfg["log_file"]) if cfg["log_file"] else path.parent / "log.csv", ckpt["step"])
-    val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte (update {row['step']}, "
-           f"{cfg['eval_tokens']:,} validation tokens)" if row else "not recorded (no log.csv next to the checkpoint)")
+    row = final_validation(Path(cfg["log_file"]) if cfg["log_file"] else path.parent / "log.csv",
+                           ckpt["step"])
+    val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte "
+           f"(update {row['step']}, "
+           f"{cfg['eval_tokens']:,} validation tokens)" if row
+           else "not recorded (no log.csv next to the checkpoint)")
     command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`"
     c = model_cfg
-    architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / {c.n_kv_heads} "
-                    f"key-value heads, SwiGLU width {ffn_width(c.n_embd, c.multiple_of)}, RoPE theta {c.theta:g}, "
+    architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / "
+                    f"{c.n_kv_heads} "
+                    f"key-value heads, SwiGLU width {ffn_width(c.n_embd, c.multiple_of)}, RoPE "
+                    f"theta {c.theta:g}, "
                     f"tied embeddings: {'yes' if c.tie_embeddings else 'no'}")
-    trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg['tokens_per_update']:,} tokens, "
+    trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg['tokens_per_update']:,} "
+               "tokens, "
                f"{ckpt['elapsed_s'] / 60:.1f} minutes)")
     if cfg["init_from"]:
         trained += f", starting from the weights of `{cfg['init_from']}`"
@@ -90,27 +98,33 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))  # samp
 """
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GGUF: one file holding weights, shape and tokenizer, which llama.cpp runs (and Ollama, LM Studio and
-# llama-cpp-python, which are built on it). llama.cpp's own converter cannot read our Hugging Face export: it knows a
-# tokenizer only by the ids that published models' tokenizers give a fixed string, so the file is written here.
+# --------------------------------------------------------------------------------------------------
+# GGUF: one file holding weights, shape and tokenizer, which llama.cpp runs (and Ollama, LM Studio
+# and llama-cpp-python, which are built on it). llama.cpp's own converter cannot read our Hugging
+# Face export: it knows a tokenizer only by the ids that published models' tokenizers give a fixed
+# string, so the file is written here.
 GGUF_NAMES = {
     "tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
-    "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+    "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v",
     "attention.wo": "attn_output", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",
     "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
 }
 # --dtype -> how the matrices are stored, and the file type that llama.cpp reports for it.
-GGUF_DTYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"), "bfloat16": ("BF16", "MOSTLY_BF16"),
+GGUF_DTYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"),
+               "bfloat16": ("BF16", "MOSTLY_BF16"),
                "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-# llama.cpp splits text with one of a fixed set of regexes, named by tokenizer.ggml.pre. gpt2's is GPT-2's own.
-# prepare.py's (GPT-4's with numbers in chunks of at most 2 digits) is not among them; llama-bpe is the same
-# regex with chunks of up to 3 digits, so only runs of 3 or more digits may be split differently.
+# llama.cpp splits text with one of a fixed set of regexes, named by tokenizer.ggml.pre. gpt2's is
+# GPT-2's own.
+# prepare.py's (GPT-4's with numbers in chunks of at most 2 digits) is not among them; llama-bpe is
+# the same regex with chunks of up to 3 digits, so only runs of 3 or more digits may be split
+# differently.
 GGUF_PRE_TOKENIZERS = {"gpt2": "gpt-2", "bpe": "llama-bpe"}
 
 
 def gguf_name(name: str) -> str:
-    """A model.py parameter name as llama.cpp calls it: layers.3.attention.wq.weight -> blk.3.attn_q.weight."""
+    """A model.py parameter name as llama.cpp calls it: layers.3.attention.wq.weight ->
+    blk.3.attn_q.weight."""
     module = name.removesuffix(".weight")
     if module.startswith("layers."):
         _, index, inner = module.split(".", 2)
@@ -121,10 +135,10 @@ def gguf_name(name: str) -> str:
 def adjacent_rope_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """wq or wk with each head's rows reordered for llama.cpp's rotary layout.
 
-    llama.cpp's llama architecture rotates dimensions (2i, 2i + 1) of a head together, model.py rotates
-    (i, i + head_dim/2), with the same frequency for pair i. Putting output rows i and i + head_dim/2 next to each
-    other makes llama.cpp rotate exactly model.py's pairs; q.k is a sum over dimensions, so its order does not
-    matter."""
+    llama.cpp's llama architecture rotates dimensions (2i, 2i + 1) of a head together, model.py
+    rotates (i, i + head_dim/2), with the same frequency for pair i. Putting output rows i and i +
+    head_dim/2 next to each other makes llama.cpp rotate exactly model.py's pairs; q.k is a sum over
+    dimensions, so its order does not matter."""
     rows, columns = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
@@ -134,9 +148,11 @@ def gguf_type(t: torch.Tensor, dtype: str):
     import gguf
 
     qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
-    if t.dim() == 1:  # the norms' gains: a few thousand numbers, kept fp32 as llama.cpp's converter keeps them
+    # the norms' gains: a few thousand numbers, kept fp32 as llama.cpp's converter keeps them
+    if t.dim() == 1:
         return gguf.GGMLQuantizationType.F32
-    if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:  # q8_0 quantizes rows in blocks of 32; others go in fp16
+    # q8_0 quantizes rows in blocks of 32; others go in fp16
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return gguf.GGMLQuantizationType.F16
     return qtype
 
@@ -146,26 +162,30 @@ def llama_cpp_tensors(model):
     c = model.config
     for name, t in model.state_dict().items():
         if c.tie_embeddings and name == "output.weight":
-            continue  # without output.weight llama.cpp multiplies by token_embd: the tied matrix, stored once
+            # without output.weight llama.cpp multiplies by token_embd: the tied matrix, stored once
+            continue
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = adjacent_rope_pairs(t, c.n_heads if name.endswith("wq.weight") else c.n_kv_heads)
         yield gguf_name(name), t
 
 
 def gguf_vocabulary(tokenizer, n_rows: int) -> tuple[list[str], list[int], list[str]]:
-    """tokens, token types and merges as llama.cpp's gpt2 tokenizer model reads them: one token per embedding row,
-    in byte-level text; <|endoftext|> a control token; merges as "left right" in rank order."""
+    """tokens, token types and merges as llama.cpp's gpt2 tokenizer model reads them: one token per
+    embedding row, in byte-level text; <|endoftext|> a control token; merges as "left right" in rank
+    order."""
     from gguf import TokenType
 
     tokens, merges = byte_level_vocabulary(tokenizer)
-    # A model imported with --init_from may have more embedding rows than its dataset's vocabulary has ids.
+    # A model imported with --init_from may have more embedding rows than its dataset's vocabulary
+    # has ids.
     spare = [f"<|unused_{i}|>" for i in range(n_rows - tokenizer.eot_id - 1)]
     types = [TokenType.NORMAL] * len(tokens) + [TokenType.CONTROL] + [TokenType.UNUSED] * len(spare)
     return tokens + [EOT] + spare, types, [f"{a} {b}" for a, b in merges]
 
 
 def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
-    """A GGUFWriter holding the llama architecture's metadata and the tokenizer, tensors still to add."""
+    """A GGUFWriter holding the llama architecture's metadata and the tokenizer, tensors still to
+    add."""
     import gguf
 
     writer = gguf.GGUFWriter(path, "llama")
@@ -188,15 +208,15 @@ def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    # <|endoftext|> separates documents in training: a prompt starts after one (llama.cpp prepends it, as
-    # prepare.prompt_ids does), and generation stops at the next.
+    # <|endoftext|> separates documents in training: a prompt starts after one (llama.cpp prepends
+    # it, as prepare.prompt_ids does), and generation stops at the next.
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(True)
     return writer
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class ExportConfig:
     ckpt_dir: str = "out"  # the training run whose newest checkpoint is exported
@@ -213,10 +233,12 @@ class ExportConfig:
 FORMATS = {"hf": "a Hugging Face directory", "gguf": "a GGUF file"}
 
 
-def start_export(cfg: ExportConfig, out: Path, option: str, dtypes) -> tuple[Path, dict, Transformer, object]:
-    """What both formats do first, before anything is written: refuse an existing `out` (without --overwrite) and
-    a --dtype the format cannot store, then read the checkpoint's weights (never its optimizer state) and the
-    tokenizer it was trained with. Returns load_model's (path, checkpoint, model, tokenizer)."""
+def start_export(cfg: ExportConfig, out: Path, option: str, dtypes) -> tuple[Path, dict,
+                                                                             Transformer, object]:
+    """What both formats do first, before anything is written: refuse an existing `out` (without
+    --overwrite) and a --dtype the format cannot store, then read the checkpoint's weights (never
+    its optimizer state) and the tokenizer it was trained with. Returns load_model's (path,
+    checkpoint, model, tokenizer)."""
     refuse_existing(out, cfg.overwrite, option)
     if cfg.dtype not in dtypes:
         raise UserError(f"--dtype={cfg.dtype}: {FORMATS[cfg.format]} takes {', '.join(dtypes)}")
@@ -225,16 +247,17 @@ def start_export(cfg: ExportConfig, out: Path, option: str, dtypes) -> tuple[Pat
 
 @contextlib.contextmanager
 def written_in_place(out: Path, overwrite: bool, option: str):
-    """A path beside `out`, inside a temporary directory, to write the export to (a file, or a directory the
-    caller makes); when the block completes it is renamed to `out`. A failed write (a full disk, most likely) ends
-    in one line and leaves an existing `out` as it was."""
+    """A path beside `out`, inside a temporary directory, to write the export to (a file, or a
+    directory the caller makes); when the block completes it is renamed to `out`. A failed write (a
+    full disk, most likely) ends in one line and leaves an existing `out` as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp_dir / out.name
         publish(tmp_dir / out.name, out, overwrite, option)
     except (OSError, SafetensorError) as e:
-        raise UserError(f"cannot write {out} ({type(e).__name__}: {e}); free space there or choose another "
+        raise UserError(f"cannot write {out} ({type(e).__name__}: {e}); free space there or choose "
+                        "another "
                         f"{option}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -248,19 +271,22 @@ def export(cfg: ExportConfig) -> Path:
     path, ckpt, model, tokenizer = start_export(cfg, out_dir, "--out_dir", ("float32", "bfloat16"))
     model_cfg = model.config
     # A tied output matrix is the embedding: it is stored once, and tie_word_embeddings says so.
-    tensors = {hf_name(name): t.to(getattr(torch, cfg.dtype)).contiguous() for name, t in ckpt["model"].items()
+    tensors = {hf_name(name): t.to(getattr(torch, cfg.dtype)).contiguous() for name,
+               t in ckpt["model"].items()
                if not (model_cfg.tie_embeddings and name == "output.weight")}
     meta = read_meta(cfg.dataset_dir or ckpt["config"]["dataset_dir"])
     with written_in_place(out_dir, cfg.overwrite, "--out_dir") as tmp:
         tmp.mkdir()
-        # "format": "pt" tells transformers these are PyTorch tensors (older versions refuse a file without it).
+        # "format": "pt" tells transformers these are PyTorch tensors (older versions refuse a file
+        # without it).
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "model.safetensors").chmod(0o644)  # safetensors creates it private to its owner
         config = hf_config(model_cfg, tokenizer.eot_id, cfg.dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         # transformers' generate() defaults: sample.py's, and stop at the end of a document.
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
-                      "pad_token_id": tokenizer.eot_id, "do_sample": True, "temperature": 0.8, "top_p": 0.9}
+                      "pad_token_id": tokenizer.eot_id, "do_sample": True, "temperature": 0.8,
+                      "top_p": 0.9}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_tokenizer(tokenizer, tmp, model_cfg.max_seq_len)
         n_params = sum(t.numel() for t in tensors.values())
@@ -275,28 +301,34 @@ def export_gguf(cfg: ExportConfig) -> Path:
     out = Path(cfg.out or Path(cfg.ckpt_dir) / "model.gguf")
     path, _, model, tokenizer = start_export(cfg, out, "--out", GGUF_DTYPES)
     if tokenizer.name not in GGUF_PRE_TOKENIZERS:
-        raise UserError(f"{tokenizer.path} is a tokenizer.json, which GGUF export does not read; export a model "
-                        "trained on a dataset with its own BPE or gpt2 vocabulary, or use --format=hf")
+        raise UserError(f"{tokenizer.path} is a tokenizer.json, which GGUF export does not read; "
+                        "export a model "
+                        "trained on a dataset with its own BPE or gpt2 vocabulary, or use "
+                        "--format=hf")
     with written_in_place(out, cfg.overwrite, "--out") as tmp:
         writer = gguf_writer(tmp, model.config, tokenizer, cfg.dtype, path.stem)
-        # The file lists every tensor's name, type and shape before the data, so the list is made from shapes
-        # alone; then each tensor is converted and written in turn: memory holds one model and one tensor more.
+        # The file lists every tensor's name, type and shape before the data, so the list is made
+        # from shapes alone; then each tensor is converted and written in turn: memory holds one
+        # model and one tensor more.
         for name, t in llama_cpp_tensors(model):
             qtype = gguf_type(t, cfg.dtype)
             byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qtype)
-            writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape), raw_dtype=qtype)
+            writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape),
+                                   raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for _, t in llama_cpp_tensors(model):
-            writer.write_tensor_data(gguf.quants.quantize(t.float().numpy(), gguf_type(t, cfg.dtype)))
+            writer.write_tensor_data(gguf.quants.quantize(t.float().numpy(),
+                                                          gguf_type(t, cfg.dtype)))
         writer.close()
     return out
 
 
 def main(argv: list[str]):
     # A bare --overwrite reads as --overwrite=True, as in prepare.py.
-    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], ExportConfig)
+    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv],
+                      ExportConfig)
     if cfg.format == "gguf" and not cfg.out_dir:
         out = export_gguf(cfg)
         print(f"wrote {out} ({out.stat().st_size:,} bytes)")
@@ -305,7 +337,8 @@ def main(argv: list[str]):
         print(f"wrote {out_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)"
                                                for p in sorted(out_dir.iterdir())))
     else:
-        raise UserError(f"--format={cfg.format}: use --format=hf with --out_dir (a directory) or --format=gguf with "
+        raise UserError(f"--format={cfg.format}: use --format=hf with --out_dir (a directory) or "
+                        "--format=gguf with "
                         "--out (a file)")
 
 

@@ -1,21 +1,22 @@
-"""Runs that read their training tokens more than once: how many passes a run makes, what it does about it, and the
-record of its validation loss that shows when a model starts to memorise.
+"""Runs that read their training tokens more than once: how many passes a run makes, what it does
+about it, and the record of its validation loss that shows when a model starts to memorise.
 
-The guide trains one pass over unique tokens, where a model cannot learn the training text by heart. A learner's own
-corpus is often a few megabytes, and --max_minutes gives a run whatever length the machine allows: the faster the
-machine, the more often the same text is read. With each pass cut into new windows (DatasetLoader.pass_start) the
-guide's settings keep the validation loss falling to the end of runs of up to 10 passes, and a longer run ends lower
-than a shorter one; dropout there only costs (docs/defaults.md). Beyond what was measured a model may learn the
-text by heart and its validation loss climb again, so such a run saves a checkpoint at each new lowest validation
-loss and keeps that one however many newer ones come: its best model is never lost.
+The guide trains one pass over unique tokens, where a model cannot learn the training text by heart.
+A learner's own corpus is often a few megabytes, and --max_minutes gives a run whatever length the
+machine allows: the faster the machine, the more often the same text is read. With each pass cut
+into new windows (DatasetLoader.pass_start) the guide's settings keep the validation loss falling to
+the end of runs of up to 10 passes, and a longer run ends lower than a shorter one; dropout there
+only costs (docs/defaults.md). Beyond what was measured a model may learn the text by heart and its
+validation loss climb again, so such a run saves a checkpoint at each new lowest validation loss and
+keeps that one however many newer ones come: its best model is never lost.
 """
 import math
 from pathlib import Path
 
 from checkpoint import checkpoint_path
 
-# Above this many passes over its training tokens a run keeps its best checkpoint. Up to here the guide's settings
-# end a run at its lowest validation loss (docs/defaults.md).
+# Above this many passes over its training tokens a run keeps its best checkpoint. Up to here the
+# guide's settings end a run at its lowest validation loss (docs/defaults.md).
 REPEATS_FROM = 10.0
 # Validation losses rising this many evaluations in a row are said in the progress line.
 RISING_EVALUATIONS = 3
@@ -23,9 +24,10 @@ RISING_EVALUATIONS = 3
 
 def plan_repeats(training_steps: int, tokens_per_update: int, train_tokens: int, master: bool,
                  planned: dict | None) -> dict:
-    """Once the run's length is planned: how many passes it makes over its training tokens, said. `planned`: the plan
-    a resumed budgeted run's checkpoint holds, which it goes on with (its length has been planned again since). A
-    run of a number of tokens plans again from them: the same plan, or the one for a raised --training_tokens."""
+    """Once the run's length is planned: how many passes it makes over its training tokens, said.
+    `planned`: the plan a resumed budgeted run's checkpoint holds, which it goes on with (its length
+    has been planned again since). A run of a number of tokens plans again from them: the same plan,
+    or the one for a raised --training_tokens."""
     plan = planned or {"passes": training_steps * tokens_per_update / train_tokens}
     if master:
         print(passes_line(plan, train_tokens))
@@ -33,7 +35,8 @@ def plan_repeats(training_steps: int, tokens_per_update: int, train_tokens: int,
 
 
 def keeps_best(plan: dict | None) -> bool:
-    """Whether the run saves a checkpoint at each new lowest validation loss: when it repeats its data."""
+    """Whether the run saves a checkpoint at each new lowest validation loss: when it repeats its
+    data."""
     return plan is not None and plan["passes"] > REPEATS_FROM
 
 
@@ -42,14 +45,16 @@ def passes_line(plan: dict, train_tokens: int) -> str:
     line = f"data: {plan['passes']:.3g} passes over {train_tokens:,} training tokens"
     if not keeps_best(plan):
         return line
-    return (f"{line}; beyond {REPEATS_FROM:g} passes a model may learn the text by heart, so this run saves a "
-            "checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and export.py)")
+    return (f"{line}; beyond {REPEATS_FROM:g} passes a model may learn the text by heart, so this "
+            "run saves a "
+            "checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py "
+            "and export.py)")
 
 
 class ValidationRecord:
-    """The run's validation losses as far as they matter: the lowest so far, how many evaluations in a row rose, and
-    the saved checkpoint with the lowest loss (the one to keep). It travels in checkpoints, so a resumed run goes on
-    with it."""
+    """The run's validation losses as far as they matter: the lowest so far, how many evaluations in
+    a row rose, and the saved checkpoint with the lowest loss (the one to keep). It travels in
+    checkpoints, so a resumed run goes on with it."""
 
     def __init__(self):
         self.last = self.best = math.inf
@@ -66,7 +71,8 @@ class ValidationRecord:
         return False
 
     def saved(self, step: int):
-        """A checkpoint of update `step` is saved: it is the best one if that update's evaluation is the lowest."""
+        """A checkpoint of update `step` is saved: it is the best one if that update's evaluation is
+        the lowest."""
         if step == self.best_step:
             self.best_saved = (step, self.best, self.best_bpb)
 
@@ -77,14 +83,17 @@ class ValidationRecord:
         if self.best_saved is None:
             return "no checkpoint was saved at an evaluation, so none is marked best"
         step, _, bpb = self.best_saved
-        return (f"lowest validation loss of the saved checkpoints: {bpb:.4f} bpb at update {step}, in "
-                f"{self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as --ckpt=best)")
+        return (f"lowest validation loss of the saved checkpoints: {bpb:.4f} bpb at update {step}, "
+                "in "
+                f"{self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as "
+                "--ckpt=best)")
 
     def note(self) -> str:
         """What the progress line adds while the validation loss keeps rising."""
         if self.rises < RISING_EVALUATIONS:
             return ""
-        return (f" | val loss rising {self.rises} evaluations in a row (lowest {self.best_bpb:.4f} bpb at update "
+        return (f" | val loss rising {self.rises} evaluations in a row (lowest {self.best_bpb:.4f} "
+                "bpb at update "
                 f"{self.best_step})")
 
     def state_dict(self) -> dict:
