@@ -95,18 +95,18 @@ class FullDisk:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """full_disk(name, room): writes to files called `name` (through the open of prepare.py,
-    train.py, training_log.py and checkpoint.py) fail with ENOSPC once `room` bytes in all have gone
-    to them."""
+    """full_disk(name, room): writes to files called `name` (through the open of files.py,
+    prepare.py, train.py, training_log.py and checkpoint.py) fail with ENOSPC once `room` bytes in
+    all have gone to them."""
     def fill(name: str, room: int):
         disk = {"room": room}
 
         def open_on_full_disk(path, mode="r", *args, **kwargs):
             file = open(path, mode, *args, **kwargs)
-            return FullDisk(file,
-                            disk) if Path(path).name == name and set(mode) & set("wax") else file
+            full = Path(path).name == name and set(mode) & set("wax")
+            return FullDisk(file, disk) if full else file
 
-        for module in (prepare, train, training_log, checkpoint):
+        for module in (files, prepare, train, training_log, checkpoint):
             monkeypatch.setattr(module, "open", open_on_full_disk, raising=False)
     return fill
 
