@@ -166,7 +166,8 @@ def main(argv: list[str]):
             time_step = functools.partial(step_seconds, ours, optimizer, x, device)
             ours_dtype, ours_compile, why = choose_speed(run, None, time_step, device)
             print(f"ours with dtype=auto, compile=auto: {why}")
-            label = f"defaults (ours {str(ours_dtype).removeprefix('torch.')}{', compiled' * ours_compile})"
+            label = ("defaults (ours "
+                     f"{str(ours_dtype).removeprefix('torch.')}{', compiled' * ours_compile})")
         else:
             dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
             theirs_dtype = ours_dtype = dtype

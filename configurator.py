@@ -85,15 +85,24 @@ def _parse(text: str, annotation):
 
 def field_comments(cls) -> dict[str, str]:
     """Each field of the dataclass `cls` and the `# comment` at the end of its line in the source
-    (or "")."""
+    (or ""). A comment too long for the line goes on below it, each further line holding only a
+    comment that starts in the same column."""
     source = textwrap.dedent(inspect.getsource(cls))
     # The tokenizer, not a search for "#": a default such as "a#b" holds one without a comment.
-    comments = {token.start[0]: token.string[1:].strip() for token in
-                tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {token.start[0]: (token.start[1], token.string[1:].strip(),
+                                 token.line.lstrip()[0] == "#")
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
                 if token.type == tokenize.COMMENT}
-    body = ast.parse(source).body[0].body
-    return {node.target.id: comments.get(node.end_lineno, "") for node in body
-            if isinstance(node, ast.AnnAssign)}
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            row, text = node.end_lineno, []
+            column = comments.get(row, (None,))[0]
+            while row in comments and comments[row][0] == column and (not text or comments[row][2]):
+                text.append(comments[row][1])
+                row += 1
+            found[node.target.id] = " ".join(text)
+    return found
 
 
 def help_text(*classes) -> str:
@@ -144,7 +153,8 @@ def load_config(argv: list[str], cls):
     def set_value(name, value, where):
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=3)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"the names are in {cls.__name__}"
+            hint = (f"did you mean {' or '.join(close)}?" if close
+                    else f"the names are in {cls.__name__}")
             raise UserError(f"unknown config key '{name}' in {where}; {hint}")
         annotation = fields[name].type
         if typing.get_origin(annotation) is list:  # repeatable: every value given is kept, in order
@@ -162,7 +172,8 @@ def load_config(argv: list[str], cls):
             annotation = fields[name].type if name in fields else None
             if not has_value and annotation is not bool:
                 raise UserError(f"'{arg}' has no value; write it as {arg}=VALUE")
-            element = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
+            element = (typing.get_args(annotation)[0] if typing.get_origin(annotation) is list
+                       else annotation)
             set_value(name, _parse(text, element) if has_value else True, "the command line")
         else:
             if not os.path.isfile(arg):

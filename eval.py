@@ -29,16 +29,21 @@ from multiple_choice import EvalSet, read_items, requests_of, score_set
 
 @dataclass
 class EvalConfig:
-    ckpt_dir: str = "out"  # a training run's directory (its newest checkpoint) or a Hugging Face model directory
+    ckpt_dir: str = "out"  # a training run's directory (its newest checkpoint) or a Hugging Face
+                           # model directory
     ckpt: str = ""  # a checkpoint file to score instead of the newest one in ckpt_dir
-    dataset_dir: str = ""  # whose tokenizer a checkpoint is read with; "" means the dataset it was trained on
-    data: str = ""  # the set: a .jsonl file (HellaSwag's or context/choices/answer) or a datasets save_to_disk dir
-    hf_dataset: str = ""  # instead of data: a dataset on the Hugging Face hub, e.g. Rowan/hellaswag (needs a network)
+    dataset_dir: str = ""  # whose tokenizer a checkpoint is read with; "" means the dataset it was
+                           # trained on
+    data: str = ""  # the set: a .jsonl file (HellaSwag's or context/choices/answer) or a datasets
+                    # save_to_disk dir
+    hf_dataset: str = ""  # instead of data: a dataset on the Hugging Face hub, e.g. Rowan/hellaswag
+                          # (needs a network)
     hf_split: str = "validation"  # the hub dataset's split
     limit: int = 0  # score only the first N items; 0 means all
     batch_size: int = 16  # sequences per forward pass
     device: str = "auto"
-    dtype: str = "auto"  # auto: the dtype the checkpoint was trained in (float32 for a Hugging Face directory)
+    dtype: str = "auto"  # auto: the dtype the checkpoint was trained in (float32 for a Hugging Face
+                         # directory)
     out: str = ""  # the json written; "" means <ckpt_dir>/eval_<set>.json
     overwrite: bool = False  # replace an existing out
 

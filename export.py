@@ -223,10 +223,13 @@ class ExportConfig:
     format: str = "hf"  # hf: a Hugging Face model directory; gguf: one file for llama.cpp
     out_dir: str = ""  # --format=hf's directory; "" means <ckpt_dir>/hf
     out: str = ""  # --format=gguf's file; "" means <ckpt_dir>/model.gguf
-    ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir; "best": the lowest val loss
-    dataset_dir: str = ""  # whose tokenizer to export; "" means the dataset the checkpoint was trained on
+    ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir; "best": the
+                    # lowest val loss
+    dataset_dir: str = ""  # whose tokenizer to export; "" means the dataset the checkpoint was
+                           # trained on
     # q8_0 stores 8 bits and a scale per 32 weights, about a quarter of the size.
-    dtype: str = "float32"  # of the saved weights: float32 (as trained) or bfloat16; gguf also float16 and q8_0
+    dtype: str = "float32"  # of the saved weights: float32 (as trained) or bfloat16; gguf also
+                            # float16 and q8_0
     overwrite: bool = False  # replace an existing out_dir or out
 
 

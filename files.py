@@ -20,7 +20,8 @@ from configurator import UserError
 
 # No space left, a file larger than the file system or `ulimit -f` allows, a disk quota used up.
 FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-REBUILD = "rebuild the dataset with `python prepare.py --overwrite` and the options it was made with"
+REBUILD = ("rebuild the dataset with `python prepare.py --overwrite` and the options it was made "
+           "with")
 
 
 def human_size(n: float) -> str:

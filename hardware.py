@@ -59,7 +59,8 @@ def gpu_dtype(device: str) -> tuple[torch.dtype, str]:
     if capability >= (8, 0):
         return torch.bfloat16, f"{name} has bf16"
     if capability >= (7, 0) or capability in FAST_FP16_BEFORE_TENSOR_CORES:
-        return torch.float16, f"{name} has fast fp16 but no bf16 (from 8.0): fp16 with a loss scaler"
+        return (torch.float16,
+                f"{name} has fast fp16 but no bf16 (from 8.0): fp16 with a loss scaler")
     return torch.float32, f"{name} runs fp16 no faster than fp32"
 
 
@@ -95,7 +96,8 @@ def peak_memory_mib(device: str) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated() / 2**20, "peak GPU memory allocated by tensors"
     # Linux reports the peak resident set size in KiB. It covers the whole process (Python, PyTorch,
     # data).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak resident memory of the process"
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak resident memory of the process")
 
 
 def measure_matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
@@ -224,7 +226,8 @@ def choose_speed(cfg, saved: dict | None, time_update, device: str) -> tuple[tor
                                                                                           strict=True))
             auto.append(f"dtype: an update took {took}")
     if compile == "auto":
-        run_minutes = cfg.max_minutes or cfg.training_tokens // cfg.tokens_per_update * seconds[best].item() / 60
+        run_minutes = (cfg.max_minutes or cfg.training_tokens // cfg.tokens_per_update
+                       * seconds[best].item() / 60)
         compile = run_minutes > COMPILE_PAYS_AFTER_MINUTES
         length = (f"the run lasts {cfg.max_minutes:g} min" if cfg.max_minutes else
                   f"its updates take about {run_minutes:.1f} min eager")

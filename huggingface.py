@@ -84,7 +84,8 @@ def model_config_from_hf(hf: dict, where: str, multiple_of: int) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "model.py's feed-forward is SwiGLU (silu)")
     try:
-        n_embd, n_heads, width = hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"]
+        n_embd, n_heads, width = (hf["hidden_size"], hf["num_attention_heads"],
+                                  hf["intermediate_size"])
         fields = {"vocab_size": hf["vocab_size"], "n_embd": n_embd, "n_heads": n_heads,
                   "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
                   "n_layers": hf["num_hidden_layers"],

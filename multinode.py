@@ -25,7 +25,8 @@ from dataset import read_meta
 from tokenizer import tokenizer_fingerprint
 
 CKPT_FIX = "put ckpt_dir on a filesystem every node mounts"
-DATASET_FIX = "copy the same prepared dataset to every node, or put dataset_dir on a filesystem every node mounts"
+DATASET_FIX = ("copy the same prepared dataset to every node, or put dataset_dir on a filesystem "
+               "every node mounts")
 
 
 def dataset_view(dataset_dir: str) -> tuple[str, str]:
@@ -90,8 +91,10 @@ def ckpt_dir_problem(views: list, hosts: list[str], ckpt_dir: str) -> str:
     if not ranks:
         return ""
     if views[r][0] == "apart":
-        return f"{ranks} cannot see the files rank 0 (on {hosts[0]}) writes in {ckpt_dir}; {CKPT_FIX}"
-    return f"{ckpt_dir} lists other checkpoints for {ranks} than for rank 0 (on {hosts[0]}); {CKPT_FIX}"
+        return (f"{ranks} cannot see the files rank 0 (on {hosts[0]}) writes in {ckpt_dir}; "
+                f"{CKPT_FIX}")
+    return (f"{ckpt_dir} lists other checkpoints for {ranks} than for rank 0 (on {hosts[0]}); "
+            f"{CKPT_FIX}")
 
 
 def check_same_files(dataset_dir: str, ckpt_dir: str):

@@ -80,7 +80,8 @@ def argmax(values: list[float]) -> int:
 
 
 class Task(NamedTuple):
-    fields: tuple[str, ...]  # every row must have these: the strings, then the choices, then the answer's index
+    fields: tuple[str, ...]  # every row must have these: the strings, then the choices, then the
+                             # answer's index
     item: Callable[[dict], Item]
     score: Callable[[Item, list[float]], dict[str, float]]
 
@@ -158,7 +159,8 @@ def dataset_rows(source: str, hf_split: str) -> tuple[str, list[tuple[str, dict]
         raise UserError("reading a dataset directory or the hub needs the datasets package: pip install datasets") \
             from None
     try:
-        found = datasets.load_dataset(source, split=hf_split) if hf_split else datasets.load_from_disk(source)
+        found = (datasets.load_dataset(source, split=hf_split) if hf_split
+                 else datasets.load_from_disk(source))
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot open the dataset {source!r} ({reason}); check the path or name, "

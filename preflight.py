@@ -218,7 +218,8 @@ def compare_runs(name: str, run: TinyRun, reference: TinyRun, cfg: TrainConfig) 
     loss_gap = max(abs(a - b) for a, b in zip(run.losses, reference.losses, strict=True))
     weight_gap = largest_difference(weights(run), weights(reference))
     tolerance = drift_tolerance(max(cfg.max_lr, cfg.muon_lr, cfg.embedding_lr), TINY_UPDATES)
-    figure = f"loss within {loss_gap:.1e}, weights within {weight_gap:.1e} (tolerance {tolerance:.1e})"
+    figure = (f"loss within {loss_gap:.1e}, weights within {weight_gap:.1e} (tolerance "
+              f"{tolerance:.1e})")
     if loss_gap > 1e-4:
         return Row(name, False, figure,
                    f"the losses differ by {loss_gap:.2e}: the ranks do not compute one "
@@ -595,7 +596,8 @@ def table(rows: list[Row], header: str) -> str:
 
 
 def machine_line(device: str, world_size: int) -> str:
-    what = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    what = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+            else f"CPU, {os.cpu_count()} cores")
     return (f"preflight on {world_size} ranks | {device.split(':')[0]} ({what}) | PyTorch "
             f"{torch.__version__} | "
             f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
@@ -619,7 +621,8 @@ def run(cfg: TrainConfig, warmup: int, steps: int) -> bool:
     <ckpt_dir>/preflight.txt. True when every row passed."""
     refuse_a_bad_launch(cfg)
     meta = read_meta(cfg.dataset_dir)  # a missing dataset is refused here, naming the fix
-    vocab_size, fingerprint = load_tokenizer(cfg.dataset_dir, meta).vocab_size, tokenizer_fingerprint(cfg.dataset_dir, meta)
+    vocab_size, fingerprint = (load_tokenizer(cfg.dataset_dir, meta).vocab_size,
+                               tokenizer_fingerprint(cfg.dataset_dir, meta))
     # FSDP is among the checks: the process group starts even on one rank.
     with distributed(dataclasses.replace(cfg, fsdp=True), timeout=PREFLIGHT_TIMEOUT) as (rank,
                                                                                          world_size,

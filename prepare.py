@@ -75,12 +75,16 @@ PARQUET_BATCH_BYTES = 1 << 20
 class PrepareConfig:
     """prepare.py's options (see the module docstring)."""
 
-    input: list[str] = field(default_factory=list)  # files or directories; repeat --input for several
+    input: list[str] = field(default_factory=list)  # files or directories; repeat --input for
+                                                    # several
     out_dir: str = ""  # "" means data/shakespeare, for the default corpus
-    tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face model
+    tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face
+                            # model
     vocab_size: int = 8192  # bpe only; counts <|endoftext|>
-    val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th document
-    val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it holds this many
+    val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th
+                               # document
+    val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it
+                                  # holds this many
     shard_tokens: int = 100_000_000  # tokens per .npy file
     text_field: str = "text"  # the field of a .jsonl line or a .parquet row that holds the document
     hf_dataset: str = ""  # a Hugging Face dataset to stream, e.g. HuggingFaceFW/fineweb-edu
@@ -173,7 +177,8 @@ def parquet_documents(path: Path, text_field: str):
     # rows per batch from the file's average row size (all columns, uncompressed): rows can be
     # tweets or books
     meta = file.metadata
-    row_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / max(1, meta.num_rows)
+    row_bytes = (sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+                 / max(1, meta.num_rows))
     batch_size = max(1, int(PARQUET_BATCH_BYTES / max(1, row_bytes)))
     pool = pa.default_memory_pool()
     for batch in file.iter_batches(batch_size=batch_size, columns=[text_field], use_threads=False):
@@ -297,7 +302,8 @@ def capped(texts, max_bytes: int):
 # --------------------------------------------------------------------------------------------------
 # Writing the dataset
 
-DATASET_SPACE_FIX = "free space on that disk or choose an --out_dir on another; no dataset was changed"
+DATASET_SPACE_FIX = ("free space on that disk or choose an --out_dir on another; no dataset was "
+                     "changed")
 
 
 def npy_header(dtype, length: int) -> bytes:
@@ -322,7 +328,8 @@ class ShardWriter:
     file is byte for byte what np.save would write."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype):
-        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, np.dtype(dtype)
+        self.out_dir, self.split, self.shard_tokens, self.dtype = (out_dir, split, shard_tokens,
+                                                                   np.dtype(dtype))
         self.header_bytes = len(npy_header(self.dtype, 0))
         self.file = None  # the open shard, if any
         # its path, its estimated size in bytes, its tokens so far

@@ -17,9 +17,12 @@ from tokenizer import prompt_ids
 @dataclass
 class SampleConfig:
     ckpt_dir: str = "out"  # the training run whose newest checkpoint generates
-    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the lowest val loss
-    dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained on
-    prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that boundary alone
+    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the
+                    # lowest val loss
+    dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained
+                           # on
+    prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that
+                      # boundary alone
     num_samples: int = 1  # continuations of the prompt, generated together as one batch
     max_new_tokens: int = 200  # tokens generated after the prompt (fewer if a document ends)
     temperature: float = 0.8  # 0 = greedy

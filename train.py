@@ -69,15 +69,19 @@ class TrainConfig:
     # (docs/defaults.md has the table); the guide's 1.3B run, with the guide's AdamW, is
     # config/llama_1b3.py.
     # Paths
-    dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken, meta.json
+    dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken,
+                                           # meta.json
     ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
-    init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (export.py); "" = random
+    init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (export.py); "" =
+                         # random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees
     # tokens_per_update.
-    batch_size: int = 16  # sequences per micro-step on each rank; lower it first when memory runs out
+    batch_size: int = 16  # sequences per micro-step on each rank; lower it first when memory runs
+                          # out
     max_seq_len: int = 256  # tokens per sequence: the context the model learns to use
-    tokens_per_update: int = 16 * 256  # tokens per optimizer update, summed over micro-steps and ranks
+    tokens_per_update: int = 16 * 256  # tokens per optimizer update, summed over micro-steps and
+                                       # ranks
     # Model architecture (passed on to model.ModelConfig)
     n_embd: int = 128  # width of the residual stream
     n_heads: int = 4  # query heads per attention layer
@@ -86,7 +90,8 @@ class TrainConfig:
     multiple_of: int = 128  # SwiGLU's hidden width is rounded up to a multiple of this
     eps: float = 1e-5  # RMSNorm's epsilon, added under the square root
     theta: float = 10_000.0  # the base of the rotary position embeddings' frequencies
-    dropout: float = 0.0  # probability of zeroing an activation in training (0: off, as for pretraining)
+    dropout: float = 0.0  # probability of zeroing an activation in training (0: off, as for
+                          # pretraining)
     tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
     # Optimisation and the learning-rate schedule
     schedule: str = "cosine"  # "cosine" (the guide's), "linear" or "constant"
@@ -97,28 +102,39 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW's decay of its squared-gradient average (second moment)
     weight_decay: float = 0.1  # decoupled weight decay of the matrices (norm gains are not decayed)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
-    optimizer: str = "muon"  # "muon": Muon for the blocks' matrices, AdamW for the rest; or "adamw" (the guide's)
+    optimizer: str = "muon"  # "muon": Muon for the blocks' matrices, AdamW for the rest; or "adamw"
+                             # (the guide's)
     muon_lr: float = 8e-3  # Muon's peak learning rate, on the same schedule; 0 means max_lr
-    embedding_lr: float = 3e-2  # with Muon: the token embedding's peak (AdamW), on the same schedule; 0 means max_lr
+    embedding_lr: float = 3e-2  # with Muon: the token embedding's peak (AdamW), on the same
+                                # schedule; 0 means max_lr
     # Length of the run, evaluation, samples and checkpoints
     training_tokens: int = 2_000_000  # the run's length in tokens (whole updates: rounded down)
-    max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for training_tokens
+    max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for
+                              # training_tokens
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
-    eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of val)
-    eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation too; "" = none
+    eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of
+                               # val)
+    eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation
+                         # too; "" = none
     eval_items: int = 0  # score only its first N items; 0 = all
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
     token_ckpt: int = 1_000_000  # save a checkpoint every this many tokens (and at the end)
-    keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is complete
-    load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint exists
+    keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is
+                         # complete
+    load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint
+                                   # exists
     # System
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16" (autocast; fp16 with a loss scaler); hardware.py
-    compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for it to pay
+    dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16" (autocast; fp16 with a loss
+                         # scaler); hardware.py
+    compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for
+                                  # it to pay
     seed: int = 1337  # the initial weights and every random draw of the run (dropout, samples)
     # Scale: beyond what one GPU's memory holds
-    fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks (FSDP2), not DDP
-    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of storing them
+    fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks
+                        # (FSDP2), not DDP
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead
+                                            # of storing them
     # Filled in by load_config: the names a config file or the command line set. A default may adapt
     # to the machine (fit_batch) where a value the user chose must not.
     user_set: tuple[str, ...] = ()
@@ -482,7 +498,8 @@ def run_line(cfg: TrainConfig, n_params: int, updates: int, accum_steps: int, wo
     """The line a run starts with: the model's size, the run's length, how an update is split, the
     hardware."""
     size = f"{cfg.tokens_per_update:,} tokens"
-    plan = f"updates of {size} for {cfg.max_minutes:g} min" if cfg.max_minutes else f"{updates} updates of {size}"
+    plan = (f"updates of {size} for {cfg.max_minutes:g} min" if cfg.max_minutes
+            else f"{updates} updates of {size}")
     return (f"{n_params:,} parameters | {plan} ({accum_steps} micro-steps x {world_size} ranks x "
             f"{cfg.batch_size}x"
             f"{cfg.max_seq_len}) | {device} {str(dtype).removeprefix('torch.')}"
@@ -569,7 +586,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = make_scaler(device, dtype)
     # A budgeted run times its first updates, then plans its length from them (updates_in_budget).
-    training_steps = BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens // cfg.tokens_per_update
+    training_steps = (BUDGET_PROBE_UPDATES if cfg.max_minutes else cfg.training_tokens
+                      // cfg.tokens_per_update)
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations,
                           cfg.max_lr, cfg.min_lr)
     step, elapsed_before = 0, 0.0
@@ -657,7 +675,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
             mfu = flops_per_token * row["tokens_per_sec"] / world_size / peak_flops
             # from the second update on, leave out the first: it also compiled
             first = int(step - start_step > 1)
-            eta = (total - step) * (time.time() - start_time - first * update_seconds[0]) / (step - start_step - first)
+            eta = ((total - step) * (time.time() - start_time - first * update_seconds[0])
+                   / (step - start_step - first))
             print(progress_line(row, total, mfu, eta) + record.note(), flush=True)
             if sample:
                 print(f"--- sample at update {step} ---\n{sample}\n---")

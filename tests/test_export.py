@@ -89,8 +89,10 @@ def test_the_directory_describes_the_model(exported):
                                    "tie_word_embeddings",
                                    "vocab_size", "bos_token_id", "eos_token_id",
                                    "torch_dtype")} == {
-        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": c.n_kv_heads,
-        "rms_norm_eps": 1e-5, "rope_theta": 10_000.0, "max_position_embeddings": 64, "tie_word_embeddings": False,
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                       "num_key_value_heads": c.n_kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10_000.0, "max_position_embeddings": 64,
+                                                       "tie_word_embeddings": False,
         "vocab_size": 8192, "bos_token_id": 8191, "eos_token_id": 8191, "torch_dtype": "float32"}
     assert config["intermediate_size"] == ckpt["model"]["layers.0.feed_forward.w1.weight"].shape[0] == 256
     weights = load_file(hf_dir / "model.safetensors")
@@ -145,7 +147,8 @@ def test_sample_py_and_transformers_continue_a_prompt_alike(gqa_export, shakespe
     assert result.returncode == 0, result.stderr
     # after the header line
     ours = result.stdout.split("\n", 1)[1].removesuffix("\n" + "-" * 40 + "\n")
-    tokenizer, model = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokenizer, model = (AutoTokenizer.from_pretrained(hf_dir),
+                        AutoModelForCausalLM.from_pretrained(hf_dir).eval())
     prompt = tokenizer("ROMEO:", return_tensors="pt")
     assert prompt["input_ids"][0, 0].item() == tokenizer.bos_token_id == load_tokenizer(shakespeare_dir).eot_id
     with torch.no_grad():

@@ -38,7 +38,8 @@ from tokenizer import load_tokenizer
 FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the "
        "checkpoints saved "
        "before are intact")
-REBUILD = "rebuild the dataset with `python prepare.py --overwrite` and the options it was made with"
+REBUILD = ("rebuild the dataset with `python prepare.py --overwrite` and the options it was made "
+           "with")
 # a lock names its holder's machine: on a shared filesystem it may be another node
 HOST = socket.gethostname()
 

@@ -81,11 +81,13 @@ def test_the_reason_is_printed_and_an_impossible_compile_is_refused(monkeypatch)
                              "a loss scaler")
     assert hardware.choose_speed(TrainConfig(dtype="bfloat16", compile=False), None, None,
                                  "cuda") == (
-        torch.bfloat16, False, "auto: dtype: bfloat16 as asked, which this GPU emulates (auto: float16)")
+        torch.bfloat16, False, "auto: dtype: bfloat16 as asked, which this GPU emulates (auto: "
+                                             "float16)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
     assert hardware.choose_speed(TrainConfig(dtype="auto", compile="auto"), None, None,
                                  "cuda")[1:] == (
-        False, "auto: dtype: compute capability 6.1 runs fp16 no faster than fp32; compile: no, Triton needs compute "
+        False, "auto: dtype: compute capability 6.1 runs fp16 no faster than fp32; compile: no, "
+                                                 "Triton needs compute "
                "capability 7.0")
     with pytest.raises(UserError,
                        match="Triton needs compute capability 7.0 and this GPU has 6.1; use "

@@ -183,8 +183,10 @@ def llama_cpp_logits(reader: GGUFReader, ids: list[int], weights: dict | None = 
     """Logits computed from the file alone (or from its metadata and `weights`), the way llama.cpp's
     llama graph does, in float64."""
     w = {k: v.astype(np.float64) for k, v in (weights or tensors(reader)).items()}
-    n_head, n_kv = field(reader, "llama.attention.head_count"), field(reader, "llama.attention.head_count_kv")
-    eps, theta = field(reader, "llama.attention.layer_norm_rms_epsilon"), field(reader, "llama.rope.freq_base")
+    n_head, n_kv = (field(reader, "llama.attention.head_count"),
+                    field(reader, "llama.attention.head_count_kv"))
+    eps, theta = (field(reader, "llama.attention.layer_norm_rms_epsilon"),
+                  field(reader, "llama.rope.freq_base"))
     x = w["token_embd.weight"][ids]
     T, d = len(ids), x.shape[1] // n_head
     causal = np.triu(np.full((T, T), -np.inf), 1)

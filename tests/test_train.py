@@ -267,7 +267,8 @@ def test_the_speed_measurement_trains_copies_and_leaves_the_run_as_it_was(shakes
     torch.manual_seed(0)
     model = Transformer(cfg.model_config(8192))
     optimizer = make_optimizer(model, cfg, "cpu")
-    weights, position, rng = copy.deepcopy(model.state_dict()), loader.state_dict(), torch.get_rng_state()
+    weights, position, rng = (copy.deepcopy(model.state_dict()), loader.state_dict(),
+                              torch.get_rng_state())
     time_update = update_timer(model, cfg, loader, accumulation_steps(cfg, 1), "cpu")
     # as choose_speed
     assert hardware.update_seconds(time_update, [torch.float32, torch.bfloat16], "cpu").min() > 0
