@@ -261,7 +261,9 @@ def test_a_truncated_shard_is_named_with_the_fix(dataset_copy, tmp_path):
 @pytest.mark.parametrize("text, reason", [
     ('{"vocab_size": 8192, "tokeni',
      "JSONDecodeError: Unterminated string starting at: line 1 column 22 (char 21)"),
-    ('{"vocab_size": 8192}', "ValueError: no tokenizer, pattern, special_tokens"),
+    # meta.json is read whole, once: every field the format has is checked
+    ('{"vocab_size": 8192}', "ValueError: no tokenizer, pattern, special_tokens, dtype, "
+                             "train_tokens, val_tokens, train_bytes, val_bytes, shards"),
     ("", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
 ])
 def test_a_damaged_meta_json_is_not_called_unprepared(dataset_copy, tmp_path, text, reason):
