@@ -32,7 +32,8 @@ from train import TrainConfig
 
 
 class GPT2Block(nn.Module):
-    """nanoGPT's block: pre-LayerNorm, causal attention from one fused q/k/v matrix, a 4x GELU MLP."""
+    """nanoGPT's block: pre-LayerNorm, causal attention from one fused q/k/v matrix, a 4x GELU
+    MLP."""
 
     def __init__(self, n_embd: int, n_heads: int):
         super().__init__()

@@ -339,7 +339,8 @@ def lock_ckpt_dir(ckpt_dir: str, master: bool):
 
 def torch_optimizers(optimizer):
     """The torch optimizer behind `optimizer`, or with --optimizer=muon its two (muon.MuonAndAdamW):
-    what torch.distributed.checkpoint saves and loads, each one's state under the parameters' names."""
+    what torch.distributed.checkpoint saves and loads, each one's state under the parameters'
+    names."""
     return getattr(optimizer, "optimizers", optimizer)
 
 

@@ -60,7 +60,8 @@ def run_cli(main):
 
 
 def _check_type(name: str, value, annotation):
-    """Reject a value whose type differs from the field's (ints are fine where floats are expected)."""
+    """Reject a value whose type differs from the field's (ints are fine where floats are
+    expected)."""
     allowed = typing.get_args(annotation) if isinstance(annotation,
                                                         types.UnionType) else (annotation,)
     if isinstance(value, bool) and bool not in allowed:
@@ -106,7 +107,8 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def help_text(*classes) -> str:
-    """What --help prints: for each dataclass, every field as `--name: type = default  # comment`."""
+    """What --help prints: for each dataclass, every field as `--name: type = default  #
+    comment`."""
     script = os.path.basename(sys.argv[0])
     lines = [f"usage: python {script} [config/x.py ...] [--key=value ...]"]
     for cls in classes:
@@ -183,9 +185,11 @@ def load_config(argv: list[str], cls):
             try:
                 exec(Path(arg).read_text(), scope)
             except Exception as e:
-                raise UserError(f"config file '{arg}' raised {type(e).__name__}: {e}; fix the file") from None
+                raise UserError(
+                    f"config file '{arg}' raised {type(e).__name__}: {e}; fix the file") from None
             for name, value in scope.items():
-                if not name.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
+                if not name.startswith(
+                    "_") and not callable(value) and not isinstance(value, types.ModuleType):
                     set_value(name, value, arg)
     if "user_set" in {f.name for f in dataclasses.fields(cls)}:
         values["user_set"] = tuple(values)

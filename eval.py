@@ -53,7 +53,8 @@ class EvalConfig:
                             "or as "
                             "--hf_dataset=NAME, one of them")
         if self.dtype not in ("auto", "float32", "bfloat16") or self.batch_size < 1:
-            raise UserError("--dtype must be auto, float32 or bfloat16, and --batch_size at least 1")
+            raise UserError(
+                "--dtype must be auto, float32 or bfloat16, and --batch_size at least 1")
 
 
 def main(argv: list[str]):

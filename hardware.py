@@ -178,7 +178,8 @@ def compile_failure(device: str) -> str:
 
 def resumed_speed(cfg, saved: dict) -> tuple[str, bool | str, str]:
     """A resumed run's dtype and compile: those it trained with (its checkpoint's config, `saved`,
-    records what it chose), unless the user set them now; and what the start-up line says about it."""
+    records what it chose), unless the user set them now; and what the start-up line says about
+    it."""
     taken = [name for name in ("dtype", "compile") if name not in cfg.user_set]
     chosen = {name: saved[name] if name in taken else getattr(cfg, name)
               for name in ("dtype", "compile")}

@@ -38,7 +38,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict, **overrides) -> "ModelConfig":
-        """The model's fields among `values` (a training run's whole config, say), then `overrides`."""
+        """The model's fields among `values` (a training run's whole config, say), then
+        `overrides`."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names} | overrides)
 
@@ -265,7 +266,8 @@ class Transformer(nn.Module):
         return logits, loss
 
     def num_params(self):
-        """Number of parameters; a tensor shared by two modules (tied embeddings) is counted once."""
+        """Number of parameters; a tensor shared by two modules (tied embeddings) is counted
+        once."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self):

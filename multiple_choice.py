@@ -268,7 +268,8 @@ def requests_of(items: list[Item], tokenizer, max_seq_len: int) -> list[Request]
 def loglikelihoods(model, requests: list[Request], batch_size: int, device: str,
                    dtype: torch.dtype) -> list[float]:
     """The summed log-probability of each request's continuation tokens, in the requests' order. A
-    batch is right-padded: a causal model's positions never look at the padding that follows them."""
+    batch is right-padded: a causal model's positions never look at the padding that follows
+    them."""
     # longest first, as the harness
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
     result = [0.0] * len(requests)
@@ -291,7 +292,8 @@ def loglikelihoods(model, requests: list[Request], batch_size: int, device: str,
         picked = logits[scored].float().log_softmax(-1).gather(-1, y.to(device)[scored][:, None])[:,
                                                                                                   0]
         rows = torch.arange(len(batch), device=device)[:, None].expand(-1, width)[scored]
-        sums = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, picked.double())
+        sums = torch.zeros(
+            len(batch), device=device, dtype=torch.float64).index_add_(0, rows, picked.double())
         for row, total in enumerate(sums.tolist()):
             result[order[first + row]] = total
     model.train(was_training)

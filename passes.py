@@ -41,7 +41,8 @@ def keeps_best(plan: dict | None) -> bool:
 
 
 def passes_line(plan: dict, train_tokens: int) -> str:
-    """What the run says at start-up about how often it reads its data, and what it does about it."""
+    """What the run says at start-up about how often it reads its data, and what it does about
+    it."""
     line = f"data: {plan['passes']:.3g} passes over {train_tokens:,} training tokens"
     if not keeps_best(plan):
         return line

@@ -330,14 +330,16 @@ def check_kill_mid_save(m: Machine) -> Row:
                                str(ckpt_dir),
                                str(step)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + PREFLIGHT_TIMEOUT.total_seconds() / 2
-    while writer.poll() is None and not (tmp.exists() and tmp.stat().st_size > 0) and time.monotonic() < deadline:
+    while writer.poll(
+        ) is None and not (tmp.exists() and tmp.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.001)
     os.kill(writer.pid, signal.SIGKILL)
     _, err = writer.communicate()
     if writer.returncode != -signal.SIGKILL:
         return Row(name, False, "",
                    f"the save ended before it could be killed (status {writer.returncode}) "
-                                    f"{err.strip().splitlines()[-1] if err.strip() else ''}".strip())
+                                    f"{err.strip().splitlines()[-1] if err.strip() else ''}".strip(
+                                        ))
     try:
         found, _ = newest_loadable_checkpoint(checkpoint_paths(str(ckpt_dir)), master=False)
     except UserError as e:
@@ -508,7 +510,8 @@ def check_config(m: Machine, fsdp: bool, compile: bool, warmup: int, steps: int)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            figure, speed = measure_config(m, dataclasses.replace(cfg, activation_checkpointing=checkpointing),
+            figure, speed = measure_config(
+                m, dataclasses.replace(cfg, activation_checkpointing=checkpointing),
                                            warmup, steps)
         except torch.OutOfMemoryError:
             continue

@@ -170,7 +170,8 @@ def parquet_documents(path: Path, text_field: str):
     try:
         file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     except pa.ArrowException:
-        raise UserError(f"{path} is not a readable parquet file; check it or leave it out") from None
+        raise UserError(
+            f"{path} is not a readable parquet file; check it or leave it out") from None
     if text_field not in file.schema_arrow.names:
         raise UserError(f"{path} has no column {text_field!r} (it has {file.schema_arrow.names}); "
                         "pass --text_field")
@@ -208,7 +209,8 @@ def find_files(inputs: list[str]) -> list[Path]:
             files += found
         elif path.is_file():
             if path.suffix not in READERS:
-                raise UserError(f"{path} is not a .txt, .md, .jsonl or .parquet file; check --input")
+                raise UserError(
+                    f"{path} is not a .txt, .md, .jsonl or .parquet file; check --input")
             files.append(path)
         else:
             raise UserError(f"--input={name} does not exist; check the path")
@@ -230,7 +232,8 @@ def hf_documents(name: str, config: str, text_field: str):
     try:
         import datasets
     except ImportError:
-        raise UserError("--hf_dataset needs the Hugging Face datasets package: pip install datasets") from None
+        raise UserError(
+            "--hf_dataset needs the Hugging Face datasets package: pip install datasets") from None
     try:
         stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as e:

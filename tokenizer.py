@@ -119,7 +119,8 @@ def model_dir_tokenizer(model_dir: Path) -> HFTokenizer:
 
 
 def bpe_tokenizer(ranks: dict[bytes, int], pattern: str) -> Tokenizer:
-    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last merge."""
+    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last
+    merge."""
     encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks,
                                  special_tokens={EOT: len(ranks)})
     return Tokenizer(encoding, "bpe")
@@ -185,7 +186,8 @@ def load_tokenizer(dataset_dir, meta: dict | None = None) -> Tokenizer | HFToken
         ranks = read_ranks(path)
         # A file cut short loses tokens or repeats one; tiktoken would not say which file, it would
         # panic.
-        if len(ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
+        if len(
+            ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError(f"{len(ranks) + 1} tokens, meta.json says {meta['vocab_size']}")
     except (OSError, ValueError) as e:
         raise damaged(path, e) from None

@@ -125,7 +125,8 @@ def logged(ckpt_dir) -> dict[int, dict]:
 
 
 def assert_same_curve(a: dict, b: dict, steps, column: str = "train_loss"):
-    """Two logs (logged's) agree in `column` at every one of `steps`, to the digits the log keeps."""
+    """Two logs (logged's) agree in `column` at every one of `steps`, to the digits the log
+    keeps."""
     for step in steps:
         assert abs(float(a[step][column]) - float(b[step][column])) <= LOGGED, (step, a[step],
                                                                                 b[step])

@@ -46,4 +46,5 @@ def test_the_documentation_shows_every_script():
 def test_every_documented_option_is_one_the_script_accepts(page, script, options):
     accepted = {f.name for cls in OPTIONS[script]
                 for f in dataclasses.fields(cls)} - {"user_set"} | {"help"}
-    assert set(options) <= accepted, f"{page}: {script} has no option {sorted(set(options) - accepted)}"
+    assert set(
+        options) <= accepted, f"{page}: {script} has no option {sorted(set(options) - accepted)}"

@@ -178,7 +178,8 @@ def test_contexts_start_as_the_export_s_tokenizer_starts_them(trained, shakespea
     tokenizer = load_tokenizer(trained / "hf")
     assert prompt_start(tokenizer) == ([tokenizer.eot_id], tokenizer.eot_id)
     assert AutoTokenizer.from_pretrained(trained / "hf").encode("ROMEO:") == [tokenizer.eot_id,
-                                                                              *tokenizer.encode("ROMEO:")]
+                                                                              *tokenizer.encode(
+                                                                                  "ROMEO:")]
     with_bos = tmp_path / "with_bos"
     shutil.copytree(trained / "hf", with_bos)
     fast = tokenizers.Tokenizer.from_file(str(with_bos / "tokenizer.json"))

@@ -66,7 +66,8 @@ def init_from_hf(cfg, vocab_size):
 
 
 def our_model(ckpt):
-    model = Transformer(TrainConfig(**ckpt["config"]).model_config(ckpt["model"]["tok_embeddings.weight"].shape[0]))
+    model = Transformer(
+        TrainConfig(**ckpt["config"]).model_config(ckpt["model"]["tok_embeddings.weight"].shape[0]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -94,7 +95,8 @@ def test_the_directory_describes_the_model(exported):
         "rms_norm_eps": 1e-5, "rope_theta": 10_000.0, "max_position_embeddings": 64,
                                                        "tie_word_embeddings": False,
         "vocab_size": 8192, "bos_token_id": 8191, "eos_token_id": 8191, "torch_dtype": "float32"}
-    assert config["intermediate_size"] == ckpt["model"]["layers.0.feed_forward.w1.weight"].shape[0] == 256
+    assert config[
+        "intermediate_size"] == ckpt["model"]["layers.0.feed_forward.w1.weight"].shape[0] == 256
     weights = load_file(hf_dir / "model.safetensors")
     assert len(weights) == len(ckpt["model"]) == 2 + 2 * 9 + 1
     assert torch.equal(weights["model.layers.1.self_attn.k_proj.weight"],
@@ -150,7 +152,9 @@ def test_sample_py_and_transformers_continue_a_prompt_alike(gqa_export, shakespe
     tokenizer, model = (AutoTokenizer.from_pretrained(hf_dir),
                         AutoModelForCausalLM.from_pretrained(hf_dir).eval())
     prompt = tokenizer("ROMEO:", return_tensors="pt")
-    assert prompt["input_ids"][0, 0].item() == tokenizer.bos_token_id == load_tokenizer(shakespeare_dir).eot_id
+    assert prompt[
+        "input_ids"][0,
+                     0].item() == tokenizer.bos_token_id == load_tokenizer(shakespeare_dir).eot_id
     with torch.no_grad():
         theirs = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0]
     assert ours == tokenizer.decode(theirs, skip_special_tokens=True)
@@ -326,7 +330,9 @@ def test_prepare_encodes_with_a_model_directorys_tokenizer(tied_gqa_llama, tmp_p
                   f"--tokenizer={directory}",
                   "--val_fraction=0.2"])
     meta = json.loads((out / "meta.json").read_text())
-    assert (meta["tokenizer"], meta["vocab_size"], meta["special_tokens"]) == ("hf", 8192, {"<|endoftext|>": 8191})
+    assert (
+        meta["tokenizer"], meta["vocab_size"], meta["special_tokens"]) == ("hf", 8192,
+                                                                           {"<|endoftext|>": 8191})
     hf = AutoTokenizer.from_pretrained(directory)
     # a dataset made this way reads back with its own tokenizer.json
     tokenizer = load_tokenizer(out)

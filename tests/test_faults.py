@@ -61,7 +61,8 @@ def first_checkpoint_of(tiny_run, tmp_path) -> Path:
 
 
 def file_size_limit(limit: int):
-    """For preexec_fn: the kernel refuses to grow any file past `limit` bytes, as a full disk would."""
+    """For preexec_fn: the kernel refuses to grow any file past `limit` bytes, as a full disk
+    would."""
     def apply():
         # else the process is killed instead of getting EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -113,7 +114,8 @@ def full_disk(monkeypatch):
 
 
 # --- a full disk ----------------------------------------------------------------------------------
-def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_bitwise(shakespeare_dir, tiny_run,
+def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_bitwise(
+        shakespeare_dir, tiny_run,
                                                                                        tmp_path):
     ckpt = first_checkpoint_of(tiny_run, tmp_path)
     before = (ckpt / "ckpt_00000002.pt").read_bytes()
@@ -128,13 +130,16 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_
                         r"needs about "
                         rf"6\.4 MB and [0-9.]+ [kMGT]?B is free; {re.escape(FIX)}",
                         one_line(result.stderr))
-    assert sorted(p.name for p in ckpt.glob("ckpt_*")) == ["ckpt_00000002.pt"], "no partial .tmp holds the space"
+    assert sorted(
+        p.name
+        for p in ckpt.glob("ckpt_*")) == ["ckpt_00000002.pt"], "no partial .tmp holds the space"
     assert (ckpt / "ckpt_00000002.pt").read_bytes() == before
     run("train.py", *args(shakespeare_dir, ckpt))
     assert_same_weights(final_weights(tiny_run), final_weights(ckpt))
 
 
-def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_partial_shards(shakespeare_dir,
+def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_partial_shards(
+        shakespeare_dir,
                                                                                            tmp_path):
     # Each of the two FSDP ranks writes its half of the 6.4 MB checkpoint; neither half fits under
     # the limit.
@@ -147,7 +152,8 @@ def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_p
     assert re.fullmatch(rf"error: could not write {tmp_path}/ckpt_00000002\.tmp \(disk full\): it "
                         r"needs about "
                         rf"6\.4 MB and [0-9.]+ [kMGT]?B is free; {re.escape(FIX)}", errors[0])
-    assert "exitcode  : 2" in result.stderr and not list(tmp_path.glob("ckpt_*")), "no partial shards hold the space"
+    assert "exitcode  : 2" in result.stderr and not list(
+        tmp_path.glob("ckpt_*")), "no partial shards hold the space"
 
 
 def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(shakespeare_dir, tiny_run,
@@ -320,7 +326,8 @@ def test_sample_py_skips_a_damaged_newest_checkpoint_and_leaves_it_in_place(tiny
                                           "unsafe); sampling from "
                                           f"{ckpt}/ckpt_00000004.pt"]
     assert result.stdout.startswith(f"# {ckpt}/ckpt_00000004.pt (update 4,")
-    assert checkpoint_paths(ckpt)[-1] == newest, "sampling only reads: training renames a damaged checkpoint"
+    assert checkpoint_paths(
+        ckpt)[-1] == newest, "sampling only reads: training renames a damaged checkpoint"
 
 
 # --- two processes in one directory ---------------------------------------------------------------

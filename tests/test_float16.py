@@ -181,7 +181,9 @@ def test_a_float16_run_ends_finite_next_to_float32_and_saves_fp32_weights(fp16_r
     assert float(half[-1]["train_loss"]) == pytest.approx(float(full[-1]["train_loss"]), abs=0.01)
     assert float(half[-1]["val_loss"]) == pytest.approx(float(full[-1]["val_loss"]), abs=0.01)
     ckpt = last_checkpoint(fp16_run)
-    assert ckpt["config"]["dtype"] == "float16" and {t.dtype for t in ckpt["model"].values()} == {torch.float32}
+    assert ckpt[
+        "config"]["dtype"] == "float16" and {t.dtype
+                                             for t in ckpt["model"].values()} == {torch.float32}
     assert ckpt["scaler"] == {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                               "growth_interval": 2000,
                               # PyTorch's defaults, ten updates without an overflow
@@ -207,7 +209,8 @@ class OverflowAtUpdate(torch.amp.GradScaler):
 
 
 def in_process(argv, monkeypatch, capsys, updates, init_scale=2.0**16) -> str:
-    """train.main(argv) in this process with a scaler that overflows at `updates`; what it printed."""
+    """train.main(argv) in this process with a scaler that overflows at `updates`; what it
+    printed."""
     monkeypatch.setattr(train, "make_scaler", lambda device,
                         dtype: OverflowAtUpdate(device, updates, init_scale))
     # leave pytest's Ctrl-C handler in place
@@ -245,7 +248,8 @@ def test_a_scale_driven_below_one_ends_the_run_as_diverged(shakespeare_dir, tmp_
     assert error.value.exit_status == 1 and not checkpoint_paths(tmp_path)
 
 
-def test_a_stopped_and_resumed_float16_run_ends_bitwise_where_the_uninterrupted_one_does(fp16_run, shakespeare_dir,
+def test_a_stopped_and_resumed_float16_run_ends_bitwise_where_the_uninterrupted_one_does(
+        fp16_run, shakespeare_dir,
                                                                                         tmp_path):
     shutil.copy(fp16_run / "ckpt_00000005.pt", tmp_path)
     shutil.copy(fp16_run / "log.csv", tmp_path)

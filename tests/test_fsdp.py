@@ -133,7 +133,8 @@ def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
     assert_same_weights(weights_only["model"], ckpt["model"])
 
 
-def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(reference, shakespeare_dir,
+def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(
+        reference, shakespeare_dir,
                                                                                         tmp_path):
     cmd = [*TORCHRUN, "--nproc_per_node=2", "train.py", *SHARDED,
            f"--dataset_dir={shakespeare_dir}",
@@ -381,7 +382,8 @@ def test_resuming_a_sharded_checkpoint_differently_is_refused(reference, shakesp
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert sorted(p.name for p in checkpoint_paths(ckpt_dir)) == [p.name for p in checkpoint_paths(reference)]
+    assert sorted(
+        p.name for p in checkpoint_paths(ckpt_dir)) == [p.name for p in checkpoint_paths(reference)]
 
 
 def test_the_loader_position_carries_over_to_another_number_of_ranks(tmp_path):

@@ -142,7 +142,8 @@ def test_the_metadata_is_what_llama_cpp_reads(exports, shakespeare_dir):
         "general.architecture": "llama", "general.file_type": 0, "llama.context_length": 64,
         "llama.embedding_length": 64, "llama.block_count": 2, "llama.feed_forward_length": 192,
         "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
-        "llama.attention.layer_norm_rms_epsilon": pytest.approx(1e-5), "llama.rope.freq_base": 500.0,
+        "llama.attention.layer_norm_rms_epsilon": pytest.approx(
+            1e-5), "llama.rope.freq_base": 500.0,
         "llama.rope.dimension_count": 16, "llama.vocab_size": 8192, "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8191, "tokenizer.ggml.eos_token_id": 8191,
         "tokenizer.ggml.add_bos_token": True}
@@ -341,7 +342,8 @@ def test_an_existing_file_needs_overwrite_and_a_bad_dtype_is_named(shakespeare_d
 def test_a_model_read_for_export_keeps_its_head_tied(shakespeare_dir, tmp_path):
     model = make_checkpoint(tmp_path / "out", shakespeare_dir, "gqa-tied", 8192)
     _, _, read, _ = load_model(str(tmp_path / "out"))
-    assert read.output.weight is read.tok_embeddings.weight and read.num_params() == model.num_params()
+    assert read.output.weight is read.tok_embeddings.weight and read.num_params(
+        ) == model.num_params()
     assert all(torch.equal(a, b) for a,
                b in zip(read.state_dict().values(), model.state_dict().values(), strict=True))
 

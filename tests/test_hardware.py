@@ -85,7 +85,8 @@ def test_a_resumed_run_keeps_its_checkpoints_dtype_and_compile_without_measuring
         (torch.bfloat16, False, "compile False as set, the checkpoint trained with compile True")
 
 
-def test_where_torch_compile_cannot_build_auto_trains_eager_and_an_explicit_compile_is_refused(monkeypatch):
+def test_where_torch_compile_cannot_build_auto_trains_eager_and_an_explicit_compile_is_refused(
+        monkeypatch):
     monkeypatch.setattr(hardware, "compile_failure", lambda device: "no C++ compiler")
     cfg = TrainConfig(dtype="float32", max_minutes=30)  # long enough to compile
     _, compile, why = hardware.choose_speed(cfg, None, never, "cpu")

@@ -14,7 +14,8 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
 
 def imports_of(module: str) -> set[str]:
-    """The repository's modules that `module` imports anywhere in its file (inside functions too)."""
+    """The repository's modules that `module` imports anywhere in its file (inside functions
+    too)."""
     found = set()
     for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
         if isinstance(node, ast.Import):
@@ -52,7 +53,8 @@ def test_no_module_imports_one_that_imports_it():
 
     for module in MODULES:
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
-    assert "train" not in graph["sample"] | graph["export"], "readers of checkpoints do not load the training code"
+    assert "train" not in graph[
+        "sample"] | graph["export"], "readers of checkpoints do not load the training code"
 
 
 def test_the_default_schedule_is_the_guides_warm_up_then_cosine():

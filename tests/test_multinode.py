@@ -137,7 +137,8 @@ def test_nodes_with_a_ckpt_dir_each_stop_before_training_with_one_line(shakespea
     print(f"ckpt_dir on each node: ended after {seconds:.1f} s")
 
 
-def test_nodes_with_different_copies_of_the_dataset_stop_before_training_with_one_line(shakespeare_dir, tmp_path):
+def test_nodes_with_different_copies_of_the_dataset_stop_before_training_with_one_line(
+        shakespeare_dir, tmp_path):
     # Each node holds a copy in its own directory; node 1's copy of the training shard was cut
     # short.
     for node in (0, 1):

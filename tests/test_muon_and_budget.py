@@ -34,7 +34,9 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else():
     assert isinstance(opt, MuonAndAdamW)
     muon = [p for group in opt.muon.param_groups for p in group["params"]]
     adamw = [p for group in opt.adamw.param_groups for p in group["params"]]
-    assert sorted(map(id, muon + adamw)) == sorted(map(id, model.parameters())), "every parameter in one group"
+    assert sorted(
+        map(id, muon + adamw)) == sorted(map(id,
+                                             model.parameters())), "every parameter in one group"
     in_blocks = {id(p) for p in model.layers.parameters() if p.dim() == 2}
     # wq wk wv wo w1 w2 w3 per block
     assert {id(p) for p in muon} == in_blocks and len(muon) == 2 * 7
@@ -99,7 +101,8 @@ def test_a_budgeted_run_fills_its_minutes_and_ends_at_min_lr(shakespeare_dir, tm
                 for step in range(total)]
     # the log keeps 4 digits
     assert [float(row["lr"]) for row in log] == pytest.approx(expected, rel=5e-4)
-    assert float(log[-1]["lr"]) == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
+    assert float(
+        log[-1]["lr"]) == pytest.approx(2e-4), "the decay reaches min_lr exactly at the last update"
     # The whole schedule fits the budget (loosely: shared CI machines are noisy; docs/ has measured
     # figures).
     assert 0.4 * budget_s < float(log[-1]["elapsed_s"]) < 1.5 * budget_s
@@ -126,7 +129,9 @@ def test_a_resumed_budgeted_run_keeps_its_schedule(shakespeare_dir, tmp_path):
         run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True")
         # The resumed run goes on with the length the checkpoint planned (the budget does not start
         # again), up to its own next re-plan, which draws on its own timings.
-        assert [r["lr"] for r in rows(resumed)][:same_until] == [r["lr"] for r in rows(straight)][:same_until]
+        assert [
+            r["lr"] for r in rows(resumed)][:same_until] == [r["lr"]
+                                                             for r in rows(straight)][:same_until]
     # Resumed after the last re-plan, it ends exactly as the run it continues.
     assert_same_weights(final_weights(straight), final_weights(resumed))
 

@@ -61,7 +61,8 @@ def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small
                                                                        "ckpt_00000120.pt"}
 
 
-def test_a_budgeted_run_says_its_passes_once_its_length_is_planned_and_keeps_that_plan_on_resume(small_corpus,
+def test_a_budgeted_run_says_its_passes_once_its_length_is_planned_and_keeps_that_plan_on_resume(
+        small_corpus,
                                                                                                  tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = [*TINY, f"--dataset_dir={small_corpus}", "--compile=False", "--max_minutes=0.1",

@@ -94,7 +94,8 @@ def test_a_rank_with_other_data_or_a_truncated_shard_fails_the_rows_that_check_i
     # Other data on rank 1: every comparison of N ranks with one fails; the checkpoint restores
     # bitwise still.
     assert passed["data"] == [False, False, True, False, True], rows["data"]
-    assert "the losses differ" in rows["data"][0]["reason"] and "different data" in rows["data"][1]["reason"]
+    assert "the losses differ" in rows[
+        "data"][0]["reason"] and "different data" in rows["data"][1]["reason"]
     # A shard cut short: nothing that reads the checkpoint passes, and the reason names the damage.
     assert passed["shard"] == [True, True, False, False, False], rows["shard"]
     assert all("damaged" in row["reason"] for row in rows["shard"][2:]), rows["shard"]

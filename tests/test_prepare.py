@@ -48,7 +48,8 @@ def documents_in(out_dir: Path, split: str) -> list[str]:
     """The documents of one split, decoded from its shards (they are separated by <|endoftext|>)."""
     tokenizer = load_tokenizer(out_dir)
     ids = np.concatenate([np.load(path) for path in sorted(out_dir.glob(f"{split}_*.npy"))])
-    assert ids[-1] == tokenizer.eot_id, "every document, the last one included, ends with <|endoftext|>"
+    assert ids[
+        -1] == tokenizer.eot_id, "every document, the last one included, ends with <|endoftext|>"
     ends = np.flatnonzero(ids == tokenizer.eot_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [tokenizer.decode(ids[start:end]) for start, end in zip(starts, ends, strict=True)]
@@ -101,7 +102,8 @@ def test_decode_inverts_encode_on_any_unicode(which, shakespeare_dir):
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert [tokenizer.decode(ids)
             for ids in tokenizer.encode_batch(UNICODE_SAMPLES)] == UNICODE_SAMPLES
-    assert tokenizer.eot_id not in tokenizer.encode("<|endoftext|>"), "only prepare.py inserts the separator"
+    assert tokenizer.eot_id not in tokenizer.encode(
+        "<|endoftext|>"), "only prepare.py inserts the separator"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +147,8 @@ def test_shards_have_the_requested_size_and_meta_counts_them(plays, tmp_path):
     meta = build(tmp_path / "data", f"--input={tmp_path / 'a.txt'}", "--vocab_size=400",
                  "--shard_tokens=5_000")
     files = sorted(p.name for p in (tmp_path / "data").glob("*.npy"))
-    assert files == sorted(meta["shards"]) and files[0] == "train_000000.npy" and "val_000000.npy" in files
+    assert files == sorted(
+        meta["shards"]) and files[0] == "train_000000.npy" and "val_000000.npy" in files
     arrays = {name: np.load(tmp_path / "data" / name) for name in files}
     assert {name: len(array) for name, array in arrays.items()} == meta["shards"]
     assert all(array.dtype == np.uint16 for array in arrays.values())

@@ -1,4 +1,5 @@
-"""Nothing is lost on a crash or preemption, and every mistake a user can make is one clear error."""
+"""Nothing is lost on a crash or preemption, and every mistake a user can make is one clear
+error."""
 import os
 import random
 import shutil
