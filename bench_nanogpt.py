@@ -1,7 +1,7 @@
 """Our model's training step against nanoGPT's, timed side by side in one run with the same harness.
 
-    python bench_nanogpt.py                                  # the reference shape: 6 x 384, 6 heads, seq 256, batch 8
-    python bench_nanogpt.py --n_layers=4 --n_embd=128 --n_heads=4 --batch_size=16   # the default model's shape
+    python bench_nanogpt.py         # the reference shape: 6 x 384, 6 heads, seq 256, batch 8
+    python bench_nanogpt.py --n_layers=4 --n_embd=128 --n_heads=4 --batch_size=16  # our default's
     python bench_nanogpt.py --variants=defaults --steps=20
 
 One step is what an update of batch_size x max_seq_len tokens costs: forward, backward and a fused

@@ -1,7 +1,7 @@
 """Measure prepare.py's encoding speed against the usual multiprocessing recipe, on the same corpus,
 in one run.
 
-    python bench_prepare.py                                  # 100 MB, jsonl + parquet + txt, trained vocab and gpt2
+    python bench_prepare.py  # 100 MB, jsonl + parquet + txt, a trained vocabulary and gpt2's
     python bench_prepare.py --megabytes=1000 --formats=jsonl --tokenizers=bpe
 
 The corpus is built once per size from text already on this machine: Python source files from the

@@ -39,7 +39,8 @@ def updates_in_budget(cfg, step: int, seconds_used: float, update_seconds: list[
     per_update = statistics.median(timed)
     eval_seconds = per_update * eval_tokens / cfg.tokens_per_update / 3
     ckpt_seconds = 12 * n_params / 200e6
-    per_update += eval_seconds / cfg.eval_interval + ckpt_seconds * cfg.tokens_per_update / cfg.token_ckpt
+    per_update += (eval_seconds / cfg.eval_interval
+                   + ckpt_seconds * cfg.tokens_per_update / cfg.token_ckpt)
     left = cfg.max_minutes * 60 - seconds_used - eval_seconds - ckpt_seconds
     total = torch.tensor(step + max(0, int(left / per_update)), device=device)
     if dist.is_initialized():

@@ -226,7 +226,8 @@ def load_shards(path: Path, model, optimizer, param_groups: list):
                                      "param_groups": param_groups})
 
 
-def newest_loadable_checkpoint(paths: list[Path], master: bool, tensors: str = "all") -> tuple[Path, dict]:
+def newest_loadable_checkpoint(paths: list[Path], master: bool,
+                               tensors: str = "all") -> tuple[Path, dict]:
     """The newest checkpoint that loads. One that does not (say, cut short by a disk fault after its
     rename) is renamed to *.damaged by the run's master, so it no longer counts as the newest, and
     the one before it is tried:

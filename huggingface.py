@@ -122,8 +122,8 @@ def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     try:
         hf = json.loads((root / "config.json").read_text())
     except (OSError, ValueError):
-        raise UserError(f"{root} has no readable config.json; --init_from takes a Hugging Face model directory") \
-            from None
+        raise UserError(f"{root} has no readable config.json; --init_from takes a Hugging Face "
+                        "model directory") from None
     fields = model_config_from_hf(hf, str(root / "config.json"), cfg.multiple_of)
     for name, value in fields.items():
         if name in cfg.user_set and getattr(cfg, name) != value:

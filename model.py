@@ -55,8 +55,8 @@ class ModelConfig:
                             "choose n_heads that divides n_embd")
         if self.n_embd // self.n_heads % 2:
             raise ValueError(f"the head size n_embd/n_heads={self.n_embd // self.n_heads} must be "
-                             "even, because "
-                            "rotary embeddings rotate pairs of dimensions; change n_embd or n_heads")
+                             "even, because rotary embeddings rotate pairs of dimensions; change "
+                             "n_embd or n_heads")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                              f"n_kv_heads={self.n_kv_heads}; each "

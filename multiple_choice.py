@@ -121,8 +121,8 @@ def checked_item(row: dict, task: Task, where: str) -> Item:
         raise UserError(f"{where}: {choices} must be a list of at least two strings, not "
                         f"{options!r}")
     gold = row[answer]
-    if isinstance(gold, bool) or not (isinstance(gold, int) or isinstance(gold, str) and gold.isdigit()) \
-            or not 0 <= int(gold) < len(options):
+    is_index = isinstance(gold, int) or isinstance(gold, str) and gold.isdigit()
+    if isinstance(gold, bool) or not is_index or not 0 <= int(gold) < len(options):
         raise UserError(f"{where}: {answer}={gold!r} is not the index of one of its {len(options)} "
                         f"{choices} "
                         f"(0 to {len(options) - 1}); fix the item")
@@ -156,8 +156,8 @@ def dataset_rows(source: str, hf_split: str) -> tuple[str, list[tuple[str, dict]
     try:
         import datasets
     except ImportError:
-        raise UserError("reading a dataset directory or the hub needs the datasets package: pip install datasets") \
-            from None
+        raise UserError("reading a dataset directory or the hub needs the datasets package: "
+                        "pip install datasets") from None
     try:
         found = (datasets.load_dataset(source, split=hf_split) if hf_split
                  else datasets.load_from_disk(source))

@@ -2,7 +2,7 @@
 how fast.
 
     torchrun --standalone --nproc_per_node=8 bench.py --preflight=True config/llama_1b3.py
-    torchrun --standalone --nproc_per_node=2 bench.py --preflight=True --device=cpu     # a CPU: a minute or two
+    torchrun --standalone --nproc_per_node=2 bench.py --preflight=True --device=cpu  # a CPU
 
 Every rank runs the same fixed list of checks, each a function below that returns one Row (name,
 PASS/FAIL, its figure, the reason for a FAIL); the ranks agree on each row (a FAIL on any rank is

@@ -1,8 +1,9 @@
 """Turn raw text into what train.py reads: a tokenizer plus the text as shards of token ids.
 
-    python prepare.py                                    # Shakespeare's 38 plays, offline -> data/shakespeare/
+    python prepare.py  # Shakespeare's 38 plays, offline -> data/shakespeare/
     python prepare.py --input=notes.txt --input=corpus/ --out_dir=data/mine
-    python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --out_dir=data/fineweb_edu
+    python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT \\
+        --out_dir=data/fineweb_edu
 
 Options (all --key=value): --input (repeatable: a file or a directory to walk; .txt/.md = one
 document per file, .jsonl = one document per line, read from --text_field, .parquet = one document

@@ -1,7 +1,8 @@
 """Generate text from the newest checkpoint of a training run (or another one: --ckpt=PATH, or
 --ckpt=best for the one with the lowest validation loss).
 
-    python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_p=0.9
+    python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 \\
+        --top_p=0.9
     python sample.py --ckpt_dir=out --ckpt=best
 """
 from dataclasses import dataclass

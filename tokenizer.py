@@ -29,7 +29,8 @@ EOT = "<|endoftext|>"
 # with only a few thousand tokens the vocabulary is better spent on words than on every 3-digit
 # number.
 SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
 
@@ -112,8 +113,8 @@ def model_dir_tokenizer(model_dir: Path) -> HFTokenizer:
     try:
         eos = json.loads((model_dir / "tokenizer_config.json").read_text())["eos_token"]
     except (OSError, ValueError, KeyError):
-        raise UserError(f"{model_dir}/tokenizer_config.json names no eos_token to end documents with; add one") \
-            from None
+        raise UserError(f"{model_dir}/tokenizer_config.json names no eos_token to end documents "
+                        "with; add one") from None
     return HFTokenizer(model_dir / "tokenizer.json",
                        eos["content"] if isinstance(eos, dict) else eos)
 

@@ -3,9 +3,9 @@
     python train.py                                      # small default model on data/shakespeare
     python train.py config/llama_1b3.py --batch_size=4   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama_1b3.py
-    torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py   # FSDP: weights sharded over the ranks
-    python train.py --load_ckpt=True                     # resume from the newest checkpoint in ckpt_dir
-    python train.py --init_from=DIR                      # start from a Hugging Face Llama model's weights
+    torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py  # FSDP: weights sharded
+    python train.py --load_ckpt=True                     # resume from ckpt_dir's newest checkpoint
+    python train.py --init_from=DIR                      # start from a Hugging Face Llama's weights
 
 Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) ->
 processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP or FSDP) -> one
@@ -539,7 +539,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     # several machines: one dataset, one shared ckpt_dir
     check_same_files(cfg.dataset_dir, cfg.ckpt_dir)
 
-    # --- Data: each rank reads its own slices of train; every evaluation reads the same first batches of val. ---
+    # --- Data: each rank reads its own slices of train; each evaluation the first batches of val. ---
     meta = read_meta(cfg.dataset_dir)  # read once, passed on
     tokenizer = load_tokenizer(cfg.dataset_dir, meta)
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, rank,
@@ -559,7 +559,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     if cfg.init_from:
         cfg, vocab_size = hf_architecture(cfg, vocab_size)
 
-    # --- One run per ckpt_dir, and which checkpoint it goes on from: settled before the model is built. ---
+    # --- One run per ckpt_dir, and the checkpoint it goes on from: settled before the model. ---
     lock = lock_ckpt_dir(cfg.ckpt_dir, master)
     resume_from = checkpoint_to_resume(cfg, master)
 
