@@ -5,7 +5,7 @@ loader's share.
     python bench.py config/llama_1b3.py --batch_size=4  # any config and train.py's overrides
     python bench.py --compile=True --dtype=float32 --steps=20 --warmup=5 --profile=True
     python bench.py config/llama_7b.py --estimate=True --world_size=8 --gpu_memory=80  # memory only
-    torchrun --standalone --nproc_per_node=8 bench.py --preflight=True config/llama_1b3.py  # a check
+    torchrun --standalone --nproc_per_node=8 bench.py --preflight=True config/llama_1b3.py
 
 The model, optimizer, loader and update are train.py's own (nothing is re-implemented here), so what
 is measured is what `python train.py` runs. One timed step is one whole optimizer update: every

@@ -103,8 +103,8 @@ class DatasetLoader:
         if self.vocab_size is not None and self.shard not in self.checked:
             if int(data.max()) >= self.vocab_size:  # one pass per shard, the first time it is used
                 raise UserError(f"the dataset holds token id {int(data.max())} but the model's "
-                                f"vocabulary has {self.vocab_size} ids; use a dataset made with the "
-                                "same tokenizer")
+                                f"vocabulary has {self.vocab_size} ids; use a dataset made with "
+                                "the same tokenizer")
             self.checked.add(self.shard)
         start = self.offset + self.rank * self.B * self.T
         chunk = torch.from_numpy(data[start:start + self.B * self.T + 1].astype(np.int64))

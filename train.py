@@ -539,7 +539,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     # several machines: one dataset, one shared ckpt_dir
     check_same_files(cfg.dataset_dir, cfg.ckpt_dir)
 
-    # --- Data: each rank reads its own slices of train; each evaluation the first batches of val. ---
+    # --- Data: each rank reads its own slices of train; each evaluation the first of val. ---
     meta = read_meta(cfg.dataset_dir)  # read once, passed on
     tokenizer = load_tokenizer(cfg.dataset_dir, meta)
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, rank,

@@ -104,7 +104,8 @@ def test_the_directory_describes_the_model(exported):
     card = (hf_dir / "README.md").read_text()
     last_eval = ckpt_log_last_eval(hf_dir.parent)
     assert "| tokens trained | 2,560 (10 updates of 256 tokens" in card
-    assert f"{float(last_eval['val_loss']):.4f} nats/token, {float(last_eval['val_bpb']):.4f} bits/byte" in card
+    loss, bpb = float(last_eval["val_loss"]), float(last_eval["val_bpb"])
+    assert f"{loss:.4f} nats/token, {bpb:.4f} bits/byte" in card
     assert f"| parameters | {our_model(ckpt).num_params():,} |" in card
     assert "`python train.py --n_layers=2 --n_embd=64" in card and "data/shakespeare" in card
 
@@ -203,9 +204,10 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from checkpoint import load_checkpoint
-def peak():  # bytes, from the kernel's accounting of this process (file pages mapped and read count too)
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
-open("/proc/self/clear_refs", "w").write("5")  # the peak is now the current size: imports had their own peaks
+def peak():  # bytes, from the kernel's accounting of this process (mapped file pages count too)
+    status = open("/proc/self/status")
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak is now the current size (not the imports')
 before = peak()
 ckpt = load_checkpoint(Path(sys.argv[2]), tensors=sys.argv[3])
 assert sum(float(t.sum()) for t in ckpt["model"].values()) == 0  # every weight read
@@ -363,7 +365,8 @@ def test_tied_embeddings_share_one_matrix_counted_once():
     assert tied.flops_per_token() == untied.flops_per_token()  # the output matmul is still done
     # drawn once, from N(0, 0.02)
     assert abs(tied.tok_embeddings.weight.std().item() - 0.02) < 0.0005
-    assert sum(p.numel() for p in torch.optim.AdamW(tied.parameters()).param_groups[0]["params"]) == tied.num_params()
+    trained = torch.optim.AdamW(tied.parameters()).param_groups[0]["params"]
+    assert sum(p.numel() for p in trained) == tied.num_params()
 
 
 def test_a_full_disk_is_one_error_and_keeps_the_previous_export(gqa_export, tmp_path, monkeypatch):

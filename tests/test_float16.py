@@ -29,8 +29,8 @@ FP16 = [arg for arg in TINY if not arg.startswith("--dtype")] + ["--dtype=float1
 TEN_UPDATES = ["--training_tokens=1280", "--token_ckpt=640", "--keep_ckpts=5"]
 # The log's columns: DESIGN.md's eleven, whether the loss scaler skipped the update, --eval_data's
 # accuracies.
-HEADER = ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,elapsed_s,val_loss,val_bpb,"
-          "skipped,eval_acc,eval_acc_norm")
+HEADER = ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,elapsed_s,"
+          "val_loss,val_bpb,skipped,eval_acc,eval_acc_norm")
 
 
 def log_rows(ckpt_dir) -> list[dict]:
@@ -77,8 +77,8 @@ def test_auto_on_a_gpu_decides_by_compute_capability_not_by_emulated_bf16(monkey
 def test_the_reason_is_printed_and_an_impossible_compile_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert hardware.choose_speed(TrainConfig(dtype="auto", compile="auto"), None, None, "cuda") == (
-        torch.float16, True, "auto: dtype: compute capability 7.5 has fast fp16 but no bf16 (from 8.0): fp16 with "
-                             "a loss scaler")
+        torch.float16, True, "auto: dtype: compute capability 7.5 has fast fp16 but no bf16 "
+                             "(from 8.0): fp16 with a loss scaler")
     assert hardware.choose_speed(TrainConfig(dtype="bfloat16", compile=False), None, None,
                                  "cuda") == (
         torch.bfloat16, False, "auto: dtype: bfloat16 as asked, which this GPU emulates (auto: "
@@ -166,8 +166,8 @@ def test_muon_orthogonalizes_in_fp16_for_an_fp16_run_finite_and_closer_to_exact_
     assert make_optimizer(Transformer(TrainConfig(dtype="float16").model_config(64)),
                           TrainConfig(dtype="float16"),
                           "cpu").muon.dtype == torch.float16
-    assert make_optimizer(Transformer(TrainConfig().model_config(64)), TrainConfig(), "cpu").muon.dtype == \
-        torch.float32
+    model = Transformer(TrainConfig().model_config(64))
+    assert make_optimizer(model, TrainConfig(), "cpu").muon.dtype == torch.float32
 
 
 # --- whole runs -----------------------------------------------------------------------------------

@@ -207,7 +207,8 @@ local = lambda t: t.to_local() if isinstance(t, DTensor) else t
 weights = sum(local(p).nbytes for p in model.parameters())
 adamw = sum(local(t).nbytes for state in optimizer.state.values() for t in state.values())
 rank = dist.get_rank() if fsdp else 0
-with open(f"{sys.argv[2]}.{rank}.json", "w") as f:  # a file per rank: two ranks printing to one pipe can interleave
+# a file per rank: two ranks printing to one pipe can interleave
+with open(f"{sys.argv[2]}.{rank}.json", "w") as f:
     json.dump({"weights": weights, "optimizer": adamw}, f)
 """
 
@@ -233,14 +234,16 @@ from configurator import load_config
 from model import Transformer
 from train import TrainConfig, make_optimizer, wrap_model
 calls, orthogonalize = [], muon.orthogonalize
-muon.orthogonalize = lambda g, **kw: calls.append(list(g.shape)) or orthogonalize(g, **kw)  # every matrix here
+# every matrix here
+muon.orthogonalize = lambda g, **kw: calls.append(list(g.shape)) or orthogonalize(g, **kw)
 launched = dist.is_torchelastic_launched()
 if launched:
     dist.init_process_group("gloo")
 world_size = dist.get_world_size() if launched else 1
 done = {}
 for fsdp in (False, True) if launched else (False,):
-    cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2", f"--fsdp={fsdp}"], TrainConfig)
+    cfg = load_config(["--n_embd=64", "--n_heads=2", "--n_kv_heads=2", "--n_layers=2",
+                       f"--fsdp={fsdp}"], TrainConfig)
     model = Transformer(cfg.model_config(1000))
     wrapped = wrap_model(model, cfg, "cpu", torch.float32, world_size)
     optimizer = make_optimizer(model, cfg, "cpu")
@@ -292,12 +295,13 @@ if cfg.activation_checkpointing:
 def status(field):  # bytes, from the kernel's accounting of this process
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now: imports had their own peaks
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now: imports had theirs
 before = status("VmRSS")
 optimizer = make_optimizer(model, cfg, "cpu")
 for _ in range(2):
     train_update(model, optimizer, loader, 2, cfg, "cpu", torch.float32)
-print(json.dumps({"peak": status("VmHWM") - before, "weights": sum(p.nbytes for p in model.parameters())}))
+weights = sum(p.nbytes for p in model.parameters())
+print(json.dumps({"peak": status("VmHWM") - before, "weights": weights}))
 """
 
 

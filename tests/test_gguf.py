@@ -30,7 +30,8 @@ MORE_TEXT = ["ROMEO:\nBut soft, what light through yonder window breaks?\n",
              "7 42 314 2718 31415 926535 8979323846",
              "x = [1, 22, 333]\nfor i in range(10):\n\tprint(f'{i:03d}')  \n",
              "\n\n\n\n    \t  \r\n  end   ",
-             "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם", "🙂🙂🙂 naïve café — “quotes” …",
+             "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם",
+             "🙂🙂🙂 naïve café — “quotes” …",
              "don't I'LL we've THEY'RE it'S", ""]
 
 
@@ -145,7 +146,8 @@ def test_the_metadata_is_what_llama_cpp_reads(exports, shakespeare_dir):
         "llama.attention.layer_norm_rms_epsilon": pytest.approx(
             1e-5), "llama.rope.freq_base": 500.0,
         "llama.rope.dimension_count": 16, "llama.vocab_size": 8192, "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8191, "tokenizer.ggml.eos_token_id": 8191,
+        "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8191,
+        "tokenizer.ggml.eos_token_id": 8191,
         "tokenizer.ggml.add_bos_token": True}
     # llama.cpp prepends that BOS to every prompt: the ids sample.py feeds (prompt_ids),
     # <|endoftext|> first
@@ -231,7 +233,8 @@ def test_without_the_permutation_the_logits_differ(exports):
     unpermuted, ours_weights = tensors(reader), model.state_dict()
     for i in range(2):
         for name in ("q", "k"):
-            unpermuted[f"blk.{i}.attn_{name}.weight"] = ours_weights[f"layers.{i}.attention.w{name}.weight"].numpy()
+            ours = ours_weights[f"layers.{i}.attention.w{name}.weight"]
+            unpermuted[f"blk.{i}.attn_{name}.weight"] = ours.numpy()
     theirs = llama_cpp_logits(reader, ids, unpermuted)
     assert np.abs(theirs - ours).max() > 0.01 * np.abs(ours).max()
 

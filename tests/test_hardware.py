@@ -30,10 +30,10 @@ def bf16_cpu(monkeypatch):
 
 
 def test_explicit_dtype_and_compile_are_obeyed_without_measuring(compiles):
-    assert hardware.choose_speed(TrainConfig(dtype="bfloat16", compile=False), None, never, "cpu") == \
-        (torch.bfloat16, False, "")
-    assert hardware.choose_speed(TrainConfig(dtype="float32", compile=True), None, never, "cpu") == \
-        (torch.float32, True, "")
+    cfg = TrainConfig(dtype="bfloat16", compile=False)
+    assert hardware.choose_speed(cfg, None, never, "cpu") == (torch.bfloat16, False, "")
+    cfg = TrainConfig(dtype="float32", compile=True)
+    assert hardware.choose_speed(cfg, None, never, "cpu") == (torch.float32, True, "")
 
 
 def test_auto_keeps_the_dtype_whose_updates_are_faster_and_compiles_only_a_long_run(bf16_cpu,
@@ -78,8 +78,8 @@ def test_a_resumed_run_keeps_its_checkpoints_dtype_and_compile_without_measuring
     # What the user sets now wins, and the start-up line says what the checkpoint had.
     cfg = TrainConfig(dtype="float32", user_set=("dtype",))
     assert hardware.choose_speed(cfg, saved, never, "cpu") == \
-        (torch.float32, True, "compile True from the checkpoint; dtype float32 as set, the checkpoint trained in "
-                              "bfloat16")
+        (torch.float32, True, "compile True from the checkpoint; dtype float32 as set, the "
+                              "checkpoint trained in bfloat16")
     cfg = TrainConfig(dtype="bfloat16", compile=False, user_set=("dtype", "compile"))
     assert hardware.choose_speed(cfg, saved, never, "cpu") == \
         (torch.bfloat16, False, "compile False as set, the checkpoint trained with compile True")
@@ -90,7 +90,8 @@ def test_where_torch_compile_cannot_build_auto_trains_eager_and_an_explicit_comp
     monkeypatch.setattr(hardware, "compile_failure", lambda device: "no C++ compiler")
     cfg = TrainConfig(dtype="float32", max_minutes=30)  # long enough to compile
     _, compile, why = hardware.choose_speed(cfg, None, never, "cpu")
-    assert not compile and why == "auto: compile: no, torch.compile cannot build code here (no C++ compiler)"
+    assert not compile
+    assert why == "auto: compile: no, torch.compile cannot build code here (no C++ compiler)"
     _, compile, why = hardware.choose_speed(TrainConfig(), {"dtype": "float32", "compile": True},
                                             never, "cpu")
     assert not compile and "compile True from the checkpoint | auto: compile: no" in why

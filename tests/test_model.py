@@ -67,8 +67,8 @@ def test_guide_1b3_config_has_1_3_billion_parameters():
 
 def test_default_config_parameter_count():
     with torch.device("meta"):
-        assert Transformer(ModelConfig()).num_params() == 4 * (4 * 128**2 + 3 * 128 * 384 + 2 * 128) + 128 \
-            + 2 * 8192 * 128 == 2_950_272
+        blocks = 4 * (4 * 128**2 + 3 * 128 * 384 + 2 * 128)
+        assert Transformer(ModelConfig()).num_params() == blocks + 128 + 2 * 8192 * 128 == 2_950_272
 
 
 def complex_rope(x, theta):

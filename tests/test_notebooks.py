@@ -68,10 +68,12 @@ def test_the_stored_outputs_belong_to_the_code(name):
     path = ROOT / "notebooks" / f"{name}.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert nb.metadata.get("code_sha256") == code_hash(nb), \
-        f"{name}'s code changed since its outputs were stored: run python notebooks/execute.py {name}"
+        f"{name}'s code changed since its outputs were stored: run python notebooks/execute.py " \
+        f"{name}"
     assert figures(nb) == NOTEBOOKS[name] and all(cell.execution_count for cell in nb.cells
                                                   if cell.cell_type == "code")
-    assert path.stat().st_size < 1_500_000, "figures at a modest resolution keep a notebook small enough to read online"
+    # figures at a modest resolution keep a notebook small enough to read online
+    assert path.stat().st_size < 1_500_000
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

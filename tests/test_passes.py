@@ -55,8 +55,8 @@ def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small
     assert set(lowest) <= set(saved) and saved[-1] == 120
     best = min(val, key=val.get)
     assert lines[-1].startswith("lowest validation loss of the saved checkpoints: ") and \
-        lines[-1].endswith(f"bpb at update {best}, in {tmp_path}/ckpt_{best:08d}.pt (sample.py and export.py take "
-                           "it as --ckpt=best)")
+        lines[-1].endswith(f"bpb at update {best}, in {tmp_path}/ckpt_{best:08d}.pt (sample.py "
+                           "and export.py take it as --ckpt=best)")
     assert {p.name for p in checkpoint.checkpoint_paths(tmp_path)} == {f"ckpt_{best:08d}.pt",
                                                                        "ckpt_00000120.pt"}
 

@@ -65,14 +65,18 @@ def save_then_truncate(*args, **kwargs):
 
 cfg = load_config([f"--dataset_dir={sys.argv[2]}", "--device=cpu"], TrainConfig)
 checks = [preflight.check_ddp_equals_one_rank, preflight.check_fsdp_equals_one_rank,
-          preflight.check_resume_on_n_ranks, preflight.check_resume_on_one_rank, preflight.check_kill_mid_save]
-with distributed(dataclasses.replace(cfg, fsdp=True), preflight.PREFLIGHT_TIMEOUT) as (rank, world_size, device):
+          preflight.check_resume_on_n_ranks, preflight.check_resume_on_one_rank,
+          preflight.check_kill_mid_save]
+sharded = dataclasses.replace(cfg, fsdp=True)
+with distributed(sharded, preflight.PREFLIGHT_TIMEOUT) as (rank, world_size, device):
     rows = {}
-    for fault, name, broken in (("data", "DatasetLoader", OtherDataOnRank1), ("shard", "save_checkpoint",
-                                                                              save_then_truncate)):
+    faults = (("data", "DatasetLoader", OtherDataOnRank1),
+              ("shard", "save_checkpoint", save_then_truncate))
+    for fault, name, broken in faults:
         scratch = Path(sys.argv[3], fault)  # a checkpoint directory of its own for each fault
         scratch.mkdir(exist_ok=True)
-        m = preflight.Machine(cfg, rank, world_size, device, load_tokenizer(cfg.dataset_dir).vocab_size, scratch)
+        vocab_size = load_tokenizer(cfg.dataset_dir).vocab_size
+        m = preflight.Machine(cfg, rank, world_size, device, vocab_size, scratch)
         original = getattr(preflight, name)
         setattr(preflight, name, broken)
         rows[fault] = [dataclasses.asdict(preflight.guarded(m, c.__name__, c)) for c in checks]

@@ -24,7 +24,8 @@ UNICODE_SAMPLES = [
     "日本語のテキストと中文文本，还有한국어 문장。",
     "emoji 🙂🚀 family 👨‍👩‍👧‍👦 flag 🇫🇷 skin tone 👍🏽",
     "combining marks: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937 Z\u0351\u0358a\u0315l\u0360go",
-    "odd  whitespace:\t\ttabs\r\nCRLF\u00a0nbsp\u2028line-sep\u3000ideographic\u200bzero-width\n\n\n",
+    "odd  whitespace:\t\ttabs\r\nCRLF\u00a0nbsp\u2028line-sep\u3000ideographic"
+    "\u200bzero-width\n\n\n",
     "   leading and trailing   ",
     "numbers 1234567890 and 3.14159, symbols <>{}[]\\|~`^",
     "a literal <|endoftext|> inside a text is just characters",
@@ -288,8 +289,9 @@ def test_overwrite_replaces_only_a_finished_dataset(shakespeare_dir, tmp_path):
         build(tmp_path / "data", f"--input={tmp_path / 'tiny.txt'}",
               f"--tokenizer={shakespeare_dir}", "--overwrite")
     assert json.loads((tmp_path / "data" / "meta.json").read_text()) == meta
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "c.jsonl", "data", "tiny.txt"], \
-        "no temporary dirs left (the lock file stays: see test_faults.py)"
+    # no temporary dirs left (the lock file stays: see test_faults.py)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".data.lock", "c.jsonl", "data", "tiny.txt"]
     meta = build(tmp_path / "data", f"--input={tmp_path / 'c.jsonl'}", "--tokenizer=gpt2",
                  "--overwrite=True")
     assert meta["tokenizer"] == "gpt2" and not (tmp_path / "data" / "tokenizer.tiktoken").exists()
