@@ -90,9 +90,8 @@ def model_config_from_hf(hf: dict, where: str, multiple_of: int) -> dict:
                   "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
                   "n_layers": hf["num_hidden_layers"],
                   "eps": hf.get("rms_norm_eps", 1e-6),
-                  "theta": float((hf.get("rope_parameters") or {}).get("rope_theta",
-                                                                       hf.get("rope_theta",
-                                                                              10_000.0))),
+                  "theta": float((hf.get("rope_parameters") or {}).get(
+                      "rope_theta", hf.get("rope_theta", 10_000.0))),
                   "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
     except KeyError as e:
         raise UserError(f"{where} has no {e.args[0]}; it is not a complete Llama config") from None
