@@ -66,9 +66,8 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2
-                                       * n_layers) if name.endswith(("c_proj.weight",
-                                                                     "mlp_proj.weight")) else 0.02
+                residual = name.endswith(("c_proj.weight", "mlp_proj.weight"))
+                std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx, targets):

@@ -368,8 +368,8 @@ def checkpoint_state(cfg, model, optimizer, world_size: int, device: str, *, sch
             "argv": argv, "validation": record.state_dict(), "repeats": repeats}
 
 
-def training_state(model, optimizer, fsdp: bool, world_size: int, device: str) -> tuple[dict, dict,
-                                                                                        object]:
+def training_state(model, optimizer, fsdp: bool, world_size: int,
+                   device: str) -> tuple[dict, dict, object]:
     """The model's, the optimizer's and the random number generator's state, as a checkpoint holds
     them. Under FSDP:
     this rank's shards (DTensors), the optimizer's state keyed by parameter name, and every rank's

@@ -238,8 +238,8 @@ class ExportConfig:
 FORMATS = {"hf": "a Hugging Face directory", "gguf": "a GGUF file"}
 
 
-def start_export(cfg: ExportConfig, out: Path, option: str, dtypes) -> tuple[Path, dict,
-                                                                             Transformer, object]:
+def start_export(cfg: ExportConfig, out: Path, option: str,
+                 dtypes) -> tuple[Path, dict, Transformer, object]:
     """What both formats do first, before anything is written: refuse an existing `out` (without
     --overwrite) and a --dtype the format cannot store, then read the checkpoint's weights (never
     its optimizer state) and the tokenizer it was trained with. Returns load_model's (path,

@@ -193,8 +193,8 @@ def resumed_speed(cfg, saved: dict) -> tuple[str, bool | str, str]:
     return chosen["dtype"], chosen["compile"], "; ".join(said)
 
 
-def choose_speed(cfg, saved: dict | None, time_update, device: str) -> tuple[torch.dtype, bool,
-                                                                             str]:
+def choose_speed(cfg, saved: dict | None, time_update,
+                 device: str) -> tuple[torch.dtype, bool, str]:
     """(dtype, compile, what the start-up line says about them) for the run `cfg` (a TrainConfig)
     describes.
 
@@ -222,9 +222,8 @@ def choose_speed(cfg, saved: dict | None, time_update, device: str) -> tuple[tor
         seconds = update_seconds(time_update, candidates, device)
         best = int(seconds.argmin())
         if len(candidates) > 1:
-            took = ", ".join(f"{str(c).removeprefix('torch.')} {t:.3f} s" for c,
-                             t in zip(candidates, seconds.tolist(),
-                                                                                          strict=True))
+            took = ", ".join(f"{str(c).removeprefix('torch.')} {t:.3f} s"
+                             for c, t in zip(candidates, seconds.tolist(), strict=True))
             auto.append(f"dtype: an update took {took}")
     if compile == "auto":
         run_minutes = (cfg.max_minutes or cfg.training_tokens // cfg.tokens_per_update

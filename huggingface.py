@@ -90,9 +90,8 @@ def model_config_from_hf(hf: dict, where: str, multiple_of: int) -> dict:
                   "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
                   "n_layers": hf["num_hidden_layers"],
                   "eps": hf.get("rms_norm_eps", 1e-6),
-                  "theta": float((hf.get("rope_parameters") or {}).get("rope_theta",
-                                                                       hf.get("rope_theta",
-                                                                              10_000.0))),
+                  "theta": float((hf.get("rope_parameters") or {}).get(
+                      "rope_theta", hf.get("rope_theta", 10_000.0))),
                   "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
     except KeyError as e:
         raise UserError(f"{where} has no {e.args[0]}; it is not a complete Llama config") from None
@@ -110,6 +109,17 @@ def model_config_from_hf(hf: dict, where: str, multiple_of: int) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Reading a directory: train.py --init_from and eval.py start from a Hugging Face model.
+def read_config_json(directory: Path, multiple_of: int) -> tuple[dict, dict]:
+    """A Hugging Face model directory's config.json, and the ModelConfig fields it gives
+    (model_config_from_hf's)."""
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{directory} has no readable config.json; it is not a Hugging Face model "
+                        "directory") from None
+    return hf, model_config_from_hf(hf, str(directory / "config.json"), multiple_of)
+
+
 def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     """train.py --init_from=DIR, first step, before anything is built or written: the run's config
     (a TrainConfig) with DIR's architecture, from its config.json, and the size of DIR's embedding.
@@ -119,12 +129,7 @@ def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     values, so checkpoints record them; the training choices (max_seq_len, dropout, batch, schedule)
     stay the run's."""
     root = Path(cfg.init_from)
-    try:
-        hf = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{root} has no readable config.json; --init_from takes a Hugging Face "
-                        "model directory") from None
-    fields = model_config_from_hf(hf, str(root / "config.json"), cfg.multiple_of)
+    _, fields = read_config_json(root, cfg.multiple_of)
     for name, value in fields.items():
         if name in cfg.user_set and getattr(cfg, name) != value:
             raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command "
@@ -286,15 +291,10 @@ def load_hf_model(directory: Path) -> tuple[Transformer, object]:
     train.py --init_from."""
     if not (directory / "tokenizer.json").exists():
         raise UserError(f"{directory} has no tokenizer.json; save the model's fast tokenizer there "
-                        "(transformers' "
-                        "AutoTokenizer.from_pretrained(...).save_pretrained) to score it")
+                        "(transformers' AutoTokenizer.from_pretrained(...).save_pretrained) to "
+                        "score it")
     tokenizer = load_tokenizer(directory)
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{directory}/config.json cannot be read; it is not a Hugging Face model "
-                        "directory") from None
-    fields = model_config_from_hf(hf, str(directory / "config.json"), ModelConfig.multiple_of)
+    hf, fields = read_config_json(directory, ModelConfig.multiple_of)
     # The context the harness gives the model is config.json's too (LlamaConfig's default when it is
     # missing).
     config = ModelConfig(**fields, max_seq_len=hf.get("max_position_embeddings", 2048))

@@ -309,8 +309,8 @@ class Transformer(nn.Module):
           use_cache=False reruns the whole context every step (a reference for tests and
           benchmarks). Both see the same context, so they produce the same tokens.
         """
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None
-                                                                    and not 0 < top_p <= 1):
+        if (temperature < 0 or (top_k is not None and top_k < 1)
+                or (top_p is not None and not 0 < top_p <= 1)):
             raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
                             f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
         window = self.config.max_seq_len

@@ -289,8 +289,8 @@ def loglikelihoods(model, requests: list[Request], batch_size: int, device: str,
             logits = model(x.to(device))[0]
         # The log-softmax only where a continuation's token is predicted, in fp32 (as the loss is).
         scored = scored.to(device)
-        picked = logits[scored].float().log_softmax(-1).gather(-1, y.to(device)[scored][:, None])[:,
-                                                                                                  0]
+        log_probs = logits[scored].float().log_softmax(-1)
+        picked = log_probs.gather(-1, y.to(device)[scored][:, None])[:, 0]
         rows = torch.arange(len(batch), device=device)[:, None].expand(-1, width)[scored]
         sums = torch.zeros(
             len(batch), device=device, dtype=torch.float64).index_add_(0, rows, picked.double())

@@ -443,8 +443,8 @@ def attention_kernel(cfg: TrainConfig, device: str, dtype: torch.dtype) -> str:
     q = torch.empty(1, cfg.n_heads, cfg.max_seq_len, cfg.n_embd // cfg.n_heads, device=device,
                     dtype=dtype,
                     requires_grad=True)
-    kernel = ATTENTION_KERNELS[SDPBackend(torch._fused_sdp_choice(q, q, q, dropout_p=cfg.dropout,
-                                                                  is_causal=True))]
+    choice = torch._fused_sdp_choice(q, q, q, dropout_p=cfg.dropout, is_causal=True)
+    kernel = ATTENTION_KERNELS[SDPBackend(choice)]
     return kernel + (" (CPU)" if device == "cpu" else "")
 
 
@@ -489,8 +489,8 @@ def measure_config(m: Machine, cfg: TrainConfig, warmup: int, steps: int) -> tup
                                                 steps))
     memory, _ = peak_memory_mib(m.device)
     tokens_per_sec = cfg.tokens_per_update / step_time
-    mfu = raw.flops_per_token() * tokens_per_sec / m.world_size / measure_matmul_flops(m.device,
-                                                                                       dtype)
+    peak_flops = measure_matmul_flops(m.device, dtype)
+    mfu = raw.flops_per_token() * tokens_per_sec / m.world_size / peak_flops
     # DTensor.numel() is the whole tensor's: rank 0's state counts the full checkpoint.
     size = checkpoint_bytes(training_state(raw, optimizer, cfg.fsdp, m.world_size, m.device)[:2])
     figure = (f"{tokens_per_sec:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak {memory:,.0f} MiB, "
@@ -627,9 +627,8 @@ def run(cfg: TrainConfig, warmup: int, steps: int) -> bool:
     vocab_size, fingerprint = (load_tokenizer(cfg.dataset_dir, meta).vocab_size,
                                tokenizer_fingerprint(cfg.dataset_dir, meta))
     # FSDP is among the checks: the process group starts even on one rank.
-    with distributed(dataclasses.replace(cfg, fsdp=True), timeout=PREFLIGHT_TIMEOUT) as (rank,
-                                                                                         world_size,
-                                                                                         device):
+    sharded = dataclasses.replace(cfg, fsdp=True)
+    with distributed(sharded, timeout=PREFLIGHT_TIMEOUT) as (rank, world_size, device):
         check_process_group(device)
         scratch = [None]
         if rank == 0:

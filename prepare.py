@@ -332,8 +332,8 @@ class ShardWriter:
     file is byte for byte what np.save would write."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype):
-        self.out_dir, self.split, self.shard_tokens, self.dtype = (out_dir, split, shard_tokens,
-                                                                   np.dtype(dtype))
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.dtype = np.dtype(dtype)
         self.header_bytes = len(npy_header(self.dtype, 0))
         self.file = None  # the open shard, if any
         # its path, its estimated size in bytes, its tokens so far

@@ -33,9 +33,8 @@ class Scheduler:
         decay_steps = max(1, self.training_steps - 1 - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         if self.schedule == "cosine":
-            return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1
-                                                                      + math.cos(math.pi
-                                                                                 * progress))
+            return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (
+                1 + math.cos(math.pi * progress))
         return self.max_lr - (self.max_lr - self.min_lr) * progress
 
     def step(self, step: int) -> float:

@@ -174,8 +174,8 @@ def load_tokenizer(dataset_dir, meta: dict | None = None) -> Tokenizer | HFToken
     """The tokenizer a dataset directory was prepared with (or a Hugging Face model directory's):
     the one way every script gets its tokenizer. meta: the dataset's meta.json, when the caller has
     read it already."""
-    if (Path(dataset_dir) / "config.json").exists() and not (Path(dataset_dir)
-                                                             / "meta.json").exists():
+    root = Path(dataset_dir)
+    if (root / "config.json").exists() and not (root / "meta.json").exists():
         return model_dir_tokenizer(Path(dataset_dir))
     meta = meta or read_meta(dataset_dir)
     if meta["tokenizer"] == "gpt2":

@@ -233,8 +233,8 @@ def test_without_the_permutation_the_logits_differ(exports):
     unpermuted, ours_weights = tensors(reader), model.state_dict()
     for i in range(2):
         for name in ("q", "k"):
-            ours = ours_weights[f"layers.{i}.attention.w{name}.weight"]
-            unpermuted[f"blk.{i}.attn_{name}.weight"] = ours.numpy()
+            weight = ours_weights[f"layers.{i}.attention.w{name}.weight"]
+            unpermuted[f"blk.{i}.attn_{name}.weight"] = weight.numpy()
     theirs = llama_cpp_logits(reader, ids, unpermuted)
     assert np.abs(theirs - ours).max() > 0.01 * np.abs(ours).max()
 

@@ -53,8 +53,20 @@ def test_no_module_imports_one_that_imports_it():
 
     for module in MODULES:
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
-    assert "train" not in graph[
-        "sample"] | graph["export"], "readers of checkpoints do not load the training code"
+    readers = graph["sample"] | graph["export"]
+    assert "train" not in readers, "readers of checkpoints do not load the training code"
+
+
+SCRIPTS = {"prepare", "export", "sample", "bench", "eval", "bench_nanogpt", "bench_prepare"}
+
+
+def test_scripts_are_leaves():
+    """What scripts share lives in library modules named for what they hold (tokenizer.py,
+    dataset.py, files.py, huggingface.py, checkpoint.py, ...): no module imports a script. The one
+    exception is bench_prepare.py, a benchmark of prepare.py's own pipeline."""
+    importers = {module: imports_of(module) & SCRIPTS for module in MODULES}
+    importers = {module: found for module, found in importers.items() if found}
+    assert importers == {"bench_prepare": {"prepare"}}
 
 
 def test_the_default_schedule_is_the_guides_warm_up_then_cosine():
