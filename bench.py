@@ -1,48 +1,55 @@
-"""Measure training speed: tokens/s, model FLOPs utilisation (MFU), peak memory and the data loader's share.
+"""Measure training speed: tokens/s, model FLOPs utilisation (MFU), peak memory and the data
+loader's share.
 
-    python bench.py                                        # the default model on data/shakespeare
-    python bench.py config/llama_1b3.py --batch_size=4     # any config and overrides train.py accepts
+    python bench.py                                     # the default model on data/shakespeare
+    python bench.py config/llama_1b3.py --batch_size=4  # any config and train.py's overrides
     python bench.py --compile=True --dtype=float32 --steps=20 --warmup=5 --profile=True
-    python bench.py config/llama_7b.py --estimate=True --world_size=8 --gpu_memory=80   # memory, nothing run
-    torchrun --standalone --nproc_per_node=8 bench.py --preflight=True config/llama_1b3.py   # check a machine
+    python bench.py config/llama_7b.py --estimate=True --world_size=8 --gpu_memory=80  # memory only
+    torchrun --standalone --nproc_per_node=8 bench.py --preflight=True config/llama_1b3.py
 
-The model, optimizer, loader and update are train.py's own (nothing is re-implemented here), so what is measured
-is what `python train.py` runs. One timed step is one whole optimizer update: every micro-step's forward and
-backward, gradient clipping and the AdamW step. The first updates are left out of the timing: they allocate memory,
-warm caches and, with --compile=True, compile the model, all of which happen once per run.
+The model, optimizer, loader and update are train.py's own (nothing is re-implemented here), so what
+is measured is what `python train.py` runs. One timed step is one whole optimizer update: every
+micro-step's forward and backward, gradient clipping and the AdamW step. The first updates are left
+out of the timing: they allocate memory, warm caches and, with --compile=True, compile the model,
+all of which happen once per run.
 
-MFU = (model FLOPs per token x tokens/s) / (FLOP/s of a large matmul measured here, on this device and dtype). It
-says how close training comes to what this hardware can do on the operation that dominates the model.
+MFU = (model FLOPs per token x tokens/s) / (FLOP/s of a large matmul measured here, on this device
+and dtype). It says how close training comes to what this hardware can do on the operation that
+dominates the model.
 
---estimate=True runs nothing: it prints, per GPU, the bytes that parameters, gradients, optimizer state and
-activations take under DDP and under FSDP, with and without activation checkpointing, for --world_size GPUs of
---gpu_memory GB each (see memory_estimate for what is counted).
+--estimate=True runs nothing: it prints, per GPU, the bytes that parameters, gradients, optimizer
+state and activations take under DDP and under FSDP, with and without activation checkpointing, for
+--world_size GPUs of --gpu_memory GB each (see memory_estimate for what is counted).
 
---preflight=True, under torchrun, checks the machine before a long run (preflight.py): correctness across the
-ranks, checkpoints, link bandwidth, this config's speed and memory beside the estimate, the projected run. It prints
-one PASS/FAIL table, writes it to <ckpt_dir>/preflight.txt and exits with status 1 when a row fails.
+--preflight=True, under torchrun, checks the machine before a long run (preflight.py): correctness
+across the ranks, checkpoints, link bandwidth, this config's speed and memory beside the estimate,
+the projected run. It prints one PASS/FAIL table, writes it to <ckpt_dir>/preflight.txt and exits
+with status 1 when a row fails.
 """
-import json
-import math
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 
 import preflight
 from configurator import UserError, exit_if_help, load_config, run_cli
-from hardware import choose_speed, measure_matmul_flops, peak_memory_mib, pick_device, synchronize
-from model import ModelConfig, Transformer
-from prepare import load_tokenizer
+from hardware import (
+    choose_speed,
+    measure_matmul_flops,
+    memory_estimate,
+    parameter_counts,
+    peak_memory_mib,
+    pick_device,
+    synchronize,
+)
+from model import Transformer
+from tokenizer import load_tokenizer
 from train import (
     DatasetLoader,
     TrainConfig,
     accumulation_steps,
-    fit_batch,
     make_optimizer,
     make_scaler,
     timed_updates,
@@ -61,7 +68,8 @@ class BenchOptions:
     estimate: bool = False  # print a per-GPU memory estimate instead of timing anything
     world_size: int = 8  # GPUs the estimate is for
     gpu_memory: float = 80.0  # GB (10^9 bytes) per GPU, for the estimate's "fits" column
-    preflight: bool = False  # under torchrun: check this machine before a long run and print a PASS/FAIL table
+    preflight: bool = False  # under torchrun: check this machine before a long run and print a
+                             # PASS/FAIL table
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0:
@@ -77,7 +85,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def loader_seconds(loader: DatasetLoader, batches: int, device: str) -> float:
-    """Mean time to fetch one batch, measured on its own: it is part of every micro-step inside train_update."""
+    """Mean time to fetch one batch, measured on its own: it is part of every micro-step inside
+    train_update."""
     synchronize(device)
     start = time.perf_counter()
     for _ in range(batches):
@@ -87,76 +96,23 @@ def loader_seconds(loader: DatasetLoader, batches: int, device: str) -> float:
 
 
 def profile_update(model, optimizer, loader, accum_steps, cfg, device, dtype, rows=15):
-    """Print the operators with the most self time (time in the operator itself, not in what it calls)."""
+    """Print the operators with the most self time (time in the operator itself, not in what it
+    calls)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype, make_scaler(device, dtype))
+        train_update(model, optimizer, loader, accum_steps, cfg, device, dtype,
+                     make_scaler(device, dtype))
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
-def parameter_counts(config: ModelConfig) -> tuple[int, int]:
-    """(all parameters, those of one Block), counted on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    return model.num_params(), sum(p.numel() for p in model.layers[0].parameters())
-
-
-def memory_estimate(cfg, vocab_size: int, world_size: int, fsdp: bool, checkpointing: bool) -> dict[str, float]:
-    """Bytes per GPU at the peak of an update (the start of backward, gradients kept from earlier micro-steps).
-
-    Weights, gradients and AdamW's two moments are fp32 (4 bytes each per parameter); with --optimizer=muon the
-    blocks' matrices keep Muon's one momentum instead (4 bytes), sharded like the rest under FSDP. (Muon's step also
-    holds whole, for a moment, the matrices a rank orthogonalizes: about 1/world_size of them, after backward has
-    freed the activations, so not at this peak.) Under bf16 (dtype auto or
-    bfloat16; float16 takes as much) the matmuls run in bf16, so each layer also keeps bf16 copies:
-    - DDP: autocast's bf16 copy of every matrix, saved for backward (2 bytes per parameter); with more than one
-      rank, DDP's gradient buckets are a second fp32 copy of the gradients;
-    - FSDP: the sharded fp32 state is 1/world_size of the above; on top, weights are gathered whole in the compute
-      dtype for two Blocks at a time (one computing, the next prefetched) and for the root (embedding, final norm,
-      output) through the whole step; a Block's gradients are whole, then cast to fp32 for the reduce-scatter.
-    Activations, per token of a micro-batch (batch_size x max_seq_len), as saved by model.py's code (counted with
-    saved-tensor hooks): each RMSNorm keeps its fp32 input and normalised value and the bf16 copy the matmuls read
-    (8h + a*h bytes, a = 2 in bf16, 4 in fp32); attention keeps q, k, v after RoPE, the attention output and its
-    reshaped copy (a*(3h + 2kv), with grouped-query attention the repeated k, v instead: 5a*h); SwiGLU keeps
-    four tensors of the hidden width f (4a*f). Checkpointing keeps only each Block's fp32 input (4h) and redoes one
-    Block at a time in backward. The loss adds 12 bytes per vocabulary entry (fp32 log-probabilities and the two
-    gradients that replace them)."""
-    config = cfg.model_config(vocab_size)
-    n, per_block = parameter_counts(config)
-    root = n - config.n_layers * per_block
-    a = 4 if cfg.dtype == "float32" else 2
-    h, L = config.n_embd, config.n_layers
-    kv = h // config.n_heads * config.n_kv_heads
-    f = config.multiple_of * math.ceil(int(8 * h / 3) / config.multiple_of)
-    attention = 5 * a * h if kv < h else a * (3 * h + 2 * kv)
-    layer = 2 * (8 * h + a * h) + attention + 4 * a * f
-    kept = L * 4 * h + layer if checkpointing else L * layer
-    activations = cfg.batch_size * cfg.max_seq_len * (kept + 8 * h + a * h + 12 * vocab_size)
-    in_muon = L * (per_block - 2 * h) if cfg.optimizer == "muon" else 0  # all but a Block's two norm gains
-    optimizer = 8 * n - 4 * in_muon
-    if fsdp:
-        params = 4 * n / world_size + a * (2 * per_block + root)
-        grads = 4 * n / world_size + a * root + (a + (4 if a != 4 else 0)) * per_block
-        optimizer /= world_size
-    else:
-        params = 4 * n + (2 * n if a == 2 else 0)
-        grads = 4 * n * (2 if world_size > 1 else 1)
-    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
-
-
-def dataset_vocab_size(cfg) -> int:
-    """The vocabulary comes from the dataset; before it is prepared, from prepare.py's default (8192)."""
-    meta = Path(cfg.dataset_dir) / "meta.json"
-    return json.loads(meta.read_text())["vocab_size"] if meta.exists() else 8192
-
-
 def print_estimate(cfg, opts: BenchOptions):
-    vocab_size = dataset_vocab_size(cfg)
+    vocab_size = load_tokenizer(cfg.dataset_dir).vocab_size
     n, _ = parameter_counts(cfg.model_config(vocab_size))
-    print(f"{n / 1e9:.2f}B parameters (vocabulary {vocab_size}) | micro-batch {cfg.batch_size}x{cfg.max_seq_len} "
+    print(f"{n / 1e9:.2f}B parameters (vocabulary {vocab_size}) | micro-batch "
+          f"{cfg.batch_size}x{cfg.max_seq_len} "
           f"per GPU | {opts.world_size} GPUs of {opts.gpu_memory:g} GB | "
           f"{'fp32' if cfg.dtype == 'float32' else '16-bit compute'} | GB per GPU:")
     print(f"{'':<10}{'params':>9}{'grads':>9}{'optim.':>9}{'activ.':>9}{'total':>9}  fits")
@@ -170,7 +126,8 @@ def print_estimate(cfg, opts: BenchOptions):
 
 
 def main(argv: list[str]):
-    exit_if_help(argv, BenchOptions, TrainConfig)  # both groups: bench.py's options, then the training config
+    # both groups: bench.py's options, then the training config
+    exit_if_help(argv, BenchOptions, TrainConfig)
     own, rest = split_argv(argv)
     opts = load_config(own, BenchOptions)
     cfg = load_config(rest, TrainConfig)
@@ -178,12 +135,7 @@ def main(argv: list[str]):
         print_estimate(cfg, opts)
         return
     if opts.preflight:
-        # The estimate for the ranks torchrun started, to be shown beside the measured peak.
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        fitted, _ = fit_batch(cfg, world_size)  # the batch the preflight runs, as train.py would fit it
-        estimates = {(fsdp, ac): sum(memory_estimate(fitted, dataset_vocab_size(cfg), world_size, fsdp, ac).values())
-                     for fsdp in (False, True) for ac in (False, True)}
-        if not preflight.run(cfg, opts.warmup, opts.steps, estimates):
+        if not preflight.run(cfg, opts.warmup, opts.steps):
             sys.exit(1)
         return
     device = pick_device(cfg.device)
@@ -198,26 +150,33 @@ def main(argv: list[str]):
     loader = DatasetLoader(cfg.dataset_dir, "train", cfg.batch_size, cfg.max_seq_len, device=device,
                            vocab_size=tokenizer.vocab_size)
     raw_model = Transformer(cfg.model_config(tokenizer.vocab_size)).to(device)
-    # dtype=auto and compile=auto as train.py decides them for the run this config describes (training_tokens or
-    # max_minutes long), not for the benchmark's few updates: what is timed is what `python train.py` would run.
-    dtype, compile, why = choose_speed(cfg, None, update_timer(raw_model, cfg, loader, accum_steps, device), device)
-    cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))  # as train.py runs it: Muon's dtype follows it
+    # dtype=auto and compile=auto as train.py decides them for the run this config describes
+    # (training_tokens or max_minutes long), not for the benchmark's few updates: what is timed is
+    # what `python train.py` would run.
+    dtype, compile, why = choose_speed(cfg, None,
+                                       update_timer(raw_model, cfg, loader, accum_steps, device),
+                                       device)
+    # as train.py runs it: Muon's dtype follows it
+    cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))
     optimizer = make_optimizer(raw_model, cfg, device)
     model = torch.compile(raw_model) if compile else raw_model
     print(f"{raw_model.num_params():,} parameters | {cfg.tokens_per_update:,} tokens per update "
           f"({accum_steps} micro-steps of {cfg.batch_size}x{cfg.max_seq_len}) | {device} "
-          f"{str(dtype).removeprefix('torch.')} | compile={compile} | {torch.get_num_threads()} CPU threads"
+          f"{str(dtype).removeprefix('torch.')} | compile={compile} | {torch.get_num_threads()} "
+          "CPU threads"
           + (f" | {why}" if why else ""))
 
     start = time.perf_counter()
-    times = timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, opts.warmup, opts.steps)
+    times = timed_updates(model, optimizer, loader, accum_steps, cfg, device, dtype, opts.warmup,
+                          opts.steps)
     print(f"warm-up and {opts.steps} timed updates in {time.perf_counter() - start:.1f} s")
     step_time = statistics.median(times)
     load_time = accum_steps * loader_seconds(loader, accum_steps * opts.steps, device)
     if opts.profile:
         profile_update(model, optimizer, loader, accum_steps, cfg, device, dtype)
 
-    # The probe runs after training so that its time and memory do not disturb the measurements above.
+    # The probe runs after training so that its time and memory do not disturb the measurements
+    # above.
     peak_flops = measure_matmul_flops(device, dtype)
     tokens_per_sec = cfg.tokens_per_update / step_time
     mfu = raw_model.flops_per_token() * tokens_per_sec / peak_flops
@@ -225,10 +184,12 @@ def main(argv: list[str]):
     print(f"update time: median {1000 * step_time:.1f} ms over {opts.steps} updates "
           f"(min {1000 * min(times):.1f}, max {1000 * max(times):.1f})")
     print(f"tokens/s: {tokens_per_sec:,.0f}")
-    print(f"matmul probe: {peak_flops / 1e9:,.1f} GFLOP/s ({device}, {str(dtype).removeprefix('torch.')})")
+    print(f"matmul probe: {peak_flops / 1e9:,.1f} GFLOP/s ({device}, "
+          f"{str(dtype).removeprefix('torch.')})")
     print(f"MFU: {100 * mfu:.1f}% ({raw_model.flops_per_token() / 1e6:.1f} MFLOP per token)")
     print(f"peak memory: {memory:,.0f} MiB ({what})")
-    print(f"data loader: {100 * load_time / step_time:.2f}% of update time ({1000 * load_time:.2f} ms per update)")
+    print(f"data loader: {100 * load_time / step_time:.2f}% of update time ({1000 * load_time:.2f} "
+          "ms per update)")
 
 
 if __name__ == "__main__":

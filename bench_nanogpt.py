@@ -1,18 +1,19 @@
 """Our model's training step against nanoGPT's, timed side by side in one run with the same harness.
 
-    python bench_nanogpt.py                                  # the reference shape: 6 x 384, 6 heads, seq 256, batch 8
-    python bench_nanogpt.py --n_layers=4 --n_embd=128 --n_heads=4 --batch_size=16   # the default model's shape
+    python bench_nanogpt.py         # the reference shape: 6 x 384, 6 heads, seq 256, batch 8
+    python bench_nanogpt.py --n_layers=4 --n_embd=128 --n_heads=4 --batch_size=16  # our default's
     python bench_nanogpt.py --variants=defaults --steps=20
 
-One step is what an update of batch_size x max_seq_len tokens costs: forward, backward and a fused AdamW step. The
-nanoGPT side is a GPT-2 block as nanoGPT writes it (LayerNorm, one matrix for q, k and v, GELU, learned positions,
-the output head tied to the embedding), defined below for the benchmark. The two models are timed alternately, a
-step of one then a step of the other, so that a machine whose speed drifts slows both alike; the ratio is of medians.
+One step is what an update of batch_size x max_seq_len tokens costs: forward, backward and a fused
+AdamW step. The nanoGPT side is a GPT-2 block as nanoGPT writes it (LayerNorm, one matrix for q, k
+and v, GELU, learned positions, the output head tied to the embedding), defined below for the
+benchmark. The two models are timed alternately, a step of one then a step of the other, so that a
+machine whose speed drifts slows both alike; the ratio is of medians.
 
-Variants: "bf16" (autocast, eager), "fp32" (eager), "bf16+compile", "fp32+compile", and "defaults": each repository's
-own default on this device, nanoGPT's (fp32 on a CPU, where it does not autocast, and torch.compile) against
-train.py's dtype=auto and compile=auto as hardware.choose_speed decides them on this machine for a run as long as
-the default `python train.py`.
+Variants: "bf16" (autocast, eager), "fp32" (eager), "bf16+compile", "fp32+compile", and "defaults":
+each repository's own default on this device, nanoGPT's (fp32 on a CPU, where it does not autocast,
+and torch.compile) against train.py's dtype=auto and compile=auto as hardware.choose_speed decides
+them on this machine for a run as long as the default `python train.py`.
 """
 import functools
 import math
@@ -31,7 +32,8 @@ from train import TrainConfig
 
 
 class GPT2Block(nn.Module):
-    """nanoGPT's block: pre-LayerNorm, causal attention from one fused q/k/v matrix, a 4x GELU MLP."""
+    """nanoGPT's block: pre-LayerNorm, causal attention from one fused q/k/v matrix, a 4x GELU
+    MLP."""
 
     def __init__(self, n_embd: int, n_heads: int):
         super().__init__()
@@ -52,7 +54,8 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """nanoGPT's GPT: token and position embeddings, the blocks, a final LayerNorm, the head tied to the embedding."""
+    """nanoGPT's GPT: token and position embeddings, the blocks, a final LayerNorm, the head tied to
+    the embedding."""
 
     def __init__(self, vocab_size: int, max_seq_len: int, n_embd: int, n_heads: int, n_layers: int):
         super().__init__()
@@ -63,7 +66,8 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
+                residual = name.endswith(("c_proj.weight", "mlp_proj.weight"))
+                std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx, targets):
@@ -88,9 +92,11 @@ class NanoGPTBenchConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
 
     def __post_init__(self):
-        unknown = set(self.variants.split(",")) - {"bf16", "fp32", "bf16+compile", "fp32+compile", "defaults"}
+        unknown = set(self.variants.split(",")) - {"bf16", "fp32", "bf16+compile", "fp32+compile",
+                                                   "defaults"}
         if unknown:
-            raise UserError(f"unknown --variants {sorted(unknown)}; choose from bf16, fp32, bf16+compile, "
+            raise UserError(f"unknown --variants {sorted(unknown)}; choose from bf16, fp32, "
+                            "bf16+compile, "
                             "fp32+compile, defaults")
         if self.steps < 1 or self.warmup < 0:
             raise UserError("--steps must be at least 1 and --warmup at least 0")
@@ -129,8 +135,10 @@ def build(which: str, cfg: NanoGPTBenchConfig, device: str, compile: bool):
     if which == "nanoGPT":
         model = GPT2(cfg.vocab_size, cfg.max_seq_len, cfg.n_embd, cfg.n_heads, cfg.n_layers)
     else:
-        model = Transformer(ModelConfig(vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, n_embd=cfg.n_embd,
-                                        n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, n_layers=cfg.n_layers))
+        model = Transformer(ModelConfig(vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+                                        n_embd=cfg.n_embd,
+                                        n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+                                        n_layers=cfg.n_layers))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return (torch.compile(model) if compile else model), optimizer
@@ -140,20 +148,26 @@ def main(argv: list[str]):
     cfg = load_config(argv, NanoGPTBenchConfig)
     device = pick_device(cfg.device)
     tokens = cfg.batch_size * cfg.max_seq_len
-    print(f"{cfg.n_layers} layers x {cfg.n_embd}, {cfg.n_heads} heads, seq {cfg.max_seq_len}, batch {cfg.batch_size}, "
-          f"vocabulary {cfg.vocab_size} | {device} | {torch.get_num_threads()} threads | median of {cfg.steps} steps")
+    print(f"{cfg.n_layers} layers x {cfg.n_embd}, {cfg.n_heads} heads, seq {cfg.max_seq_len}, "
+          f"batch {cfg.batch_size}, "
+          f"vocabulary {cfg.vocab_size} | {device} | {torch.get_num_threads()} threads | median of "
+          f"{cfg.steps} steps")
     print(f"{'variant':<34}{'nanoGPT tok/s':>15}{'ours tok/s':>13}{'ratio':>8}")
     for variant in cfg.variants.split(","):
         if variant == "defaults":
-            # nanoGPT autocasts on CUDA only, and compiles; ours measures, for a run of python train.py's length.
-            theirs_dtype, theirs_compile = (torch.bfloat16 if device.startswith("cuda") else torch.float32), True
+            # nanoGPT autocasts on CUDA only, and compiles; ours measures, for a run of python
+            # train.py's length.
+            theirs_dtype, theirs_compile = (torch.bfloat16 if device.startswith("cuda")
+                                            else torch.float32), True
             ours, optimizer = build("ours", cfg, device, compile=False)
             x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), device=device)
-            run = TrainConfig(tokens_per_update=tokens)  # python train.py's length, in steps of this benchmark's size
+            # python train.py's length, in steps of this benchmark's size
+            run = TrainConfig(tokens_per_update=tokens)
             time_step = functools.partial(step_seconds, ours, optimizer, x, device)
             ours_dtype, ours_compile, why = choose_speed(run, None, time_step, device)
             print(f"ours with dtype=auto, compile=auto: {why}")
-            label = f"defaults (ours {str(ours_dtype).removeprefix('torch.')}{', compiled' * ours_compile})"
+            label = ("defaults (ours "
+                     f"{str(ours_dtype).removeprefix('torch.')}{', compiled' * ours_compile})")
         else:
             dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
             theirs_dtype = ours_dtype = dtype

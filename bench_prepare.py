@@ -1,23 +1,28 @@
-"""Measure prepare.py's encoding speed against the usual multiprocessing recipe, on the same corpus, in one run.
+"""Measure prepare.py's encoding speed against the usual multiprocessing recipe, on the same corpus,
+in one run.
 
-    python bench_prepare.py                                  # 100 MB, jsonl + parquet + txt, trained vocab and gpt2
+    python bench_prepare.py  # 100 MB, jsonl + parquet + txt, a trained vocabulary and gpt2's
     python bench_prepare.py --megabytes=1000 --formats=jsonl --tokenizers=bpe
 
-The corpus is built once per size from text already on this machine: Python source files from the installed
-packages and Shakespeare's plays, one document each, cycled until the size is reached. It is written three ways
-(one .jsonl file, one .parquet file laid out as Hugging Face datasets writes them, a directory of .txt files) so the
-same documents go through every reader.
+The corpus is built once per size from text already on this machine: Python source files from the
+installed packages and Shakespeare's plays, one document each, cycled until the size is reached. It
+is written three ways (one .jsonl file, one .parquet file laid out as Hugging Face datasets writes
+them, a directory of .txt files) so the same documents go through every reader.
 
 Two pipelines encode it with the same vocabulary:
-- prepare.py itself (`--tokenizer=<dataset or gpt2>`: no BPE training, just the validation split and encoding);
-- the recipe most nanoGPT-style repositories use for FineWeb: the main process reads documents and hands them to a
-  multiprocessing.Pool whose workers each call encode_ordinary on one document (imap, in chunks), then the tokens
-  are copied into a uint16 buffer that is saved as a shard whenever it fills up.
-Each runs in a fresh subprocess, alternating, `--repeats` times; the median wall time is reported, with the peak
-resident memory of the largest process and of the whole process tree (sampled every 100 ms).
+- prepare.py itself (`--tokenizer=<dataset or gpt2>`: no BPE training, just the validation split and
+  encoding);
+- the recipe most nanoGPT-style repositories use for FineWeb: the main process reads documents and
+  hands them to a multiprocessing.Pool whose workers each call encode_ordinary on one document
+  (imap, in chunks), then the tokens are copied into a uint16 buffer that is saved as a shard
+  whenever it fills up.
+Each runs in a fresh subprocess, alternating, `--repeats` times; the median wall time is reported,
+with the peak resident memory of the largest process and of the whole process tree (sampled every
+100 ms).
 
-A third figure is the tokenizer's own ceiling: encode_ordinary_batch on all cores over text already in memory, so
-no reading, parsing or writing at all. How close prepare.py comes to it says what is left to win.
+A third figure is the tokenizer's own ceiling: encode_ordinary_batch on all cores over text already
+in memory, so no reading, parsing or writing at all. How close prepare.py comes to it says what is
+left to win.
 """
 import glob
 import json
@@ -34,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from configurator import UserError, load_config, run_cli
-from prepare import gpt2_tokenizer, load_tokenizer, shakespeare_documents
+from prepare import shakespeare_documents
+from tokenizer import gpt2_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -75,20 +81,23 @@ def corpus_documents(megabytes: int):
         yield text
 
 
-# The parquet file is laid out as Hugging Face datasets (5.2) writes one with to_parquet or push_to_hub: row groups
-# of up to 100 MB of text (datasets.config.MAX_ROW_GROUP_SIZE) in pages of 256 KiB to 1 MiB (content-defined
-# chunking), with a page index. Row groups of 1000 of these documents, as this script wrote before, put each row
-# group's column in one dictionary page of up to 18 MB (pyarrow checks a dictionary's size only every 1024 rows),
-# which a reader has to hold whole.
+# The parquet file is laid out as Hugging Face datasets (5.2) writes one with to_parquet or
+# push_to_hub: row groups of up to 100 MB of text (datasets.config.MAX_ROW_GROUP_SIZE) in pages of
+# 256 KiB to 1 MiB (content-defined chunking), with a page index. Row groups of 1000 of these
+# documents, as this script wrote before, put each row group's column in one dictionary page of up
+# to 18 MB (pyarrow checks a dictionary's size only every 1024 rows), which a reader has to hold
+# whole.
 PARQUET_ROW_GROUP_BYTES = 100_000_000
 
 
 def build_corpus(root: Path, megabytes: int, formats: list[str]) -> dict[str, Path]:
-    """The same documents as corpus.jsonl, corpus.parquet and txt/NNNNNN.txt under root (reused if present)."""
+    """The same documents as corpus.jsonl, corpus.parquet and txt/NNNNNN.txt under root (reused if
+    present)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = {"jsonl": root / "corpus.jsonl", "parquet": root / "corpus.parquet", "txt": root / "txt"}
+    paths = {"jsonl": root / "corpus.jsonl", "parquet": root / "corpus.parquet",
+             "txt": root / "txt"}
     if all(paths[f].exists() for f in formats):
         return {f: paths[f] for f in formats}
     root.mkdir(parents=True, exist_ok=True)
@@ -116,7 +125,7 @@ def build_corpus(root: Path, megabytes: int, formats: list[str]) -> dict[str, Pa
     return {f: paths[f] for f in formats}
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The recipe, run in its own process: `python bench_prepare.py --recipe INPUT TOKENIZER OUT_DIR`.
 _encoding = None
 
@@ -157,7 +166,8 @@ def run_recipe(path: str, tokenizer: str, out_dir: str, shard_tokens: int = 100_
 
     os.makedirs(out_dir, exist_ok=True)
     buffer, filled, shard = np.empty(shard_tokens, dtype=np.uint16), 0, 0
-    with multiprocessing.Pool(os.cpu_count(), initializer=_recipe_init, initargs=(tokenizer,)) as pool:
+    with multiprocessing.Pool(os.cpu_count(), initializer=_recipe_init,
+                              initargs=(tokenizer,)) as pool:
         for ids in pool.imap(_recipe_encode, _recipe_documents(Path(path)), chunksize=16):
             while len(ids):
                 n = min(len(ids), shard_tokens - filled)
@@ -170,9 +180,10 @@ def run_recipe(path: str, tokenizer: str, out_dir: str, shard_tokens: int = 100_
         np.save(f"{out_dir}/shard_{shard:06d}.npy", buffer[:filled])
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def timed_process(command: list[str]) -> tuple[float, float, float]:
-    """Run command; return (wall seconds, peak RSS of its largest process, peak RSS of its whole tree), in MiB."""
+    """Run command; return (wall seconds, peak RSS of its largest process, peak RSS of its whole
+    tree), in MiB."""
     import psutil
 
     start = time.perf_counter()
@@ -209,18 +220,22 @@ def main(argv: list[str]):
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared_cache))
     root = Path(cfg.work_dir)
     if not (Path("data/shakespeare") / "meta.json").exists():
-        raise UserError("the trained vocabulary comes from data/shakespeare; run `python prepare.py` first")
+        raise UserError("the trained vocabulary comes from data/shakespeare; run `python "
+                        "prepare.py` first")
     corpora = build_corpus(root / f"{cfg.megabytes}mb", cfg.megabytes, cfg.formats.split(","))
-    print("| corpus | vocabulary | pipeline | MB/s | tokens/s | peak RSS, largest process / tree (MiB) |")
+    print("| corpus | vocabulary | pipeline | MB/s | tokens/s | peak RSS, largest process / tree "
+          "(MiB) |")
     print("|---|---|---|---|---|---|")
     for fmt, corpus in corpora.items():
         for tok in cfg.tokenizers.split(","):
             tokenizer = "data/shakespeare" if tok == "bpe" else "gpt2"
             ours_dir, recipe_dir = root / "out_ours", root / "out_recipe"
             commands = {
-                "prepare.py": [sys.executable, "prepare.py", f"--input={corpus}", f"--tokenizer={tokenizer}",
+                "prepare.py": [sys.executable, "prepare.py", f"--input={corpus}",
+                               f"--tokenizer={tokenizer}",
                                f"--out_dir={ours_dir}", "--overwrite"],
-                "recipe": [sys.executable, __file__, "--recipe", str(corpus), tokenizer, str(recipe_dir)],
+                "recipe": [sys.executable, __file__, "--recipe", str(corpus), tokenizer,
+                           str(recipe_dir)],
             }
             results = {name: [] for name in commands}
             for _ in range(cfg.repeats):
@@ -232,13 +247,15 @@ def main(argv: list[str]):
             for name, runs in results.items():
                 wall = statistics.median(r[0] for r in runs)
                 largest, tree = max(r[1] for r in runs), max(r[2] for r in runs)
-                print(f"| {fmt} {cfg.megabytes} MB | {tok} | {name} | {text_mb / wall:.1f} | {tokens / wall:,.0f} | "
+                print(f"| {fmt} {cfg.megabytes} MB | {tok} | {name} | {text_mb / wall:.1f} | "
+                      f"{tokens / wall:,.0f} | "
                       f"{largest:.0f} / {tree:.0f} |", flush=True)
             shutil.rmtree(ours_dir, ignore_errors=True)
             shutil.rmtree(recipe_dir, ignore_errors=True)
     for tok in cfg.tokenizers.split(","):
         tokenizer = "data/shakespeare" if tok == "bpe" else "gpt2"
-        print(f"ceiling ({tok}): encode_ordinary_batch on {os.cpu_count()} threads, text in memory: "
+        print(f"ceiling ({tok}): encode_ordinary_batch on {os.cpu_count()} threads, text in "
+              "memory: "
               f"{tokenizer_ceiling(next(iter(corpora.values())), tokenizer):.1f} MB/s")
     if not cfg.keep:
         shutil.rmtree(root)

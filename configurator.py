@@ -1,16 +1,19 @@
-"""Every script's options: the fields of a dataclass, set from config files and `--key=value` on the command line.
+"""Every script's options: the fields of a dataclass, set from config files and `--key=value` on the
+command line.
 
     python train.py config/llama_1b3.py --batch_size=4 --compile=True
     python prepare.py --input=a.txt --input=notes/ --out_dir=data/mine --overwrite
 
-A config file is plain Python that assigns some of the fields; `--key=value` values are Python literals (a bare word
-such as --device=cpu is a string); they are applied in the order given, so later ones win. A value must have its
-field's type, a list field (prepare.py's --input) collects every value given, and a bool field may be given bare
-(--overwrite means --overwrite=True). A name that is not a field is an error that lists the close ones.
-`--help` (or `-h`) prints every field with its type, default and the comment beside it in the source, and exits.
+A config file is plain Python that assigns some of the fields; `--key=value` values are Python
+literals (a bare word such as --device=cpu is a string); they are applied in the order given, so
+later ones win. A value must have its field's type, a list field (prepare.py's --input) collects
+every value given, and a bool field may be given bare (--overwrite means --overwrite=True). A name
+that is not a field is an error that lists the close ones.
+`--help` (or `-h`) prints every field with its type, default and the comment beside it in the
+source, and exits.
 
-A mistake here, or anywhere a user can make one, is a UserError: the script prints its message as one line and exits
-with status 2 (run_cli), never a traceback.
+A mistake here, or anywhere a user can make one, is a UserError: the script prints its message as
+one line and exits with status 2 (run_cli), never a traceback.
 """
 import ast
 import dataclasses
@@ -29,7 +32,8 @@ from pathlib import Path
 class UserError(Exception):
     """A mistake the user can fix. run_cli prints its message as one line and exits with status 2.
 
-    every_rank: the ranks of a torchrun job agreed on it (a collective told each of them) and all raise it at once."""
+    every_rank: the ranks of a torchrun job agreed on it (a collective told each of them) and all
+    raise it at once."""
 
     exit_status = 2
 
@@ -39,12 +43,14 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run main(argv) as a script: a UserError becomes one line on stderr and exit status 2, not a traceback.
+    """Run main(argv) as a script: a UserError becomes one line on stderr and exit status 2, not a
+    traceback.
 
-    Under torchrun the processes of one machine read the same options and files, so they meet the same mistake
-    together: only the first of them (LOCAL_RANK 0) prints it, and every one exits with the error's status. Each
-    machine that meets it says so, since machines may see different files. A mistake all the ranks agreed on
-    (every_rank) is printed once, by rank 0: N machines would print N copies of it."""
+    Under torchrun the processes of one machine read the same options and files, so they meet the
+    same mistake together: only the first of them (LOCAL_RANK 0) prints it, and every one exits with
+    the error's status. Each machine that meets it says so, since machines may see different files.
+    A mistake all the ranks agreed on (every_rank) is printed once, by rank 0: N machines would
+    print N copies of it."""
     try:
         main(sys.argv[1:])
     except UserError as e:
@@ -54,8 +60,10 @@ def run_cli(main):
 
 
 def _check_type(name: str, value, annotation):
-    """Reject a value whose type differs from the field's (ints are fine where floats are expected)."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    """Reject a value whose type differs from the field's (ints are fine where floats are
+    expected)."""
+    allowed = typing.get_args(annotation) if isinstance(annotation,
+                                                        types.UnionType) else (annotation,)
     if isinstance(value, bool) and bool not in allowed:
         ok = False  # bool is a subclass of int, but --n_layers=True is certainly a mistake
     else:
@@ -66,7 +74,8 @@ def _check_type(name: str, value, annotation):
 
 
 def _parse(text: str, annotation):
-    """A command-line value: the text itself for a str field (so --prompt=42 is "42"), else a Python literal."""
+    """A command-line value: the text itself for a str field (so --prompt=42 is "42"), else a Python
+    literal."""
     if annotation is str:
         return text
     try:
@@ -76,17 +85,30 @@ def _parse(text: str, annotation):
 
 
 def field_comments(cls) -> dict[str, str]:
-    """Each field of the dataclass `cls` and the `# comment` at the end of its line in the source (or "")."""
+    """Each field of the dataclass `cls` and the `# comment` at the end of its line in the source
+    (or ""). A comment too long for the line goes on below it, each further line holding only a
+    comment that starts in the same column."""
     source = textwrap.dedent(inspect.getsource(cls))
     # The tokenizer, not a search for "#": a default such as "a#b" holds one without a comment.
-    comments = {token.start[0]: token.string[1:].strip() for token in
-                tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
-    body = ast.parse(source).body[0].body
-    return {node.target.id: comments.get(node.end_lineno, "") for node in body if isinstance(node, ast.AnnAssign)}
+    comments = {token.start[0]: (token.start[1], token.string[1:].strip(),
+                                 token.line.lstrip()[0] == "#")
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            row, text = node.end_lineno, []
+            column = comments.get(row, (None,))[0]
+            while row in comments and comments[row][0] == column and (not text or comments[row][2]):
+                text.append(comments[row][1])
+                row += 1
+            found[node.target.id] = " ".join(text)
+    return found
 
 
 def help_text(*classes) -> str:
-    """What --help prints: for each dataclass, every field as `--name: type = default  # comment`."""
+    """What --help prints: for each dataclass, every field as `--name: type = default  #
+    comment`."""
     script = os.path.basename(sys.argv[0])
     lines = [f"usage: python {script} [config/x.py ...] [--key=value ...]"]
     for cls in classes:
@@ -98,24 +120,34 @@ def help_text(*classes) -> str:
                 continue  # filled in by load_config, not a setting
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             big = isinstance(default, int) and not isinstance(default, bool) and default >= 10_000
-            shown = f"{default:_}" if big else repr(default)  # 2_000_000 is a literal --key=value accepts too
+            # 2_000_000 is a literal --key=value accepts too
+            shown = f"{default:_}" if big else repr(default)
             kind = str(f.type) if typing.get_args(f.type) else f.type.__name__
-            lines.append(f"  --{f.name}: {kind} = {shown}" + (f"  # {comments[f.name]}" if comments[f.name] else ""))
+            lines.append(f"  --{f.name}: {kind} = {shown}"
+                         + (f"  # {comments[f.name]}" if comments[f.name] else ""))
     return "\n".join(lines)
 
 
 def exit_if_help(argv: list[str], *classes):
-    """`--help` or `-h` anywhere on the command line: print the settings of `classes` and exit with status 0."""
+    """`--help` or `-h` anywhere on the command line: print the settings of `classes` and exit with
+    status 0."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(*classes))
+        try:
+            print(help_text(*classes), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader stopped once it had what it wanted
+            # Python flushes stdout again at exit, which would fail the same way: point it at
+            # nothing.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
 
 
 def load_config(argv: list[str], cls):
-    """A `cls` (a dataclass) built from `config/x.py` files and `--key=value` overrides, applied in the order given.
+    """A `cls` (a dataclass) built from `config/x.py` files and `--key=value` overrides, applied in
+    the order given.
 
-    If cls has a `user_set` field, it receives the names the user set (a tuple), so that a default can adapt to the
-    machine where a value the user chose must not. `--help` prints cls's settings and exits (exit_if_help)."""
+    If cls has a `user_set` field, it receives the names the user set (a tuple), so that a default
+    can adapt to the machine where a value the user chose must not. `--help` prints cls's settings
+    and exits (exit_if_help)."""
     exit_if_help(argv, cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "user_set"}
     values = {}
@@ -123,7 +155,8 @@ def load_config(argv: list[str], cls):
     def set_value(name, value, where):
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=3)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"the names are in {cls.__name__}"
+            hint = (f"did you mean {' or '.join(close)}?" if close
+                    else f"the names are in {cls.__name__}")
             raise UserError(f"unknown config key '{name}' in {where}; {hint}")
         annotation = fields[name].type
         if typing.get_origin(annotation) is list:  # repeatable: every value given is kept, in order
@@ -141,18 +174,22 @@ def load_config(argv: list[str], cls):
             annotation = fields[name].type if name in fields else None
             if not has_value and annotation is not bool:
                 raise UserError(f"'{arg}' has no value; write it as {arg}=VALUE")
-            element = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
+            element = (typing.get_args(annotation)[0] if typing.get_origin(annotation) is list
+                       else annotation)
             set_value(name, _parse(text, element) if has_value else True, "the command line")
         else:
             if not os.path.isfile(arg):
-                raise UserError(f"config file '{arg}' does not exist; pass a path such as config/llama_1b3.py")
+                raise UserError(f"config file '{arg}' does not exist; pass a path such as "
+                                "config/llama_1b3.py")
             scope = {}
             try:
                 exec(Path(arg).read_text(), scope)
             except Exception as e:
-                raise UserError(f"config file '{arg}' raised {type(e).__name__}: {e}; fix the file") from None
+                raise UserError(
+                    f"config file '{arg}' raised {type(e).__name__}: {e}; fix the file") from None
             for name, value in scope.items():
-                if not name.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
+                if not name.startswith(
+                    "_") and not callable(value) and not isinstance(value, types.ModuleType):
                     set_value(name, value, arg)
     if "user_set" in {f.name for f in dataclasses.fields(cls)}:
         values["user_set"] = tuple(values)

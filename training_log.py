@@ -1,10 +1,11 @@
 """The CSV log of a training run (<ckpt_dir>/log.csv) and the loss plot drawn from it (loss.png).
 
-One header row, then one row per optimizer update: step, progress_pct, train_loss, perplexity, lr, grad_norm,
-tokens, tokens_per_sec, elapsed_s, val_loss, val_bpb (these two on evaluation updates only), skipped (1 where an
-fp16 run's loss scaler skipped the update because a gradient overflowed, else 0), eval_acc and eval_acc_norm
-(--eval_data's multiple-choice accuracy, on evaluation updates only). train.py starts the log (or cuts
-it back to the checkpoint it resumes from), appends a row after each update and plots it at the end.
+One header row, then one row per optimizer update: step, progress_pct, train_loss, perplexity, lr,
+grad_norm, tokens, tokens_per_sec, elapsed_s, val_loss, val_bpb (these two on evaluation updates
+only), skipped (1 where an fp16 run's loss scaler skipped the update because a gradient overflowed,
+else 0), eval_acc and eval_acc_norm (--eval_data's multiple-choice accuracy, on evaluation updates
+only), suite (--eval_suite's aggregate, suite.py, likewise). train.py starts the log (or cuts it
+back to the checkpoint it resumes from), appends a row after each update and plots it at the end.
 """
 import csv
 import io
@@ -12,14 +13,20 @@ import os
 from pathlib import Path
 
 from checkpoint import SPACE_FIX
-from prepare import space_for, write_file
+from files import space_for, write_file
 
-# The log's columns, in order, and how each value is written; a value of None (no evaluation) is left empty.
-LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexity": ".2f", "lr": ".3e",
-              "grad_norm": ".4f", "tokens": "d", "tokens_per_sec": ".0f", "elapsed_s": ".1f", "val_loss": ".4f",
+# The log's columns, in order, and how each value is written; a value of None (no evaluation) is
+# left empty.
+LOG_FORMAT = {"step": "d", "progress_pct": ".2f", "train_loss": ".4f", "perplexity": ".2f",
+              "lr": ".3e",
+              "grad_norm": ".4f", "tokens": "d", "tokens_per_sec": ".0f", "elapsed_s": ".1f",
+              "val_loss": ".4f",
               "val_bpb": ".4f", "skipped": "d"}
-# --eval_data's multiple-choice accuracy (multiple_choice.py): acc, then acc_norm (per character of the choice).
+# --eval_data's multiple-choice accuracy (multiple_choice.py): acc, then acc_norm (per character of
+# the choice).
 LOG_FORMAT |= {"eval_acc": ".4f", "eval_acc_norm": ".4f"}
+# --eval_suite's aggregate: the mean of its sets' chance-centred scores (suite.py).
+LOG_FORMAT |= {"suite": ".4f"}
 LOG_COLUMNS = list(LOG_FORMAT)
 
 
@@ -30,25 +37,28 @@ def csv_text(rows: list[list]) -> str:
 
 
 def start_log(log_file: str, step: int):
-    """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows logged
-    after it (before a crash) are trained again and must not appear twice."""
+    """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows
+    logged after it (before a crash) are trained again and must not appear twice."""
     kept = []
     if step > 0 and os.path.exists(log_file):
         with open(log_file, newline="") as f:
-            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(LOG_COLUMNS) and int(row[0]) <= step]
+            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(LOG_COLUMNS)
+                    and int(row[0]) <= step]
     write_file(Path(log_file), csv_text([LOG_COLUMNS, *kept]).encode(), SPACE_FIX)
 
 
 def append_log(log_file: str, row: dict):
     """Append one row and close the file: a full disk cuts the log back to its last whole row."""
-    line = csv_text([["" if row.get(k) is None else format(row[k], f) for k, f in LOG_FORMAT.items()]])
+    line = csv_text([["" if row.get(k) is None else format(row[k], f) for k,
+                      f in LOG_FORMAT.items()]])
     with space_for(log_file, len(line), SPACE_FIX), open(log_file, "a", newline="") as f:
         f.write(line)
 
 
 def plot_log(log_file: str, png_path: str):
     """Loss (train and validation) and learning rate against tokens trained, from the CSV log."""
-    # A bare Figure, not pyplot: no window, and the plotting backend of a notebook that calls train.main is left alone.
+    # A bare Figure, not pyplot: no window, and the plotting backend of a notebook that calls
+    # train.main is left alone.
     from matplotlib.figure import Figure
 
     with open(log_file) as f:

@@ -3,9 +3,10 @@
     python notebooks/execute.py                      # all of them
     python notebooks/execute.py 05_training_loop     # one (or several), by name
 
-A notebook is stored executed so that it can be read, figures and printed numbers included, without running it.
-It records the hash of its code cells when it is executed (metadata "code_sha256"); the tests fail when a notebook's
-code has changed since, so stored outputs always belong to the code beside them.
+A notebook is stored executed so that it can be read, figures and printed numbers included, without
+running it.
+It records the hash of its code cells when it is executed (metadata "code_sha256"); the tests fail
+when a notebook's code has changed since, so stored outputs always belong to the code beside them.
 """
 import hashlib
 import sys
@@ -31,8 +32,8 @@ def execute(path: Path) -> float:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     start = time.time()
-    # The kernel starts in notebooks/, as Jupyter starts it; timestamps are not stored, so an unchanged notebook
-    # executed again differs only where its outputs do.
+    # The kernel starts in notebooks/, as Jupyter starts it; timestamps are not stored, so an
+    # unchanged notebook executed again differs only where its outputs do.
     NotebookClient(nb, timeout=900, kernel_name="python3", record_timing=False,
                    resources={"metadata": {"path": str(HERE)}}).execute()
     nb.metadata["code_sha256"] = code_hash(nb)
@@ -41,7 +42,8 @@ def execute(path: Path) -> float:
 
 
 def main(names: list[str]):
-    paths = [HERE / f"{name.removesuffix('.ipynb')}.ipynb" for name in names] or sorted(HERE.glob("*.ipynb"))
+    paths = [HERE / f"{name.removesuffix('.ipynb')}.ipynb"
+             for name in names] or sorted(HERE.glob("*.ipynb"))
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         sys.exit(f"error: no notebook {', '.join(missing)} in {HERE}; the names are "

@@ -1,10 +1,10 @@
-"""The commands README.md and docs/ show are commands the scripts accept: every --key they pass is an option of the
-script they run, so the documentation cannot drift away from the code."""
+"""The commands README.md and docs/ show are commands the scripts accept: every --key they pass is
+an option of the script they run, so the documentation cannot drift away from the code."""
 import dataclasses
 import re
 
 import pytest
-from test_train import ROOT
+from helpers import ROOT
 
 from bench import BenchOptions
 from bench_prepare import PrepareBenchConfig
@@ -21,15 +21,18 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(page, script, the --key names it is given) for every `python x.py ...` or `torchrun ... x.py ...` shown."""
+    """(page, script, the --key names it is given) for every `python x.py ...` or `torchrun ... x.py
+    ...` shown."""
     commands = []
     for page in PAGES:
         text = page.read_text().replace("\\\n", " ")  # a command continued on the next line
         for match in re.finditer(r"\b(?:python|torchrun)\b[^\n`|]*", text):
             words = match.group(0).split()
             scripts = [i for i, word in enumerate(words) if word.endswith(".py")]
-            if scripts and words[scripts[0]] in OPTIONS:  # not tests/ or notebooks/ helpers, which take no --key=value
-                options = [w[2:].split("=")[0] for w in words[scripts[0] + 1:] if w.startswith("--")]
+            # not tests/ or notebooks/ helpers, which take no --key=value
+            if scripts and words[scripts[0]] in OPTIONS:
+                options = [w[2:].split("=")[0] for w in words[scripts[0] + 1:]
+                           if w.startswith("--")]
                 commands.append((page.name, words[scripts[0]], options))
     return commands
 
@@ -41,5 +44,7 @@ def test_the_documentation_shows_every_script():
 
 @pytest.mark.parametrize("page, script, options", documented_commands())
 def test_every_documented_option_is_one_the_script_accepts(page, script, options):
-    accepted = {f.name for cls in OPTIONS[script] for f in dataclasses.fields(cls)} - {"user_set"} | {"help"}
-    assert set(options) <= accepted, f"{page}: {script} has no option {sorted(set(options) - accepted)}"
+    accepted = {f.name for cls in OPTIONS[script]
+                for f in dataclasses.fields(cls)} - {"user_set"} | {"help"}
+    assert set(
+        options) <= accepted, f"{page}: {script} has no option {sorted(set(options) - accepted)}"

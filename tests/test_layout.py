@@ -1,12 +1,12 @@
-"""The repository's shape: model.py stands alone, no module imports one that imports it, and train.py's default
-schedule is the guide's warm-up + cosine."""
+"""The repository's shape: model.py stands alone, no module imports one that imports it, and
+train.py's default schedule is the guide's warm-up + cosine."""
 import ast
 import json
 import subprocess
 import sys
 
 import pytest
-from test_train import ROOT
+from helpers import ROOT
 
 from train import Scheduler, TrainConfig
 
@@ -14,7 +14,8 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
 
 def imports_of(module: str) -> set[str]:
-    """The repository's modules that `module` imports anywhere in its file (inside functions too)."""
+    """The repository's modules that `module` imports anywhere in its file (inside functions
+    too)."""
     found = set()
     for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
         if isinstance(node, ast.Import):
@@ -27,7 +28,8 @@ def imports_of(module: str) -> set[str]:
 def loaded_by(statement: str) -> set[str]:
     """The modules a fresh interpreter has loaded after `statement`."""
     code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
     return set(json.loads(out))
 
 
@@ -51,14 +53,30 @@ def test_no_module_imports_one_that_imports_it():
 
     for module in MODULES:
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
-    assert "train" not in graph["sample"] | graph["export"], "readers of checkpoints do not load the training code"
+    readers = graph["sample"] | graph["export"]
+    assert "train" not in readers, "readers of checkpoints do not load the training code"
+
+
+SCRIPTS = {"prepare", "export", "sample", "bench", "eval", "bench_nanogpt", "bench_prepare"}
+
+
+def test_scripts_are_leaves():
+    """What scripts share lives in library modules named for what they hold (tokenizer.py,
+    dataset.py, files.py, huggingface.py, checkpoint.py, ...): no module imports a script. The one
+    exception is bench_prepare.py, a benchmark of prepare.py's own pipeline."""
+    importers = {module: imports_of(module) & SCRIPTS for module in MODULES}
+    importers = {module: found for module, found in importers.items() if found}
+    assert importers == {"bench_prepare": {"prepare"}}
 
 
 def test_the_default_schedule_is_the_guides_warm_up_then_cosine():
     cfg = TrainConfig()
     assert (cfg.schedule, cfg.warmup_iterations) == ("cosine", 20)
     lr = Scheduler(None, cfg.schedule, 121, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr).lr_at
-    assert [lr(s) for s in (0, 19)] == pytest.approx([cfg.max_lr / 20, cfg.max_lr])  # a straight line up
-    assert lr(45) == pytest.approx(cfg.min_lr + (cfg.max_lr - cfg.min_lr) * (1 + 2**-0.5) / 2)  # a quarter down
-    assert lr(70) == pytest.approx((cfg.max_lr + cfg.min_lr) / 2)  # halfway through the decay: the mean
+    # a straight line up
+    assert [lr(s) for s in (0, 19)] == pytest.approx([cfg.max_lr / 20, cfg.max_lr])
+    # a quarter down
+    assert lr(45) == pytest.approx(cfg.min_lr + (cfg.max_lr - cfg.min_lr) * (1 + 2**-0.5) / 2)
+    # halfway through the decay: the mean
+    assert lr(70) == pytest.approx((cfg.max_lr + cfg.min_lr) / 2)
     assert lr(120) == pytest.approx(cfg.min_lr)

@@ -1,72 +1,42 @@
-"""train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and resuming."""
+"""train.py: configuration, the loader, the scheduler, accumulation vs DDP, checkpoints and
+resuming."""
+import builtins
 import copy
-import json
+import io
 import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from processes import communicate
+from helpers import OTHER_ROUNDING, TINY, assert_same_weights, final_weights, run, toy_dataset
 
 import hardware
+import preemption
+import train
 from checkpoint import checkpoint_paths
 from configurator import UserError, load_config
 from model import Transformer
 from preflight import drift_tolerance
-from train import DatasetLoader, Scheduler, TrainConfig, accumulation_steps, make_optimizer, update_timer
-
-ROOT = Path(__file__).resolve().parent.parent
-# A model small enough that a few updates take a second or two on a laptop CPU.
-TINY = ["--n_layers=1", "--n_embd=32", "--n_heads=2", "--n_kv_heads=2", "--batch_size=2", "--max_seq_len=32",
-        "--tokens_per_update=128", "--warmup_iterations=2", "--eval_interval=4", "--eval_tokens=256",
-        "--model_gen_multiplier=0", "--device=cpu", "--dtype=float32"]
-
-
-def run(script, *args, check=True, timeout=600, **kwargs):
-    """Run one of the repository's scripts the way a user would. One that is still running after `timeout` seconds
-    (a hang) is killed, with every process it started, and fails the test."""
-    proc = subprocess.Popen([sys.executable, *script.split(), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-    out, err = communicate(proc, timeout)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+from train import (
+    DatasetLoader,
+    Scheduler,
+    TrainConfig,
+    accumulation_steps,
+    make_optimizer,
+    update_timer,
+)
 
 
-def final_weights(ckpt_dir):
-    return torch.load(checkpoint_paths(ckpt_dir)[-1], weights_only=True)["model"]
-
-
-# Another CPU's rounding, on this one. ATen's plain kernels (ATEN_CPU_CAPABILITY=default: no vector instructions) and
-# MKL's compatible code path add up sums in other orders than this machine's own kernels, as another CPU's would. A
-# parity test runs one side with them, so that a tolerance which only this machine's rounding happens to meet fails
-# here instead of on a user's machine.
-OTHER_ROUNDING = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
-# The log prints losses and gradient norms with 4 decimals: two equal values can print up to 1e-4 apart, and fp32
-# rounding of a mean over a batch adds a few 1e-6 for values near 10.
-LOGGED = 1.2e-4
-
-
-def assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for name in a:
-        if atol == 0:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
-
-
-# --- configuration ---------------------------------------------------------------------------------------------
+# --- configuration --------------------------------------------------------------------------------
 def test_overrides_parse_python_literals_and_bare_strings():
-    cfg = load_config(["--n_layers=3", "--max_lr=3e-4", "--min_lr=0", "--device=cpu", "--compile=True"], TrainConfig)
-    assert (cfg.n_layers, cfg.max_lr, cfg.min_lr, cfg.device, cfg.compile) == (3, 3e-4, 0, "cpu", True)
+    cfg = load_config(["--n_layers=3", "--max_lr=3e-4", "--min_lr=0", "--device=cpu",
+                       "--compile=True"], TrainConfig)
+    assert (cfg.n_layers, cfg.max_lr, cfg.min_lr, cfg.device, cfg.compile) == (3, 3e-4, 0, "cpu",
+                                                                               True)
 
 
 def test_config_file_then_overrides_in_order(tmp_path):
@@ -78,9 +48,10 @@ def test_config_file_then_overrides_in_order(tmp_path):
 
 def test_llama_1b3_config_holds_the_guides_run():
     cfg = load_config(["config/llama_1b3.py"], TrainConfig)
-    assert (cfg.n_embd, cfg.n_heads, cfg.n_layers, cfg.multiple_of, cfg.max_seq_len, cfg.batch_size) == \
-        (2048, 32, 24, 256, 2048, 4)
-    assert (cfg.tokens_per_update, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr) == (2**19, 500, 1e-4, 1e-5)
+    assert (cfg.n_embd, cfg.n_heads, cfg.n_layers, cfg.multiple_of) == (2048, 32, 24, 256)
+    assert (cfg.max_seq_len, cfg.batch_size) == (2048, 4)
+    assert (cfg.tokens_per_update, cfg.warmup_iterations, cfg.max_lr, cfg.min_lr) == (2**19, 500,
+                                                                                      1e-4, 1e-5)
     assert (cfg.training_tokens, cfg.token_ckpt, cfg.eval_interval) == (45e9, 1e9, 32)
     assert accumulation_steps(cfg, world_size=8) == 8  # 4*2048*8 = 65,536 tokens per micro-step
     assert cfg.training_tokens // cfg.tokens_per_update == 85_830
@@ -114,20 +85,22 @@ def test_accumulation_must_divide_evenly():
         accumulation_steps(cfg, world_size=3)
 
 
-# --- the learning-rate schedule --------------------------------------------------------------------------------
+# --- the learning-rate schedule -------------------------------------------------------------------
 def test_cosine_schedule_values():
     s = Scheduler(None, "cosine", training_steps=1001, warmup_steps=100, max_lr=1e-3, min_lr=1e-4)
     assert s.lr_at(0) == pytest.approx(1e-5)  # the first update gets 1/100 of the peak
     assert s.lr_at(99) == pytest.approx(1e-3)  # the last warm-up update reaches the peak
     assert s.lr_at(100) == pytest.approx(1e-3)
-    assert s.lr_at(550) == pytest.approx(5.5e-4)  # halfway through the decay: the mean of max and min
+    # halfway through the decay: the mean of max and min
+    assert s.lr_at(550) == pytest.approx(5.5e-4)
     assert s.lr_at(1000) == pytest.approx(1e-4)  # the final update is at min_lr
     assert s.lr_at(5000) == pytest.approx(1e-4)  # and it stays there
 
 
 def test_linear_and_constant_schedules():
     s = Scheduler(None, "linear", training_steps=1001, warmup_steps=100, max_lr=1e-3, min_lr=1e-4)
-    assert [s.lr_at(i) for i in (0, 99, 325, 550, 1000)] == pytest.approx([1e-5, 1e-3, 7.75e-4, 5.5e-4, 1e-4])
+    assert [s.lr_at(i)
+            for i in (0, 99, 325, 550, 1000)] == pytest.approx([1e-5, 1e-3, 7.75e-4, 5.5e-4, 1e-4])
     c = Scheduler(None, "constant", training_steps=1001, warmup_steps=100, max_lr=1e-3, min_lr=1e-4)
     assert {c.lr_at(i) for i in (0, 50, 1000)} == {1e-3}
 
@@ -139,18 +112,7 @@ def test_scheduler_sets_the_optimizer():
     assert s.state_dict()["training_steps"] == 100 and s.current_lr == 0.5
 
 
-# --- the loader -------------------------------------------------------------------------------------------------
-def toy_dataset(path: Path, shard_lengths, split="train"):
-    """A dataset dir like prepare.py's whose token at position i of the whole split is i (ids are positions)."""
-    path.mkdir(parents=True, exist_ok=True)
-    shards, start = {}, 0
-    for i, n in enumerate(shard_lengths):
-        name = f"{split}_{i:06d}.npy"
-        np.save(path / name, np.arange(start, start + n, dtype=np.uint32))
-        shards[name] = n
-        start += n
-    (path / "meta.json").write_text(json.dumps({"vocab_size": 2**31, "dtype": "uint32", "shards": shards}))
-    return path
+# --- the loader -----------------------------------------------------------------------------------
 
 
 def test_batches_are_next_token_pairs(tmp_path):
@@ -190,7 +152,8 @@ def test_each_pass_over_the_data_cuts_it_into_new_windows(tmp_path):
     while loader.passes < 4:
         first_token.setdefault(loader.passes, loader.next_batch()[0][0, 0].item())
     assert first_token == {0: 0, 1: 4, 2: 1, 3: 6}  # int(pass * 0.618 * 8) % 8
-    assert loader.state_dict()["passes"] == 4  # saved in checkpoints, so a resumed run cuts where this one would
+    # saved in checkpoints, so a resumed run cuts where this one would
+    assert loader.state_dict()["passes"] == 4
 
 
 def test_loader_position_round_trips(tmp_path):
@@ -214,11 +177,13 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
         loader.next_batch()
 
 
-# --- whole runs, as a user starts them --------------------------------------------------------------------------
+# --- whole runs, as a user starts them ------------------------------------------------------------
 def test_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
-    # The default optimizer: Muon for the blocks' matrices and AdamW for the rest, so both are checked under DDP.
+    # The default optimizer: Muon for the blocks' matrices and AdamW for the rest, so both are
+    # checked under DDP.
     common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=768"]  # 6 updates
-    run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}",  # 1 rank x 2 micro-steps of 2x32 tokens
+    # 1 rank x 2 micro-steps of 2x32 tokens
+    run("train.py", *common, f"--ckpt_dir={tmp_path / 'one'}",
         env=os.environ | OTHER_ROUNDING)
     run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *common,
         f"--ckpt_dir={tmp_path / 'two'}", "--tracker=tensorboard")  # 2 ranks x 1 micro-step
@@ -230,7 +195,8 @@ def test_two_ranks_match_one_rank_with_accumulation(shakespeare_dir, tmp_path):
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tmp_path):
     # The guide's AdamW for every weight; the next test resumes the default, Muon + AdamW.
-    common = [*TINY, "--optimizer=adamw", f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280",
+    common = [*TINY, "--optimizer=adamw", f"--dataset_dir={shakespeare_dir}",
+              "--training_tokens=1280",
               "--token_ckpt=640", "--keep_ckpts=5"]  # 10 updates, checkpoints after 5 and 10
     straight = tmp_path / "straight"
     run("train.py", *common, f"--ckpt_dir={straight}")
@@ -243,18 +209,21 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tm
     assert "resumed from" in out and "at update 5" in out
     assert_same_weights(final_weights(straight), final_weights(resumed))
     rows = (resumed / "log.csv").read_text().splitlines()
-    assert rows[0] == ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,elapsed_s,"
-                       "val_loss,val_bpb,skipped,eval_acc,eval_acc_norm")
+    assert rows[0] == ("step,progress_pct,train_loss,perplexity,lr,grad_norm,tokens,tokens_per_sec,"
+                       "elapsed_s,val_loss,val_bpb,skipped,eval_acc,eval_acc_norm,suite")
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 11)]
     assert rows[-1].split(",")[6] == "1280" and rows[-1].split(",")[10] != ""
     assert (resumed / "loss.png").stat().st_size > 10_000
 
 
-def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weights(shakespeare_dir, tmp_path):
-    # Dropout and sampling both draw from the RNG, so a resumed run matches only if it restores the RNG and prints
-    # samples at the same updates as the uninterrupted run (1, 2, 4, 8), not afresh from update 1 of its own. The
-    # default optimizer: Muon's momentum must come back from the checkpoint too.
-    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1024", "--token_ckpt=512",
+def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weights(shakespeare_dir,
+                                                                                   tmp_path):
+    # Dropout and sampling both draw from the RNG, so a resumed run matches only if it restores the
+    # RNG and prints samples at the same updates as the uninterrupted run (1, 2, 4, 8), not afresh
+    # from update 1 of its own. The default optimizer: Muon's momentum must come back from the
+    # checkpoint too.
+    common = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1024",
+              "--token_ckpt=512",
               "--dropout=0.1", "--model_gen_multiplier=2"]  # 8 updates, checkpoints after 4 and 8
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     out = run("train.py", *common, f"--ckpt_dir={straight}").stdout
@@ -265,24 +234,30 @@ def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weigh
     assert re.findall(r"sample at update (\d+)", out) == ["8"]
     assert_same_weights(final_weights(straight), final_weights(resumed))
     optimizer = torch.load(checkpoint_paths(straight)[-1], weights_only=True)["optimizer"]
-    assert set(optimizer) == {"muon", "adamw"} and optimizer["muon"]["state"], "Muon's momentum is saved"
+    assert set(optimizer) == {"muon",
+                              "adamw"} and optimizer["muon"]["state"], "Muon's momentum is saved"
 
 
-def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile(shakespeare_dir, tmp_path):
-    """dtype=auto and compile=auto are decided when a run starts; a resumed run takes them from its checkpoint and
-    measures nothing. With the same dtype and compile setting, on one rank of the same machine, its updates round as
-    the uninterrupted run's did: the tolerance is zero."""
-    auto = [arg for arg in TINY if not arg.startswith("--dtype")]
-    common = [*auto, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280", "--token_ckpt=640", "--keep_ckpts=5"]
+def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile(shakespeare_dir,
+                                                                                 tmp_path):
+    """dtype=auto and compile=auto are decided when a run starts; a resumed run takes them from its
+    checkpoint and measures nothing. With the same dtype and compile setting, on one rank of the
+    same machine, its updates round as the uninterrupted run's did: the tolerance is zero."""
+    auto = [arg for arg in TINY if not arg.startswith(("--dtype", "--compile"))]
+    common = [*auto, f"--dataset_dir={shakespeare_dir}", "--training_tokens=1280",
+              "--token_ckpt=640", "--keep_ckpts=5"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     start_up = re.compile(r"^[\d,]+ parameters \| .*$", re.MULTILINE)  # the line a run starts with
-    assert "| auto: " in start_up.search(run("train.py", *common, f"--ckpt_dir={straight}").stdout)[0]  # measured
+    # measured
+    assert "| auto: " in start_up.search(run("train.py", *common,
+                                             f"--ckpt_dir={straight}").stdout)[0]
     chosen = torch.load(straight / "ckpt_00000005.pt", weights_only=True)["config"]
     assert chosen["compile"] is False  # 10 tiny updates: far too short to pay for compiling
     resumed.mkdir()
     shutil.copy(straight / "ckpt_00000005.pt", resumed)
     out = run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout
-    assert start_up.search(out)[0].endswith(f"| cpu {chosen['dtype']} | dtype {chosen['dtype']} and compile False "
+    assert start_up.search(out)[0].endswith(f"| cpu {chosen['dtype']} | dtype {chosen['dtype']} "
+                                            "and compile False "
                                             "from the checkpoint")
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
@@ -293,22 +268,27 @@ def test_the_speed_measurement_trains_copies_and_leaves_the_run_as_it_was(shakes
     torch.manual_seed(0)
     model = Transformer(cfg.model_config(8192))
     optimizer = make_optimizer(model, cfg, "cpu")
-    weights, position, rng = copy.deepcopy(model.state_dict()), loader.state_dict(), torch.get_rng_state()
+    weights, position, rng = (copy.deepcopy(model.state_dict()), loader.state_dict(),
+                              torch.get_rng_state())
     time_update = update_timer(model, cfg, loader, accumulation_steps(cfg, 1), "cpu")
-    assert hardware.update_seconds(time_update, [torch.float32, torch.bfloat16], "cpu").min() > 0  # as choose_speed
+    # as choose_speed
+    assert hardware.update_seconds(time_update, [torch.float32, torch.bfloat16], "cpu").min() > 0
     assert_same_weights(model.state_dict(), weights)
     assert loader.state_dict() == position and torch.equal(torch.get_rng_state(), rng)
-    assert optimizer.state_dict()["adamw"]["state"] == {} and all(p.grad is None for p in model.parameters())
+    assert optimizer.state_dict()["adamw"]["state"] == {} and all(p.grad is None
+                                                                  for p in model.parameters())
 
 
 def test_a_resumed_run_takes_its_learning_rates_from_its_own_config(shakespeare_dir, tmp_path):
     """What TrainingDiverged advises: resume from the last checkpoint with a lower max_lr."""
     args = [*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}"]
     run("train.py", *args, "--training_tokens=1024", "--max_lr=1e-2")
-    run("train.py", *args, "--training_tokens=2048", "--max_lr=1e-3", "--min_lr=1e-4", "--load_ckpt=True")
+    run("train.py", *args, "--training_tokens=2048", "--max_lr=1e-3", "--min_lr=1e-4",
+        "--load_ckpt=True")
     lrs = [float(row.split(",")[4]) for row in (tmp_path / "log.csv").read_text().splitlines()[9:]]
     lower = Scheduler(None, "cosine", 16, 2, 1e-3, 1e-4)
-    assert lrs == pytest.approx([lower.lr_at(step) for step in range(8, 16)], rel=5e-4)  # the log keeps 4 digits
+    # the log keeps 4 digits
+    assert lrs == pytest.approx([lower.lr_at(step) for step in range(8, 16)], rel=5e-4)
 
 
 def test_prepare_train_resume_sample_end_to_end(tmp_path):
@@ -319,7 +299,8 @@ def test_prepare_train_resume_sample_end_to_end(tmp_path):
     corpus.write_text("".join(plays))
     data, ckpt = tmp_path / "data", tmp_path / "out"
     run("prepare.py", f"--input={corpus}", f"--out_dir={data}", "--vocab_size=400")
-    args = [*TINY, "--max_lr=1e-2", f"--dataset_dir={data}", f"--ckpt_dir={ckpt}", "--training_tokens=1024"]
+    args = [*TINY, "--max_lr=1e-2", f"--dataset_dir={data}", f"--ckpt_dir={ckpt}",
+            "--training_tokens=1024"]
     first = run("train.py", *args).stdout
     assert "update 8/8" in first and (ckpt / "ckpt_00000008.pt").exists()
     second = run("train.py", *args[:-1], "--training_tokens=2048", "--load_ckpt=True").stdout
@@ -327,6 +308,28 @@ def test_prepare_train_resume_sample_end_to_end(tmp_path):
     rows = (ckpt / "log.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[2]) for r in rows]
     assert losses[-1] < losses[0] - 0.5, "the loss should fall on this repetitive corpus"
-    assert math.isclose(float(rows[0].split(",")[2]), math.log(400), abs_tol=0.3)  # starts near ln V
+    # starts near ln V
+    assert math.isclose(float(rows[0].split(",")[2]), math.log(400), abs_tol=0.3)
     text = run("sample.py", f"--ckpt_dir={ckpt}", "--prompt=ROMEO:", "--max_new_tokens=20").stdout
     assert "update 16" in text and "ROMEO:" in text
+
+
+def test_a_run_reads_meta_json_once(shakespeare_dir, tmp_path, monkeypatch):
+    """The dataset's meta.json is read once when a run starts and passed on: to the tokenizer, to
+    both splits' shards, to the fingerprint that checkpoints record and to the bits-per-byte of
+    every evaluation."""
+    opened, real_open = [], io.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)  # what pathlib's read_text opens files with
+    monkeypatch.setattr(builtins, "open", counting_open)
+    # leave pytest's Ctrl-C handler in place
+    monkeypatch.setattr(preemption.signal, "signal", lambda *args: None)
+    train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
+                "--training_tokens=256"])
+    assert opened.count("meta.json") == 1
+    assert checkpoint_paths(tmp_path)  # the run went through to its checkpoint
