@@ -97,6 +97,8 @@ def report_text(cfg, meta: dict, rows: list[dict], argv: list[str], device: str,
               if int(r["step"]) > 1] or [float(last["tokens_per_sec"])]
     speed = statistics.median(speeds)  # update 1 also compiles and warms up: left out
     evals = [r for r in rows if r["val_loss"]]
+    # a run stopped within its first tenth of a second logs 0.0 s: no whole-run rate then
+    overall = f"; {tokens / elapsed:,.0f} tokens/s over the whole run" if elapsed > 0 else ""
     how = (f"stopped by a signal after update {last['step']}" if stopped
            else f"finished at update {last['step']}")
     launcher = "torchrun ... " if world_size > 1 else "python "
@@ -114,8 +116,7 @@ def report_text(cfg, meta: dict, rows: list[dict], argv: list[str], device: str,
              f"over {meta['train_tokens']:,} training tokens ({cfg.dataset_dir}) |",
              f"| wall time | {elapsed / 60:.1f} min ({elapsed:.0f} s) |",
              f"| speed | {speed:,.0f} tokens/s (median over the updates after the first), MFU "
-             f"{100 * speed * mfu_per_token:.1f}%; {tokens / elapsed:,.0f} tokens/s over the whole "
-             "run |"]
+             f"{100 * speed * mfu_per_token:.1f}%{overall} |"]
     if evals:
         best = min(evals, key=lambda r: float(r["val_loss"]))
         lines += [f"| final validation | loss {evals[-1]['val_loss']}, {evals[-1]['val_bpb']} bits "
