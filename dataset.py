@@ -70,8 +70,10 @@ class DatasetLoader:
     offset advances by B*T*W, so ranks never read the same tokens. A shard that cannot fill another
     whole group is left (its tail, less than one batch per rank, is skipped) and the next shard
     starts; after the last shard the loader wraps around.
-    Each pass over the data after the first enters every shard a fraction of a sequence further in
-    (see pass_start), so the text is cut into different T-token windows each time.
+    A shard is read as T-token windows (each with the one token after it, for the target). The first
+    pass takes them in order, as the guide's loader does. Each pass after it enters every shard a
+    fraction of a window further in (see pass_start), so the text is cut into different windows,
+    and takes the windows in an order of its own (see window_order).
     The position (shard, offset, passes) is all the state there is, and it goes into checkpoints. It
     counts tokens, not batches, so a run resumed on another number of ranks carries on from the same
     token: the first group then starts at offset, whatever the group size was before.
@@ -94,6 +96,7 @@ class DatasetLoader:
         self.vocab_size = vocab_size
         self.checked = set()  # shards whose token ids were checked against vocab_size
         self.shard, self.offset, self.passes = 0, 0, 0
+        self.order_key, self.order = None, None  # window_order's permutation, kept for its pass
 
     def batches_per_shard(self, index: int) -> int:
         return (len(self.shards[index]) - 1) // (self.B * self.T * self.world_size)
@@ -106,14 +109,16 @@ class DatasetLoader:
                                 f"vocabulary has {self.vocab_size} ids; use a dataset made with "
                                 "the same tokenizer")
             self.checked.add(self.shard)
-        start = self.offset + self.rank * self.B * self.T
-        chunk = torch.from_numpy(data[start:start + self.B * self.T + 1].astype(np.int64))
+        # this rank's B windows: the next ones of the pass, after those of the ranks before it
+        first = (self.offset - self.origin()) // self.T + self.rank * self.B
+        starts = self.origin() + self.T * self.window_order()[first:first + self.B]
+        rows = np.stack([data[s:s + self.T + 1] for s in starts]).astype(np.int64)
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
         self.offset += self.B * self.T * self.world_size
         self.skip_short_tail()
         if str(self.device).startswith("cuda"):
             # Page-locked memory lets the copy run asynchronously, overlapping with the GPU's work.
-            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-        x, y = chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
+            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         return x, y
 
     def pass_start(self) -> int:
@@ -124,15 +129,35 @@ class DatasetLoader:
         passes far apart."""
         return int(self.passes * 0.6180339887 * self.T) % self.T
 
+    def origin(self) -> int:
+        """Where this pass's first window in the current shard starts: pass_start, or token 0 in a
+        shard too short to give up those tokens and still feed one whole group."""
+        start = self.pass_start()
+        group = self.B * self.T * self.world_size
+        return start if start + group + 1 <= len(self.shards[self.shard]) else 0
+
+    def window_order(self) -> np.ndarray:
+        """The order in which this pass takes the current shard's windows: as they lie on the first
+        pass, shuffled on each later one. Read in the same order every pass, the model would always
+        end a pass on the shard's last pages; their text would weigh most in the weights it ends
+        with, and the validation loss, measured on the corpus's last tenth, would rise and fall
+        with the position in the pass. The shuffle is seeded by (pass, shard) alone, so every rank
+        and every resume draws the same order."""
+        key = (self.shard, self.passes)
+        if self.order_key != key:  # drawn once per shard and pass, when it is entered
+            windows = (len(self.shards[self.shard]) - 1 - self.origin()) // self.T
+            self.order_key = key
+            self.order = (np.arange(windows) if self.passes == 0
+                          else np.random.default_rng(key).permutation(windows))
+        return self.order
+
     def skip_short_tail(self):
         """Move to the next shard when what is left of this one cannot fill another whole group."""
         group = self.B * self.T * self.world_size
         if self.offset + group + 1 > len(self.shards[self.shard]):
             self.shard = (self.shard + 1) % len(self.shards)
             self.passes += self.shard == 0
-            start = self.pass_start()
-            # a shard just big enough
-            self.offset = start if start + group + 1 <= len(self.shards[self.shard]) else 0
+            self.offset = self.origin()
 
     def state_dict(self) -> dict:
         return {"shard": self.shard, "offset": self.offset, "passes": self.passes}

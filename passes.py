@@ -4,14 +4,13 @@ makes, and the record of its validation loss that shows when a model starts to m
 The guide trains one pass over unique tokens, where a model cannot learn the training text by heart.
 A learner's own corpus is often a few megabytes, and --max_minutes gives a run whatever length the
 machine allows: the faster the machine, the more often the same text is read. Measured
-(docs/defaults.md): a run planned for 30 passes over a small corpus learns it by heart, its
-validation loss turns up after about 7 passes and its lowest point is no lower than a 10-pass run's
-end, with dropout or without. So a run makes at most --max_passes (10) passes: a longer one, or a
-budget that holds more, ends there, and more compute never trains a worse model. From 2 passes on
-the validation loss also swings with the part of the corpus the run read last (every pass reads the
-documents in the same order, and the validation text is the corpus's last tenth), so its last
-evaluation can lie a few percent above its lowest: such a run saves a checkpoint at each new lowest
-validation loss and keeps it however many newer ones come, so its best model is never lost.
+(docs/defaults.md): with every pass after the first in an order of its own (DatasetLoader), runs of
+up to the default --max_passes end at their lowest validation loss on every corpus measured, while
+on a megabyte-sized one a longer run turns up halfway and ends well above its lowest point. So a
+run makes at most --max_passes passes: a longer one, or a budget that holds more, ends there, and
+more compute never trains a worse model.
+A run allowed more than 2 passes saves a checkpoint at each new lowest validation loss and keeps it
+however many newer ones come, so its best model is never lost.
 """
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from checkpoint import checkpoint_path
 
 # Above this many passes over its training tokens a run saves a checkpoint at each new lowest
-# validation loss: up to here runs end at their lowest validation loss (docs/defaults.md).
+# validation loss: a model cannot learn its text by heart in fewer.
 REPEATS_FROM = 2.0
 # Validation losses rising this many evaluations in a row are said in the progress line.
 RISING_EVALUATIONS = 3

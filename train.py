@@ -114,8 +114,7 @@ class TrainConfig:
     training_tokens: int = 2_000_000  # the run's length in tokens (whole updates: rounded down)
     max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for
                               # training_tokens
-    max_passes: float = 10.0  # the most passes over the training tokens a run makes (passes.py);
-                              # 0 = no limit
+    max_passes: float = 5.0  # the most passes over the training tokens (passes.py); 0 = no limit
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
     eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of
                                # val)

@@ -142,28 +142,37 @@ def test_ranks_never_share_tokens_and_skip_at_most_one_batch_per_shard(tmp_path,
             continue  # too short to feed every rank once: skipped whole
         in_shard = sum(starts[shard] <= t < starts[shard + 1] for t in used)
         assert n - in_shard <= world_size * B * T, "more than one batch per rank skipped in a shard"
-    # the next pass starts over, int(0.618 * T) = 4 tokens in (see the next test)
-    assert loaders[0].next_batch()[0][0, 0].item() == 4
+    # the next pass cuts windows int(0.618 * T) = 4 tokens further in (see the next test)
+    assert loaders[0].next_batch()[0][0, 0].item() % T == 4
 
 
-def test_each_pass_over_the_data_cuts_it_into_new_windows(tmp_path):
+def test_each_pass_after_the_first_cuts_new_windows_and_takes_them_in_a_new_order(tmp_path):
     loader = DatasetLoader(toy_dataset(tmp_path, [100]), "train", batch_size=2, seq_len=8)
-    first_token = {}
+    starts = {}  # pass -> the first token of every window it read, in the order it read them
     while loader.passes < 4:
-        first_token.setdefault(loader.passes, loader.next_batch()[0][0, 0].item())
-    assert first_token == {0: 0, 1: 4, 2: 1, 3: 6}  # int(pass * 0.618 * 8) % 8
+        passes = loader.passes
+        starts.setdefault(passes, []).extend(loader.next_batch()[0][:, 0].tolist())
+    assert starts[0] == list(range(0, 96, 8))  # the guide's order: one window after the other
+    # int(pass * 0.618 * 8) % 8 tokens in; (99 - cut) // 8 windows fit after the cut, and batches
+    # of 2 take all of them or all but one, each once
+    for passes, cut, read in ((1, 4, 10), (2, 1, 12), (3, 6, 10)):
+        assert len(set(starts[passes])) == read and {t % 8 for t in starts[passes]} == {cut}
+        assert starts[passes] != sorted(starts[passes])
+    assert [t // 8 for t in starts[1]] != [t // 8 for t in starts[2]]  # each pass its own order
     # saved in checkpoints, so a resumed run cuts where this one would
     assert loader.state_dict()["passes"] == 4
 
 
-def test_loader_position_round_trips(tmp_path):
+@pytest.mark.parametrize("batches", [9, 30])  # in the first pass, in a shuffled one
+def test_loader_position_round_trips(tmp_path, batches):
     path = toy_dataset(tmp_path, [60, 60])
     a = DatasetLoader(path, "train", 2, 4)
-    for _ in range(9):
+    for _ in range(batches):
         a.next_batch()
     b = DatasetLoader(path, "train", 2, 4)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    for _ in range(20):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
 
 
 def test_sequence_longer_than_any_shard_is_refused(tmp_path):
