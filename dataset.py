@@ -112,8 +112,8 @@ class DatasetLoader:
         # this rank's B windows: the next ones of the pass, after those of the ranks before it
         first = (self.offset - self.origin()) // self.T + self.rank * self.B
         starts = self.origin() + self.T * self.window_order()[first:first + self.B]
-        rows = np.stack([data[s:s + self.T + 1] for s in starts]).astype(np.int64)
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        rows = torch.from_numpy(data[starts[:, None] + np.arange(self.T + 1)].astype(np.int64))
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         self.offset += self.B * self.T * self.world_size
         self.skip_short_tail()
         if str(self.device).startswith("cuda"):
