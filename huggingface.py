@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from configurator import UserError
+from conversation import CHAT_TEMPLATE, CHAT_TOKENS
 from model import ModelConfig, Transformer, ffn_width
 from tokenizer import EOT, load_tokenizer
 
@@ -255,9 +256,11 @@ def hf_tokenizer(tokenizer):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     fast.decoder = decoders.ByteLevel()
-    fast.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-    # the id right after the last rank, as in tiktoken
-    assert fast.token_to_id(EOT) == tokenizer.eot_id
+    # <|endoftext|> and the chat tokens, in id order right after the last rank, as in tiktoken
+    fast.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                             for token in tokenizer.special_tokens])
+    assert {token: fast.token_to_id(token) for token in tokenizer.special_tokens} == \
+        tokenizer.special_tokens
     # tokenizer(text) gives what sample.py feeds the model (prepare.prompt_ids): <|endoftext|>, then
     # the text;
     # add_special_tokens=False gives the text alone.
@@ -282,6 +285,9 @@ def write_tokenizer(tokenizer, directory: Path, max_seq_len: int):
               # transformers would otherwise "tidy" decoded text (" ." -> "."), so decode(encode(s))
               # != s
               "clean_up_tokenization_spaces": False}
+    if all(token in tokenizer.special_tokens for token in CHAT_TOKENS):
+        # apply_chat_template renders conversations as conversation.py does
+        config["chat_template"] = CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
