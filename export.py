@@ -53,11 +53,13 @@ def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_par
     cfg = ckpt["config"]  # the training run's whole config
     row = final_validation(Path(cfg["log_file"]) if cfg["log_file"] else path.parent / "log.csv",
                            ckpt["step"])
-    val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte "
-           f"(update {row['step']}, "
-           f"{cfg['eval_tokens']:,} validation tokens)" if row
+    # dpo.py's validation loss is a DPO loss over pairs, with no bits per byte
+    val = ((f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte "
+            f"(update {row['step']}, {cfg['eval_tokens']:,} validation tokens)" if row["val_bpb"]
+            else f"{float(row['val_loss']):.4f} (update {row['step']})") if row
            else "not recorded (no log.csv next to the checkpoint)")
-    command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`"
+    script = ckpt.get("script", "train.py")  # the script that trained it: train.py, or dpo.py
+    command = f"`{shlex.join(['python', script, *ckpt['argv']])}`"
     c = model_cfg
     architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / "
                     f"{c.n_kv_heads} "
@@ -77,7 +79,8 @@ pipeline_tag: text-generation
 ---
 # A {n_params / 1e6:.1f}M-parameter LLaMA-style model
 
-Pretrained from scratch by next-token prediction, exported from `{path}` by export.py.
+{"Pretrained from scratch by next-token prediction" if script == "train.py"
+ else f"Trained with {script} from `{cfg['init_from']}`"}, exported from `{path}` by export.py.
 
 | | |
 |---|---|

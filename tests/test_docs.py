@@ -8,6 +8,7 @@ from helpers import ROOT
 
 from bench import BenchOptions
 from bench_prepare import PrepareBenchConfig
+from dpo import DPOConfig
 from eval import EvalConfig
 from export import ExportConfig
 from prepare import PrepareConfig
@@ -16,7 +17,8 @@ from train import TrainConfig
 
 OPTIONS = {"train.py": [TrainConfig], "prepare.py": [PrepareConfig], "sample.py": [SampleConfig],
            "export.py": [ExportConfig], "bench.py": [BenchOptions, TrainConfig],
-           "bench_prepare.py": [PrepareBenchConfig], "eval.py": [EvalConfig]}
+           "bench_prepare.py": [PrepareBenchConfig], "eval.py": [EvalConfig],
+           "dpo.py": [DPOConfig]}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

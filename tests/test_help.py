@@ -11,6 +11,7 @@ from helpers import ROOT, run
 import bench
 import bench_nanogpt
 import bench_prepare
+import dpo
 import export
 import prepare
 import sample
@@ -26,6 +27,9 @@ from configurator import field_comments
     ("sample.py", "--help", "  --top_p: float = 0.9  # 1.0 = no nucleus cut"),
     ("export.py", "--help",
      "  --format: str = 'hf'  # hf: a Hugging Face model directory; gguf: one file for"),
+    # dpo.py's own settings, then train.py's with the comments train.py gives them
+    ("dpo.py", "--help", "  --reduction: str = 'sum'  # an answer's log-probability: \"sum\""),
+    ("dpo.py", "--help", "  --grad_clip: float = 1.0  # clip the global gradient norm to this"),
 ])
 def test_help_lists_every_setting_with_type_default_and_comment(script, flag, shown):
     result = run(script, "--n_layers=2", flag)  # --help wins over anything else on the command line
@@ -45,7 +49,7 @@ def test_bench_help_shows_its_own_options_and_then_the_training_config():
 
 @pytest.mark.parametrize("cls",
                          [train.TrainConfig, prepare.PrepareConfig, sample.SampleConfig,
-                          export.ExportConfig,
+                          export.ExportConfig, dpo.DPOConfig,
                                  bench.BenchOptions, bench_nanogpt.NanoGPTBenchConfig,
                                  bench_prepare.PrepareBenchConfig])
 def test_every_setting_has_a_one_line_comment(cls):
