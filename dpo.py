@@ -31,6 +31,7 @@ log-probability of an answer, summed or averaged per token -> the loss and the r
 (PairLoader, DPOObjective) -> the run (DPOConfig, the pairs of a run, train_dpo).
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -49,24 +50,23 @@ from checkpoint import (
     checkpoint_state,
     load_model,
     lock_ckpt_dir,
-    restore,
     save_checkpoint,
 )
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, run_cli
 from conversation import chat_token_ids, check_conversation, render_conversation
 from files import write_file
 from hardware import autocast, choose_speed
 from model import ModelConfig
-from passes import ValidationRecord
 from preemption import StopRequest
 from schedule import Scheduler
 from train import (
     TrainConfig,
     TrainingDiverged,
     checkpoint_to_resume,
-    distributed,
+    main,
     make_optimizer,
     make_scaler,
+    resume,
     train_update,
     update_timer,
     wrap_model,
@@ -470,15 +470,8 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
     asked = BUDGET_PROBE_UPDATES if cfg.max_minutes else updates
     scheduler = Scheduler(optimizer, cfg.schedule, asked, cfg.warmup_iterations, cfg.max_lr,
                           cfg.min_lr)
-    step, elapsed_before, record = 0, 0.0, ValidationRecord()
-    if resume_from:
-        path, ckpt = resume_from
-        restore(path, ckpt, cfg, fingerprint, policy, optimizer, scaler, scheduler, loader, rank,
-                device)
-        step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
-        record.load_state_dict(ckpt["validation"])
-        if master:
-            print(f"resumed from {path} at update {step}")
+    step, elapsed_before, record = resume(resume_from, cfg, fingerprint, policy, optimizer, scaler,
+                                          scheduler, loader, rank, device)
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
         start_log(log_file, step, DPO_LOG_FORMAT)
@@ -489,8 +482,8 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
               f"{str(dtype).removeprefix('torch.')}" + (f" | {speed_note}" if speed_note else ""))
     stop = StopRequest()
     ckpt_every = max(1, cfg.token_ckpt // cfg.tokens_per_update)
-    start_time, update_seconds = time.time(), []
-    while step < scheduler.training_steps:
+    start_time, update_seconds, stopped = time.time(), [], False
+    while step < scheduler.training_steps and not stopped:
         t0 = time.time()
         lr = scheduler.step(step)
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype,
@@ -519,8 +512,8 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
         if master:
             append_log(log_file, row, DPO_LOG_FORMAT)
             print(progress_line(row, total), flush=True)
-        stopping = stop.agreed(device)
-        if master and (step % ckpt_every == 0 or step == total or stopping):
+        stopped = stop.agreed(device)
+        if master and (step % ckpt_every == 0 or step == total or stopped):
             record.saved(step)
             state = checkpoint_state(cfg, policy, optimizer, world_size, device,
                                      scheduler=scheduler, scaler=scaler, loader=loader,
@@ -528,11 +521,9 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
                                      elapsed_s=row["elapsed_s"], argv=argv, repeats=None)
             state |= {"reference": reference, "script": "dpo.py"}
             print(f"saved {save_checkpoint(cfg.ckpt_dir, step, state, cfg.keep_ckpts)}")
-        if stopping:
-            if master:
-                print(f"stopped by signal after update {step}; resume with --load_ckpt=True")
-            break
     if master:
+        if stopped:
+            print(f"stopped by signal after update {step}; resume with --load_ckpt=True")
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
         lock.close()
 
@@ -547,11 +538,5 @@ def progress_line(row: dict, total: int) -> str:
     return line
 
 
-def main(argv: list[str]):
-    cfg = load_config(argv, DPOConfig)
-    with distributed(cfg) as (rank, world_size, device):
-        train_dpo(cfg, rank, world_size, device, argv)
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(functools.partial(main, config=DPOConfig, run=train_dpo))

@@ -475,6 +475,22 @@ def checkpoint_to_resume(cfg: TrainConfig, master: bool) -> tuple[Path, dict] | 
                                       tensors="none" if cfg.fsdp else "all") if existing else None
 
 
+def resume(resume_from: tuple[Path, dict] | None, cfg, fingerprint: str, model, optimizer, scaler,
+           scheduler, loader, rank: int, device: str) -> tuple[int, float, ValidationRecord]:
+    """(updates done, seconds trained, validation record) of the run: a new run's (0, 0.0, an empty
+    record), or those of the checkpoint it resumes from (checkpoint_to_resume's), whose state is
+    put back into the model, optimizer, scaler, scheduler and loader (checkpoint.restore)."""
+    record = ValidationRecord()
+    if not resume_from:
+        return 0, 0.0, record
+    path, ckpt = resume_from
+    restore(path, ckpt, cfg, fingerprint, model, optimizer, scaler, scheduler, loader, rank, device)
+    record.load_state_dict(ckpt["validation"])
+    if rank == 0:
+        print(f"resumed from {path} at update {ckpt['step']} ({ckpt['tokens']:,} tokens)")
+    return ckpt["step"], ckpt["elapsed_s"], record
+
+
 # --------------------------------------------------------------------------------------------------
 # What the run shows: samples, the printed line and the CSV log (one row per update).
 def next_sample_update(step: int, multiplier: float) -> float:
@@ -613,19 +629,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     training_steps = asked if cfg.max_minutes else min(asked, most)
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations,
                           cfg.max_lr, cfg.min_lr)
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, record = resume(resume_from, cfg, fingerprint, raw_model, optimizer,
+                                          scaler, scheduler, loader, rank, device)
     # repeats: how often the run reads its data and what it does about it (passes.py), once its
-    # length is planned.
-    record, repeats, planned = ValidationRecord(), None, None
-    if resume_from:
-        path, ckpt = resume_from
-        restore(path, ckpt, cfg, fingerprint, raw_model, optimizer, scaler, scheduler, loader, rank,
-                device)
-        step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
-        record.load_state_dict(ckpt["validation"])
-        planned = ckpt["repeats"] if cfg.max_minutes else None  # a budget's plan is not made again
-        if master:
-            print(f"resumed from {path} at update {step} ({ckpt['tokens']:,} tokens)")
+    # length is planned; a budget's plan is not made again on resume.
+    repeats = None
+    planned = resume_from[1]["repeats"] if resume_from and cfg.max_minutes else None
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
@@ -740,10 +749,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         lock.close()
 
 
-def main(argv: list[str]):
-    cfg = load_config(argv, TrainConfig)
+def main(argv: list[str], config=TrainConfig, run=train):
+    """One run of `run` (train, or dpo.py's train_dpo) with the settings of `config` (its
+    dataclass), on this process's rank."""
+    cfg = load_config(argv, config)
     with distributed(cfg) as (rank, world_size, device):
-        train(cfg, rank, world_size, device, argv)
+        run(cfg, rank, world_size, device, argv)
 
 
 if __name__ == "__main__":
