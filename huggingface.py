@@ -121,6 +121,16 @@ def read_config_json(directory: Path, multiple_of: int) -> tuple[dict, dict]:
     return hf, model_config_from_hf(hf, str(directory / "config.json"), multiple_of)
 
 
+def refuse_contradictions(cfg, fields: dict, source: str):
+    """With --init_from the architecture comes from `source`: a setting the user chose
+    (cfg.user_set) that differs from its `fields` is a mistake, refused."""
+    for name, value in fields.items():
+        if name in cfg.user_set and getattr(cfg, name) != value:
+            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command "
+                            f"line) contradicts {source} ({name}={value}); drop it: with "
+                            f"--init_from the architecture comes from {source}")
+
+
 def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     """train.py --init_from=DIR, first step, before anything is built or written: the run's config
     (a TrainConfig) with DIR's architecture, from its config.json, and the size of DIR's embedding.
@@ -131,13 +141,7 @@ def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     stay the run's."""
     root = Path(cfg.init_from)
     _, fields = read_config_json(root, cfg.multiple_of)
-    for name, value in fields.items():
-        if name in cfg.user_set and getattr(cfg, name) != value:
-            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command "
-                            "line) contradicts "
-                            f"{root}/config.json ({name}={value}); drop it: with --init_from the "
-                            "architecture comes "
-                            "from config.json")
+    refuse_contradictions(cfg, fields, f"{root}/config.json")
     if vocab_size > fields["vocab_size"]:
         raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {root}'s "
                         "embedding only "

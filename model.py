@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The target id that is not learned: fine-tuning gives it to all but the assistant's tokens.
+IGNORE = -1
+
 
 @dataclass
 class ModelConfig:
@@ -245,7 +248,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, caches=None, start_pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets (B, T)
-        or None).
+        or None). A target of IGNORE is not learned (fine-tuning learns only the assistant's
+        tokens): the mean is over the other targets, and 0 when there are none.
 
         `caches` (one KVCache per layer) and `start_pos` (position of idx[:, 0]) are used by
         `generate`."""
@@ -262,8 +266,11 @@ class Transformer(nn.Module):
             return logits, None
         # In fp32 even under bf16 autocast: the log-sum-exp over 8192 logits is where low precision
         # hurts most.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        # Summed, then divided by the targets that count (at least one): cross_entropy's own mean
+        # would divide 0 by 0, a NaN, for a batch with nothing to learn. Never a host sync.
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                 ignore_index=IGNORE, reduction="sum")
+        return logits, losses / (targets != IGNORE).sum().clamp(min=1)
 
     def num_params(self):
         """Number of parameters; a tensor shared by two modules (tied embeddings) is counted
