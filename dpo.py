@@ -58,6 +58,7 @@ from files import write_file
 from hardware import autocast, choose_speed
 from model import ModelConfig
 from preemption import StopRequest
+from pretrained import is_hf_directory
 from schedule import Scheduler
 from train import (
     TrainConfig,
@@ -316,6 +317,10 @@ def starting_model(cfg: DPOConfig) -> tuple[object, object, DPOConfig, str]:
     The run's config takes the model's architecture and the dataset its tokenizer belongs to, so
     that checkpoints record them and sample.py, chat.py and export.py read the DPO model as they
     read the one it started from. max_seq_len may be set lower, to drop long pairs."""
+    if is_hf_directory(cfg.init_from):
+        raise UserError(f"{cfg.init_from} is a Hugging Face model directory; dpo.py starts from "
+                        "a run's ckpt_dir: fine-tune it with sft.py first (--init_from="
+                        f"{cfg.init_from}) and pass that run's --ckpt_dir")
     _, state, policy, tokenizer = load_model(cfg.init_from, purpose="starting from")
     chat_token_ids(tokenizer)  # a base model: the error says to run sft.py first
     architecture = {f.name: state["config"][f.name] for f in dataclasses.fields(ModelConfig)

@@ -20,6 +20,7 @@ from helpers import (
 from checkpoint import checkpoint_paths
 from configurator import UserError
 from dpo import (
+    DPOConfig,
     answer_logps,
     collate,
     dpo_loss,
@@ -27,9 +28,11 @@ from dpo import (
     pair_logps,
     preference_metrics,
     split_by_prompt,
+    train_dpo,
 )
 from model import ModelConfig, Transformer
 from tokenizer import gpt2_tokenizer
+from train import main
 
 ROW = {"prompt": "Who wrote Hamlet?", "chosen": "Shakespeare.", "rejected": "Marlowe, I think."}
 # The tiny run's model (conftest's tiny_run) on a few pairs: each update takes 2 micro-steps of 2.
@@ -210,6 +213,15 @@ def test_resume_goes_on_as_an_uninterrupted_run(dpo_run, tiny_run, pairs_file, t
         assert_same_curve(straight, resumed, [s for s in straight if straight[s][column]], column)
 
 
+def test_two_ranks_train_as_one_rank_with_accumulation(dpo_run, tiny_run, pairs_file, tmp_path):
+    # one micro-step of 2 pairs on each of 2 ranks, where dpo_run took 2 micro-steps on one
+    run("-m torch.distributed.run --standalone --nproc_per_node=2 dpo.py",
+        *dpo_options(tiny_run, pairs_file), f"--ckpt_dir={tmp_path}")
+    assert_same_weights(final_weights(dpo_run), final_weights(tmp_path), atol=1e-6)
+    straight, two = logged(dpo_run), logged(tmp_path)
+    assert_same_curve(straight, two, range(1, 13), "rewards_margin")
+
+
 def test_bad_input_is_one_line_and_leaves_the_run_directory_as_it_was(tiny_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROW) + "\n" + json.dumps({"prompt": "Q?", "chosen": "A."}) + "\n")
@@ -234,7 +246,7 @@ def test_a_model_without_the_chat_tokens_says_to_fine_tune_it_first(tiny_run, pa
     state["config"]["dataset_dir"], state["tokenizer"] = str(data), "gpt2-50257-gpt2"
     (tmp_path / "base").mkdir()
     torch.save(state, tmp_path / "base" / "ckpt_00000006.pt")
-    result = run("dpo.py", f"--init_from={tmp_path / 'base'}", f"--data={pairs_file}",
-                 f"--ckpt_dir={tmp_path / 'out'}", *DPO_TINY, check=False)
-    one_line_error(result, "no <|system|>", "sft.py")
+    with pytest.raises(UserError, match="no <|system|>.*sft.py"):
+        main([f"--init_from={tmp_path / 'base'}", f"--data={pairs_file}",
+              f"--ckpt_dir={tmp_path / 'out'}", *DPO_TINY], config=DPOConfig, run=train_dpo)
     assert not (tmp_path / "out").exists()
