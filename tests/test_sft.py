@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, assert_same_weights, final_weights, run
+from helpers import TINY, assert_same_weights, final_weights, one_line_error, run
 
 import sft
 from checkpoint import checkpoint_paths
@@ -50,6 +50,16 @@ def sft_args(base, data, ckpt_dir, *more) -> list[str]:
             f"--ckpt_dir={ckpt_dir}",
             "--training_tokens=768", "--token_ckpt=256", "--eval_interval=2", "--eval_tokens=128",
             "--keep_ckpts=5", *more]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_run, chat_file, tmp_path_factory):
+    """The tiny model fine-tuned on chat_file: six updates, a checkpoint every two, its stdout in
+    stdout.txt."""
+    ckpt_dir = tmp_path_factory.mktemp("sft") / "run"
+    result = run("sft.py", *sft_args(tiny_run, chat_file, ckpt_dir))
+    (ckpt_dir / "stdout.txt").write_text(result.stdout)
+    return ckpt_dir
 
 
 def test_batches_learn_exactly_the_assistants_tokens(tiny_run, chat_file, tmp_path):
@@ -104,10 +114,9 @@ def test_a_batch_with_nothing_to_learn_is_a_zero_loss_not_nan():
     assert np.isfinite(loss) and np.isfinite(grad_norm) and loss > 0
 
 
-def test_an_sft_run_resumes_bitwise(tiny_run, chat_file, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = run("sft.py", *sft_args(tiny_run, chat_file, straight)).stdout
-    assert "21 conversations in" in out
+def test_an_sft_run_resumes_bitwise(sft_run, tiny_run, chat_file, tmp_path):
+    straight, resumed = sft_run, tmp_path / "resumed"
+    assert "21 conversations in" in (straight / "stdout.txt").read_text()
     assert [p.name for p in checkpoint_paths(straight)] == [f"ckpt_0000000{i}.pt"
                                                              for i in (2, 4, 6)]
     log = (straight / "log.csv").read_text().splitlines()
@@ -184,3 +193,45 @@ def test_a_tokenizer_json_without_chat_tokens_is_refused_in_one_line(tmp_path):
     meta = {"tokenizer": "hf", "pattern": None, "vocab_size": 100, "special_tokens": {EOT: 99}}
     with pytest.raises(UserError, match="has no chat tokens .* start from the ckpt_dir"):
         sft.with_chat_tokens(meta, "some/model")
+
+
+# --------------------------------------------------------------------------------------------------
+# chat.py
+def test_chat_answers_one_prompt_and_a_base_model_is_told_what_to_run(sft_run, tiny_run):
+    out = run("chat.py", f"--ckpt_dir={sft_run}", "--prompt=Who wrote Hamlet?", "--temperature=0",
+              "--max_new_tokens=8")
+    assert out.stdout.strip() and out.stderr == ""
+    result = run("chat.py", f"--ckpt_dir={tiny_run}", "--prompt=hi", check=False)
+    one_line_error(result, "base model", f"python sft.py --init_from={tiny_run}")
+
+
+class Scripted:
+    """A stand-in model whose generate_tokens yields the given ids, recording each prompt."""
+
+    def __init__(self, ids):
+        self.ids, self.prompts = ids, []
+
+    def generate_tokens(self, prompt, *args, **kwargs):
+        self.prompts.append(prompt[0].tolist())
+        yield from (torch.tensor([[i]]) for i in self.ids)
+
+
+def test_a_reply_ends_at_the_end_of_turn_and_new_starts_over(sft_run, capsys, monkeypatch):
+    import chat
+
+    tokenizer = load_tokenizer(sft_run / "data")
+    end = chat_token_ids(tokenizer)["<|end|>"]
+    words = tokenizer.encode(" Juliet.")
+    model = Scripted([*words, end, *tokenizer.encode(" never")])
+    cfg = chat.ChatConfig()
+    history = [{"role": "user", "content": "Who?"}]
+    assert chat.reply(model, tokenizer, history, cfg, "cpu") == " Juliet."
+    assert capsys.readouterr().out == " Juliet."
+    # two questions, /new, a third: the third prompt holds the third question alone
+    lines = iter(["Who?", "And?", "/new", "Again?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    model.prompts = []
+    chat.converse(model, tokenizer, cfg, "cpu")
+    second, third = model.prompts[1], model.prompts[2]
+    assert tokenizer.decode(second).count("<|user|>") == 2
+    assert tokenizer.decode(third) == "<|endoftext|><|user|>Again?<|end|><|assistant|>"
