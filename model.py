@@ -325,10 +325,7 @@ class Transformer(nn.Module):
           use_cache=False reruns the whole context every step (a reference for tests and
           benchmarks). Both see the same context, so they produce the same tokens.
         """
-        if (temperature < 0 or (top_k is not None and top_k < 1)
-                or (top_p is not None and not 0 < top_p <= 1)):
-            raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
-                            f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
+        check_sampling(temperature, top_k, top_p)
         window = self.config.max_seq_len
         caches = [KVCache(window) for _ in self.layers] if use_cache else None
         start = max(0, idx.shape[1] - window)  # the model's context is idx[:, start:]
@@ -355,6 +352,14 @@ class Transformer(nn.Module):
             yield next_token
             if finished.all():
                 break
+
+
+def check_sampling(temperature, top_k, top_p):
+    """A ValueError for settings `sample` cannot draw with."""
+    if (temperature < 0 or (top_k is not None and top_k < 1)
+            or (top_p is not None and not 0 < top_p <= 1)):
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
+                         f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):

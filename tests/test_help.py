@@ -11,6 +11,7 @@ from helpers import ROOT, run
 import bench
 import bench_nanogpt
 import bench_prepare
+import chat
 import dpo
 import export
 import prepare
@@ -26,6 +27,7 @@ from configurator import field_comments
     ("train.py", "-h", "  --training_tokens: int = 2_000_000  # the run's length in tokens"),
     ("prepare.py", "--help", "  --vocab_size: int = 8192  # bpe only; counts <|endoftext|>"),
     ("sample.py", "--help", "  --top_p: float = 0.9  # 1.0 = no nucleus cut"),
+    ("chat.py", "--help", "  --prompt: str = ''  # answer this one message and exit (for scripts)"),
     ("sft.py", "--help", "  --overlong: str = 'cut'  # a conversation longer than max_seq_len"),
     ("export.py", "--help",
      "  --format: str = 'hf'  # hf: a Hugging Face model directory; gguf: one file for"),
@@ -53,7 +55,8 @@ def test_bench_help_shows_its_own_options_and_then_the_training_config():
                          [train.TrainConfig, prepare.PrepareConfig, sample.SampleConfig,
                           export.ExportConfig, dpo.DPOConfig,
                                  bench.BenchOptions, bench_nanogpt.NanoGPTBenchConfig,
-                                 bench_prepare.PrepareBenchConfig, sft.SFTOptions])
+                                 bench_prepare.PrepareBenchConfig, sft.SFTOptions,
+                                 chat.ChatConfig])
 def test_every_setting_has_a_one_line_comment(cls):
     comments = field_comments(cls)
     assert set(comments) == {f.name for f in dataclasses.fields(cls)}

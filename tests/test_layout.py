@@ -58,7 +58,7 @@ def test_no_module_imports_one_that_imports_it():
 
 
 SCRIPTS = {"prepare", "export", "sample", "bench", "eval", "bench_nanogpt", "bench_prepare", "sft",
-           "dpo"}
+           "chat", "dpo"}
 
 
 def test_scripts_are_leaves():

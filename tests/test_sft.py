@@ -3,12 +3,14 @@ only; a batch with nothing to learn is a zero loss, never NaN; a run resumes bit
 pretrained without the chat tokens grows rows for them; bad input is one line and leaves files
 alone."""
 import json
+import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, assert_same_weights, final_weights, run
+from helpers import TINY, assert_same_weights, final_weights, one_line_error, run
 
 import sft
 from checkpoint import checkpoint_paths
@@ -50,6 +52,16 @@ def sft_args(base, data, ckpt_dir, *more) -> list[str]:
             f"--ckpt_dir={ckpt_dir}",
             "--training_tokens=768", "--token_ckpt=256", "--eval_interval=2", "--eval_tokens=128",
             "--keep_ckpts=5", *more]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_run, chat_file, tmp_path_factory):
+    """The tiny model fine-tuned on chat_file: six updates, a checkpoint every two, its stdout in
+    stdout.txt."""
+    ckpt_dir = tmp_path_factory.mktemp("sft") / "run"
+    result = run("sft.py", *sft_args(tiny_run, chat_file, ckpt_dir))
+    (ckpt_dir / "stdout.txt").write_text(result.stdout)
+    return ckpt_dir
 
 
 def test_batches_learn_exactly_the_assistants_tokens(tiny_run, chat_file, tmp_path):
@@ -104,10 +116,9 @@ def test_a_batch_with_nothing_to_learn_is_a_zero_loss_not_nan():
     assert np.isfinite(loss) and np.isfinite(grad_norm) and loss > 0
 
 
-def test_an_sft_run_resumes_bitwise(tiny_run, chat_file, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = run("sft.py", *sft_args(tiny_run, chat_file, straight)).stdout
-    assert "21 conversations in" in out
+def test_an_sft_run_resumes_bitwise(sft_run, tiny_run, chat_file, tmp_path):
+    straight, resumed = sft_run, tmp_path / "resumed"
+    assert "21 conversations in" in (straight / "stdout.txt").read_text()
     assert [p.name for p in checkpoint_paths(straight)] == [f"ckpt_0000000{i}.pt"
                                                              for i in (2, 4, 6)]
     log = (straight / "log.csv").read_text().splitlines()
@@ -184,3 +195,128 @@ def test_a_tokenizer_json_without_chat_tokens_is_refused_in_one_line(tmp_path):
     meta = {"tokenizer": "hf", "pattern": None, "vocab_size": 100, "special_tokens": {EOT: 99}}
     with pytest.raises(UserError, match="has no chat tokens .* start from the ckpt_dir"):
         sft.with_chat_tokens(meta, "some/model")
+
+
+# --------------------------------------------------------------------------------------------------
+# chat.py
+def test_chat_answers_one_prompt_and_a_base_model_is_told_what_to_run(sft_run, tiny_run):
+    out = run("chat.py", f"--ckpt_dir={sft_run}", "--prompt=Who wrote Hamlet?", "--temperature=0",
+              "--max_new_tokens=8")
+    assert out.stdout.strip() and out.stderr == ""
+    result = run("chat.py", f"--ckpt_dir={tiny_run}", "--prompt=hi", check=False)
+    one_line_error(result, "base model", f"python sft.py --init_from={tiny_run}")
+
+
+class Scripted:
+    """A stand-in model whose generate_tokens yields the given ids, recording each prompt."""
+
+    def __init__(self, ids):
+        self.ids, self.prompts = ids, []
+
+    def generate_tokens(self, prompt, *args, **kwargs):
+        self.prompts.append(prompt[0].tolist())
+        yield from (torch.tensor([[i]]) for i in self.ids)
+
+
+def test_a_reply_ends_at_the_end_of_turn_and_new_starts_over(sft_run, capsys, monkeypatch):
+    import chat
+
+    tokenizer = load_tokenizer(sft_run / "data")
+    end = chat_token_ids(tokenizer)["<|end|>"]
+    words = tokenizer.encode(" Juliet.")
+    model = Scripted([*words, end, *tokenizer.encode(" never")])
+    cfg = chat.ChatConfig()
+    history = [{"role": "user", "content": "Who?"}]
+    assert chat.reply(model, tokenizer, history, cfg, "cpu") == " Juliet."
+    assert capsys.readouterr().out == " Juliet."
+    # two questions, /new, a third: the third prompt holds the third question alone
+    lines = iter(["Who?", "And?", "/new", "Again?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    model.prompts = []
+    chat.converse(model, tokenizer, cfg, "cpu")
+    second, third = model.prompts[1], model.prompts[2]
+    assert tokenizer.decode(second).count("<|user|>") == 2
+    assert tokenizer.decode(third) == "<|endoftext|><|user|>Again?<|end|><|assistant|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# The template in the exports: transformers and llama.cpp render and stop as chat.py does
+def chain_model(sft_run, ckpt_dir, answer: str) -> list[int]:
+    """A checkpoint of sft_run's shape that answers any question with `answer`, then <|end|>:
+    its blocks add nothing (zero output projections), so each next token depends on the current
+    one alone, and the embedding and output rows link <|assistant|> -> answer's tokens -> <|end|>.
+    Returns that chain of ids."""
+    state = torch.load(checkpoint_paths(sft_run)[-1], weights_only=True)
+    tokenizer = load_tokenizer(state["config"]["dataset_dir"])
+    special = chat_token_ids(tokenizer)
+    chain = [special["<|assistant|>"], *tokenizer.encode(answer), special["<|end|>"]]
+    weights = state["model"]
+    width = weights["tok_embeddings.weight"].shape[1]
+    basis = torch.eye(width) * width ** 0.5  # unit RMS: RMSNorm leaves them as they are
+    for name, tensor in weights.items():
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            tensor.zero_()
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+    weights["tok_embeddings.weight"][:] = basis[-1]
+    weights["output.weight"].zero_()
+    for i, token in enumerate(chain[:-1]):
+        weights["tok_embeddings.weight"][token] = basis[i]
+        weights["output.weight"][chain[i + 1]] = 10 * basis[i]
+    ckpt_dir.mkdir()
+    torch.save(state, ckpt_dir / "ckpt_00000001.pt")
+    return chain
+
+
+QUESTION = [{"role": "user", "content": "Who is Romeo's love?"}]
+
+
+def test_chat_py_and_transformers_with_the_exported_template_stop_at_the_same_token(sft_run,
+                                                                                    tmp_path,
+                                                                                    capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import chat
+    import export
+
+    chain = chain_model(sft_run, tmp_path / "chain", " Juliet.")
+    chat.main([f"--ckpt_dir={tmp_path / 'chain'}", f"--prompt={QUESTION[0]['content']}",
+               "--temperature=0"])
+    assert capsys.readouterr().out == " Juliet.\n"
+    export.main([f"--ckpt_dir={tmp_path / 'chain'}", f"--out_dir={tmp_path / 'hf'}"])
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)["input_ids"]
+    assert prompt == chat.render_prompt(load_tokenizer(sft_run / "data"), QUESTION)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+    # the answer and <|end|>, where generation_config.json's eos_token_id stops it
+    assert generated[0, len(prompt):].tolist() == chain[1:]
+
+
+LLAMA_CPP_CHAT = """
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)
+out = llm.create_chat_completion(messages=json.loads(sys.argv[2]), temperature=0, max_tokens=20)
+print(json.dumps({"content": out["choices"][0]["message"]["content"],
+                  "finish_reason": out["choices"][0]["finish_reason"],
+                  "prompt_tokens": out["usage"]["prompt_tokens"]}))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_PYTHON"),
+                    reason="set LLAMA_CPP_PYTHON to a Python with llama-cpp-python installed")
+def test_llama_cpp_chat_completion_renders_and_stops_as_chat_py(sft_run, tmp_path):
+    import chat
+
+    chain_model(sft_run, tmp_path / "chain", " Juliet.")
+    run("export.py", f"--ckpt_dir={tmp_path / 'chain'}", "--format=gguf",
+        f"--out={tmp_path / 'chain.gguf'}")
+    result = subprocess.run([os.environ["LLAMA_CPP_PYTHON"], "-c", LLAMA_CPP_CHAT,
+                             str(tmp_path / "chain.gguf"), json.dumps(QUESTION)],
+                            capture_output=True, text=True, check=True, cwd=tmp_path)
+    reply = json.loads(result.stdout)
+    assert (reply["content"], reply["finish_reason"]) == (" Juliet.", "stop")
+    # the prompt was the template's ids, no second <|endoftext|> in front
+    assert reply["prompt_tokens"] == len(chat.render_prompt(load_tokenizer(sft_run / "data"),
+                                                            QUESTION))
