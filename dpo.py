@@ -53,13 +53,20 @@ from checkpoint import (
     save_checkpoint,
 )
 from configurator import UserError, run_cli
-from conversation import chat_token_ids, check_conversation, render_conversation
+from conversation import (
+    chat_token_ids,
+    check_conversation,
+    render_conversation,
+    render_prompt,
+    stop_ids,
+)
 from files import write_file
 from hardware import autocast, choose_speed
 from model import ModelConfig
 from preemption import StopRequest
 from pretrained import is_hf_directory
 from schedule import Scheduler
+from shakespeare import exact_match, questions
 from train import (
     TrainConfig,
     TrainingDiverged,
@@ -377,8 +384,63 @@ def read_jsonl(path: str) -> list:
     return rows
 
 
+# The longest answer asked for: the offline task's answers (a play's title, a speaker's name) are a
+# few tokens, so a longer reply is wrong whatever follows.
+MAX_ANSWER_TOKENS = 24
+
+
+def model_answer(model, tokenizer, question: str, temperature: float) -> str:
+    """The model's answer to one user message, up to its end of turn."""
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": question}])
+    prompt = torch.tensor([prompt], device=next(model.parameters()).device)
+    stops = stop_ids(tokenizer)
+    ids = []
+    for token in model.generate_tokens(prompt, MAX_ANSWER_TOKENS, temperature, eos_token=stops):
+        if token.item() in stops:
+            break
+        ids.append(token.item())
+    return tokenizer.decode(ids)
+
+
+def own_mistakes(model, tokenizer, items: list[tuple[str, str]], seed: int,
+                 tries: int = 4) -> list[dict]:
+    """Pairs from questions with known answers, (question, right answer): chosen is the right
+    answer, rejected a wrong one the model gives itself, greedy first, then sampled (temperature
+    1) up to `tries` times in all. These are the mistakes it is likely to make, so the preference
+    is about them; a question it always answers right gives no pair."""
+    torch.manual_seed(seed)
+    rows = []
+    for question, right in items:
+        for attempt in range(tries):
+            answer = model_answer(model, tokenizer, question, temperature=float(attempt > 0))
+            if answer.strip() and not exact_match(answer, right):
+                rows.append({"prompt": question, "chosen": right, "rejected": answer})
+                break
+    return rows
+
+
+# The offline default's pairs come from every OFFLINE_EVERY-th training question of shakespeare.py's
+# task (both kinds alike): enough pairs for a run of a few minutes, answered in about one.
+OFFLINE_EVERY = 4
+
+
 def offline_pairs(cfg: DPOConfig, tokenizer, policy) -> tuple[list[dict], list[dict]]:
-    raise UserError("no offline default yet; pass --data=pairs.jsonl")
+    """The offline default: shakespeare.py's questions (which play a line is from, who says it),
+    each paired with a wrong answer the starting model gives (own_mistakes). The training pairs
+    come from its training questions, the validation pairs from its held-out ones, whose lines no
+    training question quotes."""
+    train_items, eval_items = ([(q["question"], q["answer"]) for q in questions(split)]
+                               for split in ("train", "eval"))
+    return (own_mistakes(policy, tokenizer, train_items[::OFFLINE_EVERY], cfg.seed),
+            own_mistakes(policy, tokenizer, eval_items, cfg.seed))
+
+
+def held_out_exact_match(model, tokenizer) -> float:
+    """The offline task's score: the share of its held-out questions the model answers exactly
+    (greedy, shakespeare.exact_match)."""
+    answered = [exact_match(model_answer(model, tokenizer, q["question"], 0.0), q["answer"])
+                for q in questions("eval")]
+    return sum(answered) / len(answered)
 
 
 def run_pairs(cfg: DPOConfig, tokenizer, rows: list[dict] | None, policy, master: bool,
@@ -440,12 +502,17 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
                         f"batch_size*world_size = {cfg.batch_size * world_size}; change one")
     accum_steps = cfg.pairs_per_update // (cfg.batch_size * world_size)
     policy, tokenizer, cfg, fingerprint = starting_model(cfg)
+    policy.to(device)
     rows = given_rows(cfg, tokenizer)  # a bad pair ends the run here, before ckpt_dir is touched
     lock = lock_ckpt_dir(cfg.ckpt_dir, master)
     resume_from = checkpoint_to_resume(cfg, master)
     if resume_from:
         check_same_run(resume_from[1], cfg, resume_from[0])
     train_pairs, val_pairs = run_pairs(cfg, tokenizer, rows, policy, master, resume_from is None)
+    offline = rows is None and master  # the offline task: its score before and after
+    if offline and not resume_from:
+        print(f"shakespeare.py's held-out questions: exact match "
+              f"{held_out_exact_match(policy, tokenizer):.1%} before DPO")
     pad_id = tokenizer.eot_id
 
     # Timing dtype=auto's candidates needs batches, not the reference's values: zeros stand in.
@@ -530,6 +597,9 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
         if stopped:
             print(f"stopped by signal after update {step}; resume with --load_ckpt=True")
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
+        if offline:
+            print(f"shakespeare.py's held-out questions: exact match "
+                  f"{held_out_exact_match(policy, tokenizer):.1%} after {step} updates of DPO")
         lock.close()
 
 

@@ -17,13 +17,15 @@ from helpers import (
     run,
 )
 
-from checkpoint import checkpoint_paths
+import dpo
+from checkpoint import checkpoint_paths, load_model
 from configurator import UserError
 from dpo import (
     DPOConfig,
     answer_logps,
     collate,
     dpo_loss,
+    own_mistakes,
     pair_from_row,
     pair_logps,
     preference_metrics,
@@ -31,6 +33,7 @@ from dpo import (
     train_dpo,
 )
 from model import ModelConfig, Transformer
+from shakespeare import exact_match
 from tokenizer import gpt2_tokenizer
 from train import main
 
@@ -165,6 +168,33 @@ def test_the_loss_and_rewards_are_the_papers():
     loss.backward()
     assert (logps.grad[:2] < 0).all() and (logps.grad[2:] > 0).all()
     assert logps.grad[1].abs() > logps.grad[0].abs()
+
+
+# --- pairs from the model's own answers: the offline default -------------------------------------
+def test_a_pair_rejects_an_answer_the_model_gives_itself(tiny_run, monkeypatch):
+    _, _, model, tokenizer = load_model(str(tiny_run))
+    items = [("Which play is Hamlet in?", "Hamlet"), ("Who says this line: \"To be\"", "HAMLET")]
+    # the tiny run's model was never fine-tuned: every answer it gives is a mistake
+    rows = own_mistakes(model, tokenizer, items, seed=0)
+    assert [(r["prompt"], r["chosen"]) for r in rows] == items
+    assert all(r["rejected"].strip() and not exact_match(r["rejected"], r["chosen"]) for r in rows)
+    # a model that answers right (up to case and a final ".") gives no pair
+    monkeypatch.setattr(dpo, "model_answer", lambda model, tokenizer, question, temperature:
+                        dict(items)[question].lower() + ".")
+    assert own_mistakes(model, tokenizer, items, seed=0) == []
+
+
+def test_the_offline_pairs_train_on_the_tasks_training_questions_and_validate_on_held_out_ones(
+        monkeypatch):
+    # shakespeare.py's two splits share no line (its tests); a stand-in for them here
+    monkeypatch.setattr(dpo, "questions", lambda split: [{"question": f"{split} {i}", "answer": "A"}
+                                                         for i in range(8 if split == "train"
+                                                                        else 3)])
+    monkeypatch.setattr(dpo, "model_answer", lambda *args, **kwargs: "B")
+    train, val = dpo.offline_pairs(DPOConfig(), tokenizer=None, policy=None)
+    assert [r["prompt"] for r in train] == [f"train {i}" for i in range(0, 8, dpo.OFFLINE_EVERY)]
+    assert [r["prompt"] for r in val] == ["eval 0", "eval 1", "eval 2"]
+    assert {(r["chosen"], r["rejected"]) for r in train + val} == {("A", "B")}
 
 
 # --- the run --------------------------------------------------------------------------------------
