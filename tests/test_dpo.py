@@ -19,7 +19,7 @@ from helpers import (
 
 import dpo
 from checkpoint import checkpoint_paths, load_model
-from configurator import UserError
+from configurator import UserError, load_config
 from dpo import (
     DPOConfig,
     answer_logps,
@@ -262,6 +262,29 @@ def test_bad_input_is_one_line_and_leaves_the_run_directory_as_it_was(tiny_run, 
                  *DPO_TINY, check=False)
     one_line_error(result, f"{bad}:2", "'rejected' is missing")
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Q?", "rejected": "B."}, "'chosen' is missing"),
+    ({"prompt": "Q?", "chosen": "A.", "rejected": "A."}, "are the same answer"),
+])
+def test_every_bad_pair_stops_the_run_before_it_writes(row, message, tiny_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROW) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=message):
+        main([f"--init_from={tiny_run}", f"--data={bad}", f"--ckpt_dir={tmp_path / 'out'}",
+              *DPO_TINY], config=DPOConfig, run=train_dpo)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dropout=0.1"], "without dropout"),
+    (["--tokens_per_update=1024"], "counts in pairs"),
+    (["--reduction=max"], "sum or mean"),
+])
+def test_settings_dpo_cannot_honour_are_refused(argv, message):
+    with pytest.raises(UserError, match=message):
+        load_config(argv, DPOConfig)
 
 
 def test_a_model_without_the_chat_tokens_says_to_fine_tune_it_first(tiny_run, pairs_file,
