@@ -15,6 +15,7 @@ sft.py's default task (shakespeare.py) greedily and prints the exact-match accur
 the share of replies that ended by themselves; a base model gets them as a few-shot text prompt,
 the best it can be asked, and its reply ends at the line break.
 """
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ class ChatConfig:
     top_p: float = 0.9  # 1.0 = no nucleus cut
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
     seed: int = 1337  # the random numbers sampling draws: the same seed gives the same replies
-    questions: str = ""  # "shakespeare": score the held-out questions of sft.py's default task
+    questions: str = ""  # "shakespeare": score the held-out questions of sft.py's default task,
+                         # greedily
 
     def __post_init__(self):
         try:
@@ -160,9 +162,10 @@ def main(argv: list[str]):
     device = pick_device(cfg.device)
     model.to(device)
     torch.manual_seed(cfg.seed)
-    if cfg.questions:
+    if cfg.questions:  # greedy: a score that does not depend on the seed
         chat = "row_tokens" in read_meta(ckpt["config"]["dataset_dir"])
-        print_scores(score_questions(model, tokenizer, cfg, device, chat), chat)
+        greedy = dataclasses.replace(cfg, temperature=0.0)
+        print_scores(score_questions(model, tokenizer, greedy, device, chat), chat)
         return
     check_fine_tuned(cfg.ckpt_dir, ckpt, tokenizer)
     if cfg.prompt:

@@ -68,9 +68,10 @@ class SFTOptions:
 
 
 # Fine-tuning starts from weights that already know the language: a short warm-up, a lower peak than
-# pretraining's, and checkpoints into their own directory.
+# pretraining's, a length of about two passes over the default task's conversations, and checkpoints
+# into their own directory.
 SFT_DEFAULTS = {"ckpt_dir": "out/sft", "warmup_iterations": 5, "max_lr": 5e-4, "min_lr": 5e-5,
-                "muon_lr": 2e-3, "embedding_lr": 5e-3, "training_tokens": 500_000,
+                "muon_lr": 2e-3, "embedding_lr": 5e-3, "training_tokens": 250_000,
                 "token_ckpt": 100_000, "eval_interval": 20, "model_gen_multiplier": 0.0}
 
 

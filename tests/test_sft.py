@@ -340,3 +340,24 @@ def test_the_held_out_questions_ask_about_lines_training_never_asks_about():
     assert shakespeare.exact_match(" hamlet.", "Hamlet") and not shakespeare.exact_match(
         "Hamlet, Prince", "Hamlet")
     assert shakespeare.training_rows()[0]["messages"][1]["content"] == train[0]["answer"]
+
+
+def test_questions_are_scored_by_exact_match_and_a_reply_that_ends_by_itself(sft_run):
+    """chat.py --questions=shakespeare on a stand-in model that always answers "Hamlet": as a chat
+    model (then <|end|>) and as a base model (then a line break)."""
+    import chat
+    import shakespeare
+
+    tokenizer = load_tokenizer(sft_run / "data")
+    held_out = shakespeare.questions("eval")
+    # the prince answers the speaker questions about his own lines: case does not count
+    hamlet = {kind: sum(q["answer"].lower() == "hamlet" for q in held_out if q["kind"] == kind)
+              for kind in ("play", "speaker")}
+    cfg = chat.ChatConfig(temperature=0)
+    end = chat_token_ids(tokenizer)["<|end|>"]
+    for ids, as_chat in ((tokenizer.encode(" Hamlet") + [end], True),
+                         (tokenizer.encode(" Hamlet\nQ:"), False)):
+        results = chat.score_questions(Scripted(ids), tokenizer, cfg, "cpu", as_chat)
+        assert {kind: sum(r[0] for r in rows) for kind, rows in results.items()} == hamlet
+        assert hamlet["play"] > 0
+        assert all(r[1] for rows in results.values() for r in rows)  # every reply ended
