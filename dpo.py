@@ -3,7 +3,7 @@ answers people prefer, with the model it starts from frozen as the reference.
 
     python dpo.py --init_from=out/sft --data=pairs.jsonl --ckpt_dir=out/dpo
     python dpo.py --init_from=out/sft --ckpt_dir=out/dpo    # offline default: pairs from the task
-    python dpo.py --init_from=out/sft --hf_dataset=trl-lib/ultrafeedback_binarized  # online
+    python dpo.py --init_from=out/sft --hf_dataset=NAME   # online: a hub dataset of such rows
     torchrun --standalone --nproc_per_node=8 dpo.py --init_from=out/sft --data=pairs.jsonl
 
 A pair is a prompt, a chosen answer y_c and a rejected one y_r: one jsonl row with "prompt",
@@ -88,10 +88,11 @@ REDUCTIONS = ("sum", "mean")
 
 # --------------------------------------------------------------------------------------------------
 # The pairs.
-def messages_of(row: dict, field: str, where: str) -> list[dict]:
+def messages_of(row: dict, field: str, where: str, prompt: list[dict] | None = None) -> list[dict]:
     """A pair's field as messages: a string is one turn, the user's for the prompt and the
     assistant's for an answer. An answer is what the assistant says, so its turns are all
-    assistant turns."""
+    assistant turns; many hub datasets write each answer as the whole conversation, `prompt`'s
+    turns first, and those are left to the prompt."""
     value = row.get(field)
     role = "user" if field == "prompt" else "assistant"
     if isinstance(value, str):
@@ -100,11 +101,27 @@ def messages_of(row: dict, field: str, where: str) -> list[dict]:
         raise UserError(f"{where}: a pair needs \"prompt\", \"chosen\" and \"rejected\", each a "
                         f"string or a list of messages; {field!r} is "
                         + ("missing" if value is None else f"a {type(value).__name__}"))
+    if prompt and value[:len(prompt)] == prompt:
+        value = value[len(prompt):]
     messages = check_conversation(value, f"{where} ({field})")
     if field != "prompt" and any(m["role"] != "assistant" for m in messages):
         raise UserError(f"{where} ({field}): an answer's messages must have the role "
                         "\"assistant\"; the question belongs in \"prompt\"")
     return messages
+
+
+def pair_messages(row, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) of one jsonl row, as messages; a UserError naming `where` if it
+    is not a pair."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a pair is a JSON object with \"prompt\", \"chosen\" and "
+                        "\"rejected\"")
+    prompt = messages_of(row, "prompt", where)
+    chosen, rejected = (messages_of(row, field, where, prompt) for field in ("chosen", "rejected"))
+    if chosen == rejected:
+        raise UserError(f"{where}: \"chosen\" and \"rejected\" are the same answer; a pair must "
+                        "hold two different answers, the better one as \"chosen\"")
+    return prompt, chosen, rejected
 
 
 def render_answer(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], list[int]]:
@@ -119,14 +136,7 @@ def render_answer(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[li
 def pair_from_row(tokenizer, row, where: str) -> tuple[tuple, tuple]:
     """One jsonl row as ((chosen ids, mask), (rejected ids, mask)); a UserError naming `where` if
     it is not a pair."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: a pair is a JSON object with \"prompt\", \"chosen\" and "
-                        "\"rejected\"")
-    prompt, chosen, rejected = (messages_of(row, field, where)
-                                for field in ("prompt", "chosen", "rejected"))
-    if chosen == rejected:
-        raise UserError(f"{where}: \"chosen\" and \"rejected\" are the same answer; a pair must "
-                        "hold two different answers, the better one as \"chosen\"")
+    prompt, chosen, rejected = pair_messages(row, where)
     return render_answer(tokenizer, prompt, chosen), render_answer(tokenizer, prompt, rejected)
 
 
@@ -286,8 +296,7 @@ class DPOConfig(TrainConfig):
                                 # (sft.py's) or a Hugging Face model directory
     ckpt_dir: str = "out/dpo"  # checkpoints, the CSV log and the loss plot go here
     data: str = ""  # a jsonl file of pairs (prompt, chosen, rejected); "" = the offline default
-    hf_dataset: str = ""  # a Hugging Face dataset of pairs instead (online), e.g.
-                          # trl-lib/ultrafeedback_binarized
+    hf_dataset: str = ""  # a Hugging Face dataset of pairs instead (online): its train split
     val_fraction: float = 0.1  # --data/--hf_dataset: the share of prompts held out for validation
     reduction: str = "sum"  # an answer's log-probability: "sum" over its tokens (the paper) or
                             # "mean" per token (SimpleLLaMA)
@@ -356,7 +365,12 @@ def given_rows(cfg: DPOConfig, tokenizer) -> list[dict] | None:
     if cfg.hf_dataset:
         import datasets
 
-        rows = list(datasets.load_dataset(cfg.hf_dataset, split="train"))
+        try:
+            rows = list(datasets.load_dataset(cfg.hf_dataset, split="train"))
+        except Exception as e:
+            raise UserError(f"cannot load the train split of the Hugging Face dataset "
+                            f"{cfg.hf_dataset} ({type(e).__name__}); check the name and the "
+                            "network, or pass a jsonl file with --data") from None
         where = cfg.hf_dataset
     elif cfg.data:
         rows, where = read_jsonl(cfg.data), cfg.data

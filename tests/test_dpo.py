@@ -81,6 +81,9 @@ def test_only_the_answer_and_its_end_of_turn_count_never_the_prompt(gpt2):
                    **{k: [{"role": "assistant", "content": ROW[k]}]
                       for k in ("chosen", "rejected")}}
     assert pair_from_row(gpt2, as_messages, "row") == pair_from_row(gpt2, ROW, "row")
+    # answers written as the whole conversation, the prompt's turns first, as many hub datasets do
+    whole = {k: as_messages["prompt"] + as_messages[k] for k in ("chosen", "rejected")}
+    assert pair_from_row(gpt2, {**ROW, **whole}, "row") == pair_from_row(gpt2, ROW, "row")
 
 
 @pytest.mark.parametrize("row, message", [

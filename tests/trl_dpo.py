@@ -56,8 +56,9 @@ def trl(policy_dir: str, reference_dir: str, rows: list[dict], reduction: str) -
 
     # TRL renders a conversational pair with the tokenizer's chat template: the messages are given
     # as dpo.py reads them, a string being one turn
-    data = Dataset.from_list([{field: dpo.messages_of(row, field, "row")
-                               for field in ("prompt", "chosen", "rejected")} for row in rows])
+    fields = ("prompt", "chosen", "rejected")
+    data = Dataset.from_list([dict(zip(fields, dpo.pair_messages(row, "row"), strict=True))
+                              for row in rows])
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, beta=BETA[reduction], loss_type=[TRL_LOSS[reduction]],
                          per_device_eval_batch_size=len(rows), max_length=None, report_to=[],
