@@ -20,6 +20,10 @@ reference did. The loss asks only that the chosen answer's reward exceed the rej
 sets how much a given margin is worth, and so how far the policy is pushed from the reference for
 it. Before the first update pi = pi_ref, every reward is 0 and the loss is -log sigmoid(0) = ln 2.
 
+Without --data the pairs are the offline default: the starting model is asked shakespeare.py's
+questions, and each right answer is paired with a wrong one the model gives itself (own_mistakes);
+the task's exact match on its held-out questions is printed before and after.
+
 What the run keeps of train.py: the settings (an update is pairs_per_update pairs, the length is
 --passes over the training pairs), gradient accumulation, DDP, fp16 loss scaling, clipping, the
 schedule, checkpoints and resume, the --max_minutes budget and the signal that stops a run cleanly.
@@ -28,8 +32,8 @@ update's pairs and of the validation pairs (training_log.DPO_LOG_FORMAT).
 
 Reading order: the pairs (a jsonl row -> ids and the mask of the answer's tokens) -> the
 log-probability of an answer, summed or averaged per token -> the loss and the rewards -> training
-(PairLoader, DPOObjective) -> the run (DPOConfig, the pairs of a run, train_dpo).
-"""
+(PairLoader, DPOObjective) -> the run (DPOConfig, the starting model, the pairs given or the
+offline default's, train_dpo)."""
 import dataclasses
 import functools
 import hashlib
@@ -292,8 +296,8 @@ def evaluate_pairs(policy, pairs: list, ref_logps: torch.Tensor, cfg, pad_id: in
 @dataclass
 class DPOConfig(TrainConfig):
     """dpo.py's own settings; the rest are train.py's, with fine-tuning's defaults."""
-    init_from: str = "out/sft"  # the model to start from and the reference: a checkpoint directory
-                                # (sft.py's) or a Hugging Face model directory
+    init_from: str = "out/sft"  # the model to start from and the reference: a run's ckpt_dir
+                                # (sft.py's)
     ckpt_dir: str = "out/dpo"  # checkpoints, the CSV log and the loss plot go here
     data: str = ""  # a jsonl file of pairs (prompt, chosen, rejected); "" = the offline default
     hf_dataset: str = ""  # a Hugging Face dataset of pairs instead (online): its train split
@@ -504,7 +508,7 @@ def dpo_row(step: int, total: int, lr: float, grad_norm: float, train: dict, cfg
             "perplexity": None, "lr": lr, "grad_norm": grad_norm,
             "tokens": step * cfg.tokens_per_update,
             "tokens_per_sec": cfg.tokens_per_update / seconds, "val_loss": None, "val_bpb": None,
-            "skipped": 0, **{name: train[name] for name in REWARD_COLUMNS}}
+            **{name: train[name] for name in REWARD_COLUMNS}}
 
 
 def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: list[str]):
@@ -572,8 +576,10 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
     while step < scheduler.training_steps and not stopped:
         t0 = time.time()
         lr = scheduler.step(step)
+        scale = scaler.get_scale()
         loss, grad_norm = train_update(model, optimizer, loader, accum_steps, cfg, device, dtype,
                                        scaler)
+        skipped = scaler.get_scale() < scale  # fp16: a gradient overflowed, the update was skipped
         step += 1
         update_seconds.append(time.time() - t0)
         if cfg.max_minutes and replans_length(step):
@@ -582,25 +588,23 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
             scheduler.training_steps = updates_in_budget(
                 cfg, step, elapsed_before + time.time() - start_time, update_seconds, eval_tokens,
                 policy.num_params(), device)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)):
             raise TrainingDiverged(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at "
                                    f"update {step}; resume from the last checkpoint in "
                                    f"{cfg.ckpt_dir} with a lower max_lr")
         total = scheduler.training_steps
         row = dpo_row(step, total, lr, grad_norm, preference_metrics(*objective.take_rewards()),
-                      cfg, update_seconds[-1])
+                      cfg, update_seconds[-1]) | {"skipped": int(skipped)}
         if master and (step % cfg.eval_interval == 0 or step == total):
             val = evaluate_pairs(policy, val_pairs, reference["val"], cfg, pad_id, device, dtype)
             row |= {"val_loss": val["loss"],
                     **{f"val_{name}": val[name] for name in REWARD_COLUMNS}}
-            record.add(step, val["loss"], math.nan)
         row["elapsed_s"] = elapsed_before + time.time() - start_time
         if master:
             append_log(log_file, row, DPO_LOG_FORMAT)
             print(progress_line(row, total), flush=True)
         stopped = stop.agreed(device)
         if master and (step % ckpt_every == 0 or step == total or stopped):
-            record.saved(step)
             state = checkpoint_state(cfg, policy, optimizer, world_size, device,
                                      scheduler=scheduler, scaler=scaler, loader=loader,
                                      record=record, fingerprint=fingerprint, step=step,

@@ -31,8 +31,7 @@ from configurator import field_comments
     ("sft.py", "--help", "  --overlong: str = 'cut'  # a conversation longer than max_seq_len"),
     ("export.py", "--help",
      "  --format: str = 'hf'  # hf: a Hugging Face model directory; gguf: one file for"),
-    # dpo.py's own settings, then train.py's with the comments train.py gives them
-    ("dpo.py", "--help", "  --reduction: str = 'sum'  # an answer's log-probability: \"sum\""),
+    # train.py's settings in dpo.py's, with the comments train.py gives them
     ("dpo.py", "--help", "  --grad_clip: float = 1.0  # clip the global gradient norm to this"),
 ])
 def test_help_lists_every_setting_with_type_default_and_comment(script, flag, shown):
