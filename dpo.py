@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from budget import BUDGET_PROBE_UPDATES, replans_length, updates_in_budget
 from checkpoint import (
     SPACE_FIX,
+    checkpoint_paths,
     checkpoint_state,
     load_model,
     lock_ckpt_dir,
@@ -341,6 +342,9 @@ def starting_model(cfg: DPOConfig) -> tuple[object, object, DPOConfig, str]:
         raise UserError(f"{cfg.init_from} is a Hugging Face model directory; dpo.py starts from "
                         "a run's ckpt_dir: fine-tune it with sft.py first (--init_from="
                         f"{cfg.init_from}) and pass that run's --ckpt_dir")
+    if not checkpoint_paths(cfg.init_from):
+        raise UserError(f"--init_from={cfg.init_from} holds no checkpoint; fine-tune a model with "
+                        "sft.py first (python sft.py --init_from=out) or pass its ckpt_dir")
     _, state, policy, tokenizer = load_model(cfg.init_from, purpose="starting from")
     chat_token_ids(tokenizer)  # a base model: the error says to run sft.py first
     architecture = {f.name: state["config"][f.name] for f in dataclasses.fields(ModelConfig)

@@ -18,6 +18,7 @@ from helpers import (
 )
 
 import dpo
+import export
 from checkpoint import checkpoint_paths, load_model
 from configurator import UserError, load_config
 from dpo import (
@@ -233,6 +234,14 @@ def test_a_run_starts_at_ln_2_logs_the_rewards_and_widens_the_margin(dpo_run):
     assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in val_rows}
 
 
+def test_the_exported_model_card_says_how_dpo_made_it(dpo_run, tiny_run, tmp_path):
+    export.main([f"--ckpt_dir={dpo_run}", f"--out_dir={tmp_path / 'hf'}"])
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"Trained with dpo.py from `{tiny_run}`" in card
+    assert f"| final validation loss | {logged(dpo_run)[12]['val_loss']} (update 12) |" in card
+    assert "| training command | `python dpo.py --init_from=" in card
+
+
 def test_resume_goes_on_as_an_uninterrupted_run(dpo_run, tiny_run, pairs_file, tmp_path):
     for name in ("ckpt_00000006.pt", "log.csv", "pairs_train.jsonl", "pairs_val.jsonl"):
         shutil.copy(dpo_run / name, tmp_path)
@@ -280,7 +289,9 @@ def test_every_bad_pair_stops_the_run_before_it_writes(row, message, tiny_run, t
     assert not (tmp_path / "out").exists()
 
 
-def test_settings_dpo_cannot_honour_are_refused():
+def test_settings_dpo_cannot_honour_are_refused(tmp_path):
+    with pytest.raises(UserError, match="holds no checkpoint; fine-tune a model with sft.py"):
+        main([f"--init_from={tmp_path}"], config=DPOConfig, run=train_dpo)
     refused = {"--dropout=0.1": "without dropout", "--fsdp=True": "not FSDP",
                "--tokens_per_update=1024": "counts in pairs", "--reduction=max": "sum or mean"}
     for arg, message in refused.items():
