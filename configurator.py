@@ -87,7 +87,17 @@ def _parse(text: str, annotation):
 def field_comments(cls) -> dict[str, str]:
     """Each field of the dataclass `cls` and the `# comment` at the end of its line in the source
     (or ""). A comment too long for the line goes on below it, each further line holding only a
-    comment that starts in the same column."""
+    comment that starts in the same column. A subclass's fields (dpo.py's DPOConfig of train.py's
+    TrainConfig) have the comments of the class that last defines them."""
+    found = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            found |= own_field_comments(base)
+    return found
+
+
+def own_field_comments(cls) -> dict[str, str]:
+    """field_comments of the fields written in `cls`'s own source."""
     source = textwrap.dedent(inspect.getsource(cls))
     # The tokenizer, not a search for "#": a default such as "a#b" holds one without a comment.
     comments = {token.start[0]: (token.start[1], token.string[1:].strip(),

@@ -6,6 +6,12 @@ documents separated by <|endoftext|>), the tokenizer (see tokenizer.py) and meta
 the vocabulary, the dtype, the token and byte counts of both splits and every shard's length. A run
 reads meta.json once (read_meta) and passes it on: to the tokenizer, to each split's shards and to
 the bits-per-byte of its evaluations.
+
+A fine-tuning dataset (sft.py writes one) also holds a loss mask beside each shard,
+mask_train_000000.npy, ...: 1 where the token is one to learn. Its conversations are laid out in
+whole rows of meta["row_tokens"] tokens, so that a batch row never starts inside one. Its
+train_tokens and val_tokens count the learned tokens, the ones the loss is over, and train_bytes and
+val_bytes their text; the shards' lengths (split_tokens) count all.
 """
 import json
 from pathlib import Path
@@ -15,6 +21,7 @@ import torch
 
 from configurator import UserError
 from files import REBUILD, damaged
+from model import IGNORE
 
 # What every reader may rely on: prepare.py writes all of these.
 META_KEYS = ("vocab_size", "tokenizer", "pattern", "special_tokens", "dtype", "train_tokens",
@@ -39,12 +46,17 @@ def read_meta(dataset_dir) -> dict:
     return meta
 
 
-def open_shards(dataset_dir, split: str, meta: dict) -> list[np.ndarray]:
+def split_tokens(meta: dict, split: str) -> int:
+    """Tokens in a split's shards: what a pass over it reads."""
+    return sum(n for name, n in meta["shards"].items() if name.startswith(split + "_"))
+
+
+def open_shards(dataset_dir, split: str, meta: dict, prefix: str = "") -> list[np.ndarray]:
     """Memory-map a split's shards after checking them against meta.json (read_meta's): count,
-    dtype, length."""
+    dtype, length. prefix "mask_": the loss masks of a fine-tuning dataset's shards instead."""
     root = Path(dataset_dir)
-    names = sorted(name for name in meta["shards"] if name.startswith(split + "_"))
-    on_disk = sorted(p.name for p in root.glob(f"{split}_*.npy"))
+    names = sorted(prefix + name for name in meta["shards"] if name.startswith(split + "_"))
+    on_disk = sorted(p.name for p in root.glob(f"{prefix}{split}_*.npy"))
     if not names or names != on_disk:
         raise UserError(f"{dataset_dir}: the {split} shards on disk do not match meta.json; "
                         f"{REBUILD}")
@@ -54,7 +66,8 @@ def open_shards(dataset_dir, split: str, meta: dict) -> list[np.ndarray]:
             shard = np.load(root / name, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise damaged(root / name, e) from None
-        if shard.dtype != np.dtype(meta["dtype"]) or len(shard) != meta["shards"][name]:
+        dtype = np.uint8 if prefix else np.dtype(meta["dtype"])
+        if shard.dtype != dtype or len(shard) != meta["shards"][name.removeprefix(prefix)]:
             raise UserError(f"{root / name} does not match meta.json (dtype or length); {REBUILD}")
         shards.append(shard)
     return shards
@@ -84,11 +97,20 @@ class DatasetLoader:
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.device = device
         # meta: the dataset's meta.json, when the caller has read it already (a run reads it once)
-        shards = open_shards(dataset_dir, split, meta or read_meta(dataset_dir))
+        meta = meta or read_meta(dataset_dir)
+        shards = open_shards(dataset_dir, split, meta)
+        # a fine-tuning dataset's masks, or None
+        masks = open_shards(dataset_dir, split, meta, "mask_") if "row_tokens" in meta else None
+        if masks is not None and meta["row_tokens"] != seq_len:
+            raise UserError(f"{dataset_dir} holds conversations in rows of {meta['row_tokens']} "
+                            f"tokens, not max_seq_len={seq_len}; pass --max_seq_len="
+                            f"{meta['row_tokens']}")
         group = batch_size * seq_len * world_size
         # Each shard must feed at least one whole group (+1 token for the shifted target), or it is
         # skipped.
-        self.shards = [s for s in shards if len(s) >= group + 1]
+        kept = [i for i, s in enumerate(shards) if len(s) >= group + 1]
+        self.shards = [shards[i] for i in kept]
+        self.masks = None if masks is None else [masks[i] for i in kept]
         if not self.shards:
             raise UserError(f"no {split} shard in {dataset_dir} holds "
                             "batch_size*max_seq_len*world_size+1 = "
@@ -102,7 +124,8 @@ class DatasetLoader:
         return (len(self.shards[index]) - 1) // (self.B * self.T * self.world_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.shards[self.shard]
+        shard = self.shard
+        data = self.shards[shard]
         if self.vocab_size is not None and self.shard not in self.checked:
             if int(data.max()) >= self.vocab_size:  # one pass per shard, the first time it is used
                 raise UserError(f"the dataset holds token id {int(data.max())} but the model's "
@@ -112,8 +135,12 @@ class DatasetLoader:
         # this rank's B windows: the next ones of the pass, after those of the ranks before it
         first = (self.offset - self.origin()) // self.T + self.rank * self.B
         starts = self.origin() + self.T * self.window_order()[first:first + self.B]
-        rows = torch.from_numpy(data[starts[:, None] + np.arange(self.T + 1)].astype(np.int64))
+        positions = starts[:, None] + np.arange(self.T + 1)
+        rows = torch.from_numpy(data[positions].astype(np.int64))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.masks is not None:  # a fine-tuning dataset: only the marked targets are learned
+            learned = torch.from_numpy(self.masks[shard][positions[:, 1:]].astype(bool))
+            y = y.masked_fill(~learned, IGNORE)
         self.offset += self.B * self.T * self.world_size
         self.skip_short_tail()
         if str(self.device).startswith("cuda"):
@@ -126,7 +153,9 @@ class DatasetLoader:
         tokens further (mod T) on each new one. A small corpus is read many times; cut at the same
         places, it would show the model the very same windows every pass, and the model would
         memorise them (docs/defaults.md). Stepping by the golden ratio keeps the cuts of successive
-        passes far apart."""
+        passes far apart. A fine-tuning dataset's rows each start a conversation: always token 0."""
+        if self.masks is not None:
+            return 0
         return int(self.passes * 0.6180339887 * self.T) % self.T
 
     def origin(self) -> int:

@@ -30,11 +30,11 @@ from safetensors import SafetensorError
 
 from checkpoint import load_model
 from configurator import UserError, load_config, run_cli
+from conversation import CHAT_TEMPLATE, END_OF_TURN, stop_ids
 from dataset import read_meta
 from files import publish, refuse_existing
 from huggingface import byte_level_vocabulary, hf_config, hf_name, write_tokenizer
 from model import ModelConfig, Transformer, ffn_width
-from tokenizer import EOT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,11 +53,13 @@ def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_par
     cfg = ckpt["config"]  # the training run's whole config
     row = final_validation(Path(cfg["log_file"]) if cfg["log_file"] else path.parent / "log.csv",
                            ckpt["step"])
-    val = (f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte "
-           f"(update {row['step']}, "
-           f"{cfg['eval_tokens']:,} validation tokens)" if row
+    # dpo.py's validation loss is a DPO loss over pairs, with no bits per byte
+    val = ((f"{float(row['val_loss']):.4f} nats/token, {float(row['val_bpb']):.4f} bits/byte "
+            f"(update {row['step']}, {cfg['eval_tokens']:,} validation tokens)" if row["val_bpb"]
+            else f"{float(row['val_loss']):.4f} (update {row['step']})") if row
            else "not recorded (no log.csv next to the checkpoint)")
-    command = f"`{shlex.join(['python', 'train.py', *ckpt['argv']])}`"
+    script = ckpt.get("script", "train.py")  # the script that trained it: train.py, or dpo.py
+    command = f"`{shlex.join(['python', script, *ckpt['argv']])}`"
     c = model_cfg
     architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / "
                     f"{c.n_kv_heads} "
@@ -77,7 +79,8 @@ pipeline_tag: text-generation
 ---
 # A {n_params / 1e6:.1f}M-parameter LLaMA-style model
 
-Pretrained from scratch by next-token prediction, exported from `{path}` by export.py.
+{"Pretrained from scratch by next-token prediction" if script == "train.py"
+ else f"Trained with {script} from `{cfg['init_from']}`"}, exported from `{path}` by export.py.
 
 | | |
 |---|---|
@@ -173,16 +176,18 @@ def llama_cpp_tensors(model):
 
 def gguf_vocabulary(tokenizer, n_rows: int) -> tuple[list[str], list[int], list[str]]:
     """tokens, token types and merges as llama.cpp's gpt2 tokenizer model reads them: one token per
-    embedding row, in byte-level text; <|endoftext|> a control token; merges as "left right" in rank
-    order."""
+    embedding row, in byte-level text; <|endoftext|> and the chat tokens control tokens; merges as
+    "left right" in rank order."""
     from gguf import TokenType
 
     tokens, merges = byte_level_vocabulary(tokenizer)
+    special = list(tokenizer.special_tokens)
     # A model imported with --init_from may have more embedding rows than its dataset's vocabulary
     # has ids.
-    spare = [f"<|unused_{i}|>" for i in range(n_rows - tokenizer.eot_id - 1)]
-    types = [TokenType.NORMAL] * len(tokens) + [TokenType.CONTROL] + [TokenType.UNUSED] * len(spare)
-    return tokens + [EOT] + spare, types, [f"{a} {b}" for a, b in merges]
+    spare = [f"<|unused_{i}|>" for i in range(n_rows - len(tokens) - len(special))]
+    types = ([TokenType.NORMAL] * len(tokens) + [TokenType.CONTROL] * len(special)
+             + [TokenType.UNUSED] * len(spare))
+    return tokens + special + spare, types, [f"{a} {b}" for a, b in merges]
 
 
 def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
@@ -215,6 +220,11 @@ def gguf_writer(path: Path, c: ModelConfig, tokenizer, dtype: str, name: str):
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(True)
+    if END_OF_TURN in tokenizer.special_tokens:
+        # llama.cpp's chat completion renders conversations with the template and ends a reply at
+        # the end-of-turn token, as chat.py does
+        writer.add_chat_template(CHAT_TEMPLATE)
+        writer.add_eot_token_id(tokenizer.special_tokens[END_OF_TURN])
     return writer
 
 
@@ -288,8 +298,11 @@ def export(cfg: ExportConfig) -> Path:
         (tmp / "model.safetensors").chmod(0o644)  # safetensors creates it private to its owner
         config = hf_config(model_cfg, tokenizer.eot_id, cfg.dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # transformers' generate() defaults: sample.py's, and stop at the end of a document.
-        generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+        # transformers' generate() defaults: sample.py's, and stop where chat.py and sample.py stop
+        # (the end of a turn, the end of a document)
+        stop = stop_ids(tokenizer)
+        generation = {"bos_token_id": tokenizer.eot_id,
+                      "eos_token_id": stop if len(stop) > 1 else stop[0],
                       "pad_token_id": tokenizer.eot_id, "do_sample": True, "temperature": 0.8,
                       "top_p": 0.9}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from configurator import UserError
+from conversation import CHAT_TEMPLATE, CHAT_TOKENS
 from model import ModelConfig, Transformer, ffn_width
 from tokenizer import EOT, load_tokenizer
 
@@ -120,6 +121,16 @@ def read_config_json(directory: Path, multiple_of: int) -> tuple[dict, dict]:
     return hf, model_config_from_hf(hf, str(directory / "config.json"), multiple_of)
 
 
+def refuse_contradictions(cfg, fields: dict, source: str):
+    """With --init_from the architecture comes from `source`: a setting the user chose
+    (cfg.user_set) that differs from its `fields` is a mistake, refused."""
+    for name, value in fields.items():
+        if name in cfg.user_set and getattr(cfg, name) != value:
+            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command "
+                            f"line) contradicts {source} ({name}={value}); drop it: with "
+                            f"--init_from the architecture comes from {source}")
+
+
 def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     """train.py --init_from=DIR, first step, before anything is built or written: the run's config
     (a TrainConfig) with DIR's architecture, from its config.json, and the size of DIR's embedding.
@@ -130,13 +141,7 @@ def hf_architecture(cfg, vocab_size: int) -> tuple[object, int]:
     stay the run's."""
     root = Path(cfg.init_from)
     _, fields = read_config_json(root, cfg.multiple_of)
-    for name, value in fields.items():
-        if name in cfg.user_set and getattr(cfg, name) != value:
-            raise UserError(f"{name}={getattr(cfg, name)} (set in a config file or on the command "
-                            "line) contradicts "
-                            f"{root}/config.json ({name}={value}); drop it: with --init_from the "
-                            "architecture comes "
-                            "from config.json")
+    refuse_contradictions(cfg, fields, f"{root}/config.json")
     if vocab_size > fields["vocab_size"]:
         raise UserError(f"{cfg.dataset_dir}'s vocabulary has {vocab_size} ids but {root}'s "
                         "embedding only "
@@ -255,9 +260,11 @@ def hf_tokenizer(tokenizer):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     fast.decoder = decoders.ByteLevel()
-    fast.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-    # the id right after the last rank, as in tiktoken
-    assert fast.token_to_id(EOT) == tokenizer.eot_id
+    # <|endoftext|> and the chat tokens, in id order right after the last rank, as in tiktoken
+    fast.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                             for token in tokenizer.special_tokens])
+    assert {token: fast.token_to_id(token) for token in tokenizer.special_tokens} == \
+        tokenizer.special_tokens
     # tokenizer(text) gives what sample.py feeds the model (prepare.prompt_ids): <|endoftext|>, then
     # the text;
     # add_special_tokens=False gives the text alone.
@@ -282,6 +289,9 @@ def write_tokenizer(tokenizer, directory: Path, max_seq_len: int):
               # transformers would otherwise "tidy" decoded text (" ." -> "."), so decode(encode(s))
               # != s
               "clean_up_tokenization_spaces": False}
+    if all(token in tokenizer.special_tokens for token in CHAT_TOKENS):
+        # apply_chat_template renders conversations as conversation.py does
+        config["chat_template"] = CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

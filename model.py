@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The target id that is not learned: fine-tuning gives it to all but the assistant's tokens.
+IGNORE = -1
+
 
 @dataclass
 class ModelConfig:
@@ -245,7 +248,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, caches=None, start_pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets (B, T)
-        or None).
+        or None). A target of IGNORE is not learned (fine-tuning learns only the assistant's
+        tokens): the mean is over the other targets, and 0 when there are none.
 
         `caches` (one KVCache per layer) and `start_pos` (position of idx[:, 0]) are used by
         `generate`."""
@@ -262,8 +266,11 @@ class Transformer(nn.Module):
             return logits, None
         # In fp32 even under bf16 autocast: the log-sum-exp over 8192 logits is where low precision
         # hurts most.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        # Summed, then divided by the targets that count (at least one): cross_entropy's own mean
+        # would divide 0 by 0, a NaN, for a batch with nothing to learn. Never a host sync.
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                 ignore_index=IGNORE, reduction="sum")
+        return logits, losses / (targets != IGNORE).sum().clamp(min=1)
 
     def num_params(self):
         """Number of parameters; a tensor shared by two modules (tied embeddings) is counted
@@ -289,15 +296,24 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
                  use_cache=True):
         """Extend every row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + number
-        generated).
+        generated). The tokens are generate_tokens'; see it for the rules."""
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p,
+                                                     eos_token, use_cache)], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        eos_token=None, use_cache=True):
+        """Yield the next token of every row of idx (B, T), a (B, 1) tensor, up to max_new_tokens
+        times: a chat prints each one as it comes.
 
         - All rows are decoded together, so the prompts must have equal length (there is no padding
           mask); group prompts of the same length, or generate one at a time.
         - A prompt longer than max_seq_len is cut to its last max_seq_len tokens before the model
           runs (the returned tensor still starts with the whole prompt).
         - temperature 0 is greedy decoding; otherwise see `sample` for temperature, top_k and top_p.
-        - With eos_token set, a row that has produced it keeps emitting eos_token as padding, and
-          generation stops as soon as every row has produced it.
+        - eos_token: an id, or a list of ids (a chat model stops at the end of its turn, a base
+          model at <|endoftext|>). A row that has produced one keeps emitting the first as padding,
+          and generation stops as soon as every row has produced one.
         - The model sees at most max_seq_len tokens. When the sequence outgrows that window, its
           oldest half is dropped and the model continues from the newest max_seq_len // 2 tokens,
           growing the context again.
@@ -309,15 +325,14 @@ class Transformer(nn.Module):
           use_cache=False reruns the whole context every step (a reference for tests and
           benchmarks). Both see the same context, so they produce the same tokens.
         """
-        if (temperature < 0 or (top_k is not None and top_k < 1)
-                or (top_p is not None and not 0 < top_p <= 1)):
-            raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
-                            f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
+        check_sampling(temperature, top_k, top_p)
         window = self.config.max_seq_len
         caches = [KVCache(window) for _ in self.layers] if use_cache else None
         start = max(0, idx.shape[1] - window)  # the model's context is idx[:, start:]
         cached = 0  # positions of that context whose keys and values are in the caches
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        stops = torch.tensor([eos_token] if isinstance(eos_token, int) else eos_token or [],
+                             dtype=torch.long, device=idx.device)
         for _ in range(max_new_tokens):
             # the context outgrew the window: keep its newest half
             if idx.shape[1] - start > window:
@@ -330,13 +345,21 @@ class Transformer(nn.Module):
                 logits, _ = self(idx[:, start:], caches=caches)
             cached = idx.shape[1] - start
             next_token = sample(logits[:, -1], temperature, top_k, top_p)
-            if eos_token is not None:
-                next_token = next_token.masked_fill(finished[:, None], eos_token)
-                finished |= next_token[:, 0] == eos_token
+            if len(stops):
+                next_token = next_token.masked_fill(finished[:, None], stops[0])
+                finished |= torch.isin(next_token[:, 0], stops)
             idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
             if finished.all():
                 break
-        return idx
+
+
+def check_sampling(temperature, top_k, top_p):
+    """A ValueError for settings `sample` cannot draw with."""
+    if (temperature < 0 or (top_k is not None and top_k < 1)
+            or (top_p is not None and not 0 < top_p <= 1)):
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
+                         f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):

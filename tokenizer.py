@@ -6,6 +6,11 @@ GPT-2 vocabulary) or "hf" (a Hugging Face tokenizer.json, copied from a model di
 load_tokenizer(dataset_dir) is the one way every script gets it; tokenizer_fingerprint identifies
 it, so that a model is never trained on, or read with, another tokenizer's ids. Every document ends
 with <|endoftext|> (EOT), and a prompt starts after one.
+
+The special tokens come after the last mergeable token: EOT, then the chat tokens of
+conversation.py (CHAT_TOKENS), which prepare.py reserves in every vocabulary it builds, so that a
+pretrained model can be fine-tuned to chat without changing its shape. meta.json's special_tokens
+lists them; a dataset prepared without the chat tokens has EOT alone and keeps working.
 """
 import base64
 import hashlib
@@ -19,6 +24,7 @@ import rustbpe
 import tiktoken
 
 from configurator import UserError
+from conversation import CHAT_TOKENS
 from dataset import read_meta
 from files import damaged, write_file
 
@@ -38,9 +44,10 @@ class Tokenizer:
     """The tokenizer as the rest of the repo sees it: a tiktoken Encoding plus the facts train.py
     needs."""
 
-    def __init__(self, encoding: tiktoken.Encoding, name: str):
+    def __init__(self, encoding: tiktoken.Encoding, name: str, special_tokens: dict[str, int]):
         self.encoding = encoding
         self.name = name  # "bpe" or "gpt2"
+        self.special_tokens = special_tokens  # name -> id: EOT, then the chat tokens if reserved
         self.eot_id = encoding.eot_token
         self.vocab_size = encoding.n_vocab
         self.pattern = encoding._pat_str  # tiktoken has no public getter for the split regex
@@ -89,6 +96,9 @@ class HFTokenizer:
             raise UserError(f"{path} has no token {eot_token!r} (its eos_token); fix "
                             "tokenizer_config.json")
         self.vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+        found = {name: self.hf.token_to_id(name) for name in CHAT_TOKENS}
+        self.special_tokens = {eot_token: self.eot_id,
+                               **{name: i for name, i in found.items() if i is not None}}
 
     def encode(self, text: str) -> list[int]:
         # no BOS/EOS: documents end with eot_id
@@ -119,36 +129,44 @@ def model_dir_tokenizer(model_dir: Path) -> HFTokenizer:
                        eos["content"] if isinstance(eos, dict) else eos)
 
 
-def bpe_tokenizer(ranks: dict[bytes, int], pattern: str) -> Tokenizer:
-    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last
-    merge."""
-    encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens={EOT: len(ranks)})
-    return Tokenizer(encoding, "bpe")
+def tiktoken_tokenizer(name: str, ranks: dict[bytes, int], pattern: str,
+                       chat: bool) -> Tokenizer:
+    """A byte-level BPE from its merge ranks; <|endoftext|> takes the id right after the last merge
+    and the chat tokens (chat=True) the ids after it."""
+    specials = [EOT, *CHAT_TOKENS] if chat else [EOT]
+    special_tokens = {token: len(ranks) + i for i, token in enumerate(specials)}
+    encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens=special_tokens)
+    return Tokenizer(encoding, name, special_tokens)
 
 
-def gpt2_tokenizer() -> Tokenizer:
+def gpt2_tokenizer(chat: bool = True) -> Tokenizer:
+    """GPT-2's vocabulary (ids 0 .. 50256, the last one <|endoftext|>), the chat tokens after it."""
     try:
         # r50k_base is GPT-2's vocabulary
-        return Tokenizer(tiktoken.get_encoding("r50k_base"), "gpt2")
+        gpt2 = tiktoken.get_encoding("r50k_base")
     except Exception as e:
         raise UserError(f"cannot load GPT-2's vocabulary ({type(e).__name__}); connect to the "
                         "network or point "
                         "TIKTOKEN_CACHE_DIR at a tiktoken cache holding r50k_base "
                         "(../shared/tiktoken_cache)") from None
+    return tiktoken_tokenizer("gpt2", gpt2._mergeable_ranks, gpt2._pat_str, chat)
 
 
 def train_bpe(texts, vocab_size: int) -> Tokenizer:
-    """Learn vocab_size - 1 byte-level tokens (256 bytes + merges) from texts; the last id is
-    <|endoftext|>."""
+    """Learn byte-level tokens (256 bytes + merges) from texts, leaving room for the special tokens
+    so that the vocabulary has vocab_size ids in all: <|endoftext|> and the chat tokens are the
+    last ones."""
+    merged = vocab_size - 1 - len(CHAT_TOKENS)
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(texts, vocab_size - 1, pattern=SPLIT_PATTERN)
-    if trainer.vocab_size != vocab_size - 1:
-        raise UserError(f"the training text only supports {trainer.vocab_size + 1} tokens, not "
-                        "--vocab_size="
-                        f"{vocab_size}; lower --vocab_size or add text")
-    return bpe_tokenizer({bytes(token): rank for token, rank in trainer.get_mergeable_ranks()},
-                         SPLIT_PATTERN)
+    trainer.train_from_iterator(texts, merged, pattern=SPLIT_PATTERN)
+    if trainer.vocab_size != merged:
+        supported = vocab_size - merged + trainer.vocab_size
+        raise UserError(f"the training text only supports {supported} tokens, not "
+                        f"--vocab_size={vocab_size}; lower --vocab_size or add text")
+    return tiktoken_tokenizer("bpe",
+                              {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()},
+                              SPLIT_PATTERN, chat=True)
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path, fix: str):
@@ -178,8 +196,10 @@ def load_tokenizer(dataset_dir, meta: dict | None = None) -> Tokenizer | HFToken
     if (root / "config.json").exists() and not (root / "meta.json").exists():
         return model_dir_tokenizer(Path(dataset_dir))
     meta = meta or read_meta(dataset_dir)
+    # a dataset prepared before the chat tokens were reserved lists EOT alone
+    chat = all(token in meta["special_tokens"] for token in CHAT_TOKENS)
     if meta["tokenizer"] == "gpt2":
-        return gpt2_tokenizer()
+        return gpt2_tokenizer(chat)
     if meta["tokenizer"] == "hf":  # special_tokens' one entry is the document separator
         return HFTokenizer(Path(dataset_dir) / "tokenizer.json", next(iter(meta["special_tokens"])))
     path = Path(dataset_dir) / "tokenizer.tiktoken"
@@ -187,12 +207,14 @@ def load_tokenizer(dataset_dir, meta: dict | None = None) -> Tokenizer | HFToken
         ranks = read_ranks(path)
         # A file cut short loses tokens or repeats one; tiktoken would not say which file, it would
         # panic.
-        if len(
-            ranks) != meta["vocab_size"] - 1 or sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{len(ranks) + 1} tokens, meta.json says {meta['vocab_size']}")
+        specials = len(meta["special_tokens"])
+        if (len(ranks) != meta["vocab_size"] - specials
+                or sorted(ranks.values()) != list(range(len(ranks)))):
+            raise ValueError(f"{len(ranks) + specials} tokens, meta.json says "
+                             f"{meta['vocab_size']}")
     except (OSError, ValueError) as e:
         raise damaged(path, e) from None
-    return bpe_tokenizer(ranks, meta["pattern"])
+    return tiktoken_tokenizer("bpe", ranks, meta["pattern"], chat)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

@@ -6,6 +6,7 @@
     torchrun --standalone --nproc_per_node=8 train.py config/llama_7b.py  # FSDP: weights sharded
     python train.py --load_ckpt=True                     # resume from ckpt_dir's newest checkpoint
     python train.py --init_from=DIR                      # start from a Hugging Face Llama's weights
+                                                         # (or from a run's ckpt_dir)
 
 Reading order: TrainConfig (what can be set) -> DatasetLoader (tokens on disk -> (x, y) batches) ->
 processes and devices -> model and optimizer (make_optimizer, wrap_model: none, DDP or FSDP) -> one
@@ -46,15 +47,15 @@ from checkpoint import (
     save_checkpoint,
 )
 from configurator import UserError, load_config, run_cli
-from dataset import DatasetLoader, read_meta
+from dataset import DatasetLoader, read_meta, split_tokens
 from hardware import autocast, choose_speed, measure_matmul_flops, pick_device, synchronize
-from huggingface import hf_architecture, load_hf_weights
 from model import ModelConfig, Transformer
 from multinode import check_same_files
 from multiple_choice import load_set, score_set
 from muon import Muon, MuonAndAdamW
 from passes import ValidationRecord, keeps_best, most_updates, plan_repeats
 from preemption import StopRequest
+from pretrained import init_architecture, load_init_weights
 from report import write_report
 from schedule import Scheduler
 from suite import encode_suite, read_suite, score_suite
@@ -76,8 +77,8 @@ class TrainConfig:
                                            # meta.json
     ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
-    init_from: str = ""  # a Hugging Face LlamaForCausalLM directory to start from (export.py); "" =
-                         # random
+    init_from: str = ""  # start from a Hugging Face LlamaForCausalLM directory (export.py) or a
+                         # run's ckpt_dir; "" = random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees
     # tokens_per_update.
     batch_size: int = 16  # sequences per micro-step on each rank; lower it first when memory runs
@@ -474,6 +475,22 @@ def checkpoint_to_resume(cfg: TrainConfig, master: bool) -> tuple[Path, dict] | 
                                       tensors="none" if cfg.fsdp else "all") if existing else None
 
 
+def resume(resume_from: tuple[Path, dict] | None, cfg, fingerprint: str, model, optimizer, scaler,
+           scheduler, loader, rank: int, device: str) -> tuple[int, float, ValidationRecord]:
+    """(updates done, seconds trained, validation record) of the run: a new run's (0, 0.0, an empty
+    record), or those of the checkpoint it resumes from (checkpoint_to_resume's), whose state is
+    put back into the model, optimizer, scaler, scheduler and loader (checkpoint.restore)."""
+    record = ValidationRecord()
+    if not resume_from:
+        return 0, 0.0, record
+    path, ckpt = resume_from
+    restore(path, ckpt, cfg, fingerprint, model, optimizer, scaler, scheduler, loader, rank, device)
+    record.load_state_dict(ckpt["validation"])
+    if rank == 0:
+        print(f"resumed from {path} at update {ckpt['step']} ({ckpt['tokens']:,} tokens)")
+    return ckpt["step"], ckpt["elapsed_s"], record
+
+
 # --------------------------------------------------------------------------------------------------
 # What the run shows: samples, the printed line and the CSV log (one row per update).
 def next_sample_update(step: int, multiplier: float) -> float:
@@ -573,9 +590,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         suite_sets = encode_suite(sets, tokenizer, cfg.max_seq_len)
     fingerprint = tokenizer_fingerprint(cfg.dataset_dir, meta)
     vocab_size = tokenizer.vocab_size
-    # the architecture of a Hugging Face model's config.json; its weights are loaded below
+    # the architecture of the model started from (pretrained.py); its weights are loaded below
     if cfg.init_from:
-        cfg, vocab_size = hf_architecture(cfg, vocab_size)
+        cfg, vocab_size = init_architecture(cfg, vocab_size)
 
     # --- One run per ckpt_dir, and the checkpoint it goes on from: settled before the model. ---
     lock = lock_ckpt_dir(cfg.ckpt_dir, master)
@@ -585,8 +602,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     # the same initial weights on every rank (FSDP shards them as they are)
     torch.manual_seed(cfg.seed)
     raw_model = Transformer(cfg.model_config(vocab_size))
-    if cfg.init_from:
-        load_hf_weights(raw_model, cfg.init_from)
+    grown_note = load_init_weights(raw_model, cfg.init_from) if cfg.init_from else ""
     raw_model = raw_model.to(device)
     # auto is measured on copies (update_timer, not kept: the copies are freed once the choice is
     # made); a resumed run keeps its checkpoint's dtype and compile unless they are set now, so that
@@ -606,30 +622,25 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     # A budgeted run times its first updates, then plans its length from them (updates_in_budget).
     # Either way it reads its training tokens at most max_passes times (passes.py): `asked` is the
     # length before that limit.
-    most = most_updates(cfg.max_passes, meta["train_tokens"], cfg.tokens_per_update)
+    train_tokens = split_tokens(meta, "train")  # what one pass over the training data reads
+    most = most_updates(cfg.max_passes, train_tokens, cfg.tokens_per_update)
     updates = cfg.training_tokens // cfg.tokens_per_update
     asked = BUDGET_PROBE_UPDATES if cfg.max_minutes else updates
     training_steps = asked if cfg.max_minutes else min(asked, most)
     scheduler = Scheduler(optimizer, cfg.schedule, training_steps, cfg.warmup_iterations,
                           cfg.max_lr, cfg.min_lr)
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, record = resume(resume_from, cfg, fingerprint, raw_model, optimizer,
+                                          scaler, scheduler, loader, rank, device)
     # repeats: how often the run reads its data and what it does about it (passes.py), once its
-    # length is planned.
-    record, repeats, planned = ValidationRecord(), None, None
-    if resume_from:
-        path, ckpt = resume_from
-        restore(path, ckpt, cfg, fingerprint, raw_model, optimizer, scaler, scheduler, loader, rank,
-                device)
-        step, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
-        record.load_state_dict(ckpt["validation"])
-        planned = ckpt["repeats"] if cfg.max_minutes else None  # a budget's plan is not made again
-        if master:
-            print(f"resumed from {path} at update {step} ({ckpt['tokens']:,} tokens)")
+    # length is planned; a budget's plan is not made again on resume.
+    repeats = None
+    planned = resume_from[1]["repeats"] if resume_from and cfg.max_minutes else None
 
     log_file = cfg.log_file or os.path.join(cfg.ckpt_dir, "log.csv")
     if master:
-        if fitted:
-            print(fitted)
+        for note in (fitted, grown_note):
+            if note:
+                print(note)
         start_log(log_file, step)
         peak_flops, flops_per_token = measure_matmul_flops(device,
                                                            dtype), raw_model.flops_per_token()
@@ -648,7 +659,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
     while step < scheduler.training_steps:
         if repeats is None and (step >= BUDGET_PROBE_UPDATES or not cfg.max_minutes):
             repeats = plan_repeats(scheduler.training_steps, asked, cfg.tokens_per_update,
-                                   meta["train_tokens"], master, planned)
+                                   train_tokens, master, planned)
         t0 = time.time()
         lr = scheduler.step(step)
         scale = scaler.get_scale()
@@ -739,10 +750,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: str, argv: list[
         lock.close()
 
 
-def main(argv: list[str]):
-    cfg = load_config(argv, TrainConfig)
+def main(argv: list[str], config=TrainConfig, run=train):
+    """One run of `run` (train, or dpo.py's train_dpo) with the settings of `config` (its
+    dataclass), on this process's rank."""
+    cfg = load_config(argv, config)
     with distributed(cfg) as (rank, world_size, device):
-        train(cfg, rank, world_size, device, argv)
+        run(cfg, rank, world_size, device, argv)
 
 
 if __name__ == "__main__":

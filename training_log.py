@@ -4,7 +4,8 @@ One header row, then one row per optimizer update: step, progress_pct, train_los
 grad_norm, tokens, tokens_per_sec, elapsed_s, val_loss, val_bpb (these two on evaluation updates
 only), skipped (1 where an fp16 run's loss scaler skipped the update because a gradient overflowed,
 else 0), eval_acc and eval_acc_norm (--eval_data's multiple-choice accuracy, on evaluation updates
-only), suite (--eval_suite's aggregate, suite.py, likewise). train.py starts the log (or cuts it
+only), suite (--eval_suite's aggregate, suite.py, likewise); dpo.py's log has its rewards columns
+after these (DPO_LOG_FORMAT). train.py starts the log (or cuts it
 back to the checkpoint it resumes from), appends a row after each update and plots it at the end.
 """
 import csv
@@ -28,6 +29,12 @@ LOG_FORMAT |= {"eval_acc": ".4f", "eval_acc_norm": ".4f"}
 # --eval_suite's aggregate: the mean of its sets' chance-centred scores (suite.py).
 LOG_FORMAT |= {"suite": ".4f"}
 LOG_COLUMNS = list(LOG_FORMAT)
+# dpo.py's log adds the rewards of the update's pairs and, on evaluation updates, of the validation
+# pairs (whose loss is val_loss), as TRL logs rewards/chosen, rewards/rejected, rewards/margins and
+# rewards/accuracies.
+REWARD_COLUMNS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
+DPO_LOG_FORMAT = LOG_FORMAT | {name: ".4f" for name in (*REWARD_COLUMNS,
+                                                       *(f"val_{n}" for n in REWARD_COLUMNS))}
 
 
 def csv_text(rows: list[list]) -> str:
@@ -36,21 +43,22 @@ def csv_text(rows: list[list]) -> str:
     return text.getvalue()
 
 
-def start_log(log_file: str, step: int):
+def start_log(log_file: str, step: int, formats: dict = LOG_FORMAT):
     """Start the CSV log afresh, or on resume keep only the rows up to the checkpoint's update: rows
-    logged after it (before a crash) are trained again and must not appear twice."""
+    logged after it (before a crash) are trained again and must not appear twice. `formats` are the
+    run's columns (LOG_FORMAT's, or DPO_LOG_FORMAT's)."""
     kept = []
     if step > 0 and os.path.exists(log_file):
         with open(log_file, newline="") as f:
-            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(LOG_COLUMNS)
+            kept = [row for row in list(csv.reader(f))[1:] if len(row) == len(formats)
                     and int(row[0]) <= step]
-    write_file(Path(log_file), csv_text([LOG_COLUMNS, *kept]).encode(), SPACE_FIX)
+    write_file(Path(log_file), csv_text([list(formats), *kept]).encode(), SPACE_FIX)
 
 
-def append_log(log_file: str, row: dict):
+def append_log(log_file: str, row: dict, formats: dict = LOG_FORMAT):
     """Append one row and close the file: a full disk cuts the log back to its last whole row."""
     line = csv_text([["" if row.get(k) is None else format(row[k], f) for k,
-                      f in LOG_FORMAT.items()]])
+                      f in formats.items()]])
     with space_for(log_file, len(line), SPACE_FIX), open(log_file, "a", newline="") as f:
         f.write(line)
 

@@ -8,15 +8,19 @@ from helpers import ROOT
 
 from bench import BenchOptions
 from bench_prepare import PrepareBenchConfig
+from chat import ChatConfig
+from dpo import DPOConfig
 from eval import EvalConfig
 from export import ExportConfig
 from prepare import PrepareConfig
 from sample import SampleConfig
+from sft import SFTOptions
 from train import TrainConfig
 
 OPTIONS = {"train.py": [TrainConfig], "prepare.py": [PrepareConfig], "sample.py": [SampleConfig],
            "export.py": [ExportConfig], "bench.py": [BenchOptions, TrainConfig],
-           "bench_prepare.py": [PrepareBenchConfig], "eval.py": [EvalConfig]}
+           "bench_prepare.py": [PrepareBenchConfig], "eval.py": [EvalConfig],
+           "sft.py": [SFTOptions, TrainConfig], "chat.py": [ChatConfig], "dpo.py": [DPOConfig]}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
@@ -39,7 +43,8 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
 
 def test_the_documentation_shows_every_script():
     shown = {script for _, script, _ in documented_commands()}
-    assert {"train.py", "prepare.py", "sample.py", "export.py", "bench.py", "eval.py"} <= shown
+    assert {"train.py", "prepare.py", "sample.py", "export.py", "bench.py", "eval.py", "sft.py",
+            "chat.py"} <= shown
 
 
 @pytest.mark.parametrize("page, script, options", documented_commands())

@@ -94,7 +94,7 @@ def test_the_directory_describes_the_model(exported):
                                                        "num_key_value_heads": c.n_kv_heads,
         "rms_norm_eps": 1e-5, "rope_theta": 10_000.0, "max_position_embeddings": 64,
                                                        "tie_word_embeddings": False,
-        "vocab_size": 8192, "bos_token_id": 8191, "eos_token_id": 8191, "torch_dtype": "float32"}
+        "vocab_size": 8192, "bos_token_id": 8187, "eos_token_id": 8187, "torch_dtype": "float32"}
     assert config[
         "intermediate_size"] == ckpt["model"]["layers.0.feed_forward.w1.weight"].shape[0] == 256
     weights = load_file(hf_dir / "model.safetensors")
@@ -129,17 +129,22 @@ def test_transformers_gives_the_same_logits(exported, shakespeare_dir):
 def test_greedy_generation_is_identical(exported, shakespeare_dir, monkeypatch):
     ckpt, hf_dir = exported
     ours, theirs = our_model(ckpt), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    prompt = real_text_ids(shakespeare_dir, 12)  # 12 + 50 tokens fit the 64-token context
+    # 12 + 20 tokens fit the 64-token context. Not more: a model trained ten updates soon loops
+    # between two tokens, whose logits can then come within rounding of each other.
+    prompt = real_text_ids(shakespeare_dir, 12)
     gaps = recording_top_two_gaps(monkeypatch)
-    expected = ours.generate(prompt, 50, temperature=0, eos_token=8191)[0].tolist()
+    # generation_config.json stops transformers at <|end|> or <|endoftext|>, as chat.py stops
+    stops = json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == [8191, 8187]
+    expected = ours.generate(prompt, 20, temperature=0, eos_token=stops)[0].tolist()
     # The logits agree to rounding (the test above); each step's best token leads by more, so it is
     # the only answer.
     with torch.no_grad():
         assert min(gaps) > 2 * logit_tolerance(ours(torch.tensor([expected]))[0])
-    got = theirs.generate(prompt, max_new_tokens=50, do_sample=False)[0].tolist()
-    # transformers stops at <|endoftext|>; model.generate pads the rest of the row with it
+    got = theirs.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist()
+    # transformers stops at either; model.generate pads the rest of the row with the first
     assert got == expected[:len(got)] and len(got) > 12 and set(expected[len(got):]) <= {8191}
-    assert len(got) == 62 or got[-1] == 8191
+    assert len(got) == 32 or got[-1] in stops
 
 
 def test_sample_py_and_transformers_continue_a_prompt_alike(gqa_export, shakespeare_dir):
@@ -257,8 +262,8 @@ def tied_gqa_llama(tmp_path_factory, exports):
                          num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-6,
                          rope_theta=500_000.0,
-                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=8191,
-                         eos_token_id=8191,
+                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=8187,
+                         eos_token_id=8187,
                          initializer_range=0.1)  # larger than usual, so the logits are far from 0
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(directory)
@@ -333,15 +338,16 @@ def test_prepare_encodes_with_a_model_directorys_tokenizer(tied_gqa_llama, tmp_p
                   "--val_fraction=0.2"])
     meta = json.loads((out / "meta.json").read_text())
     assert (
-        meta["tokenizer"], meta["vocab_size"], meta["special_tokens"]) == ("hf", 8192,
-                                                                           {"<|endoftext|>": 8191})
+        meta["tokenizer"], meta["vocab_size"], meta["special_tokens"]) == (
+        "hf", 8192, {"<|endoftext|>": 8187, "<|system|>": 8188, "<|user|>": 8189,
+                     "<|assistant|>": 8190, "<|end|>": 8191})
     hf = AutoTokenizer.from_pretrained(directory)
     # a dataset made this way reads back with its own tokenizer.json
     tokenizer = load_tokenizer(out)
     documents = []
     for split in ("train", "val"):
         ids = np.concatenate([np.load(p) for p in sorted(out.glob(f"{split}_*.npy"))]).tolist()
-        ends = [i for i, t in enumerate(ids) if t == 8191]
+        ends = [i for i, t in enumerate(ids) if t == 8187]
         for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends, strict=True):
             documents.append(document := tokenizer.decode(ids[start:end]))
             # the ids are the HF tokenizer's own encoding; "<|endoftext|>" inside a text stays

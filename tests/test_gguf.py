@@ -17,6 +17,7 @@ from helpers import VARIED_TEXT, one_line_error, run
 import prepare
 from checkpoint import load_model
 from configurator import UserError
+from conversation import CHAT_TEMPLATE
 from export import ExportConfig, export_gguf, gguf_name, main
 from huggingface import byte_characters
 from model import ModelConfig, Transformer
@@ -79,7 +80,7 @@ def exports(shakespeare_dir, gpt2_dir, tmp_path_factory):
             dataset = {"bpe": shakespeare_dir, "gpt2": gpt2_dir}[vocabulary]
             ckpt_dir = tmp_path_factory.mktemp(f"{vocabulary}-{shape}")
             model = make_checkpoint(ckpt_dir / "out", dataset, shape,
-                                    {"bpe": 8192, "gpt2": 50257}[vocabulary])
+                                    {"bpe": 8192, "gpt2": 50261}[vocabulary])
             out = export_gguf(ExportConfig(ckpt_dir=str(ckpt_dir / "out"),
                                            out=str(ckpt_dir / "m.gguf"), dtype=dtype))
             made[key] = model, GGUFReader(out)
@@ -139,28 +140,33 @@ def test_the_metadata_is_what_llama_cpp_reads(exports, shakespeare_dir):
         "llama.rope.dimension_count", "llama.vocab_size", "tokenizer.ggml.model",
                                                 "tokenizer.ggml.pre",
         "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                                                "tokenizer.ggml.add_bos_token"]} == {
+                                                "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.eot_token_id", "tokenizer.chat_template"]} == {
         "general.architecture": "llama", "general.file_type": 0, "llama.context_length": 64,
         "llama.embedding_length": 64, "llama.block_count": 2, "llama.feed_forward_length": 192,
         "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
         "llama.attention.layer_norm_rms_epsilon": pytest.approx(
             1e-5), "llama.rope.freq_base": 500.0,
         "llama.rope.dimension_count": 16, "llama.vocab_size": 8192, "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8191,
-        "tokenizer.ggml.eos_token_id": 8191,
-        "tokenizer.ggml.add_bos_token": True}
+        "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 8187,
+        "tokenizer.ggml.eos_token_id": 8187,
+        "tokenizer.ggml.add_bos_token": True,
+        # a chat ends its reply at <|end|>, rendered as conversation.py renders it
+        "tokenizer.ggml.eot_token_id": 8191, "tokenizer.chat_template": CHAT_TEMPLATE}
     # llama.cpp prepends that BOS to every prompt: the ids sample.py feeds (prompt_ids),
     # <|endoftext|> first
-    assert prompt_ids(load_tokenizer(shakespeare_dir), "ROMEO:")[0] == 8191
+    assert prompt_ids(load_tokenizer(shakespeare_dir), "ROMEO:")[0] == 8187
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader,
                                                                   "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == 8192
-    assert tokens[8191] == "<|endoftext|>" and types[8191] == gguf.TokenType.CONTROL
-    assert set(types[:8191]) == {gguf.TokenType.NORMAL}
+    # <|endoftext|> and the chat tokens are control tokens, which llama.cpp never prints
+    assert tokens[8187:] == ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    assert set(types[8187:]) == {gguf.TokenType.CONTROL}
+    assert set(types[:8187]) == {gguf.TokenType.NORMAL}
     # GPT-2's byte-level alphabet: space is U+0120
     assert tokens[ord("A")] == "A" and tokens[ord(" ")] == "Ġ"
     # every token beyond the bytes is one merge
-    assert len(field(reader, "tokenizer.ggml.merges")) == 8191 - 256
+    assert len(field(reader, "tokenizer.ggml.merges")) == 8187 - 256
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ from helpers import ROOT, run
 import bench
 import bench_nanogpt
 import bench_prepare
+import chat
+import dpo
 import export
 import prepare
 import sample
+import sft
 import train
 from configurator import field_comments
 
@@ -24,8 +27,12 @@ from configurator import field_comments
     ("train.py", "-h", "  --training_tokens: int = 2_000_000  # the run's length in tokens"),
     ("prepare.py", "--help", "  --vocab_size: int = 8192  # bpe only; counts <|endoftext|>"),
     ("sample.py", "--help", "  --top_p: float = 0.9  # 1.0 = no nucleus cut"),
+    ("chat.py", "--help", "  --prompt: str = ''  # answer this one message and exit (for scripts)"),
+    ("sft.py", "--help", "  --overlong: str = 'cut'  # a conversation longer than max_seq_len"),
     ("export.py", "--help",
      "  --format: str = 'hf'  # hf: a Hugging Face model directory; gguf: one file for"),
+    # train.py's settings in dpo.py's, with the comments train.py gives them
+    ("dpo.py", "--help", "  --grad_clip: float = 1.0  # clip the global gradient norm to this"),
 ])
 def test_help_lists_every_setting_with_type_default_and_comment(script, flag, shown):
     result = run(script, "--n_layers=2", flag)  # --help wins over anything else on the command line
@@ -45,9 +52,10 @@ def test_bench_help_shows_its_own_options_and_then_the_training_config():
 
 @pytest.mark.parametrize("cls",
                          [train.TrainConfig, prepare.PrepareConfig, sample.SampleConfig,
-                          export.ExportConfig,
+                          export.ExportConfig, dpo.DPOConfig,
                                  bench.BenchOptions, bench_nanogpt.NanoGPTBenchConfig,
-                                 bench_prepare.PrepareBenchConfig])
+                                 bench_prepare.PrepareBenchConfig, sft.SFTOptions,
+                                 chat.ChatConfig])
 def test_every_setting_has_a_one_line_comment(cls):
     comments = field_comments(cls)
     assert set(comments) == {f.name for f in dataclasses.fields(cls)}

@@ -57,7 +57,8 @@ def test_no_module_imports_one_that_imports_it():
     assert "train" not in readers, "readers of checkpoints do not load the training code"
 
 
-SCRIPTS = {"prepare", "export", "sample", "bench", "eval", "bench_nanogpt", "bench_prepare"}
+SCRIPTS = {"prepare", "export", "sample", "bench", "eval", "bench_nanogpt", "bench_prepare", "sft",
+           "chat", "dpo"}
 
 
 def test_scripts_are_leaves():

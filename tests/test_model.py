@@ -254,6 +254,21 @@ def test_finished_rows_pad_with_eos_and_generation_stops_when_all_finish():
     assert both.shape == (2, 5)  # every row finished at the first step
 
 
+def test_generation_stops_at_any_of_several_stop_tokens_and_streams_the_same_tokens():
+    """A chat model stops at the end of its turn, a base model at <|endoftext|>: either id ends a
+    row, and generate_tokens yields, one step at a time, the tokens generate returns."""
+    model = tiny_model()
+    prompt = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(0))
+    free = model.generate(prompt, 10, temperature=0)[0, 4:].tolist()
+    never = next(i for i in range(64) if i not in free)
+    assert free[2] not in free[:2]  # this seed's third token is a new one
+    stops = [never, free[2]]
+    out = model.generate(prompt, 10, temperature=0, eos_token=stops)
+    assert out[0, 4:].tolist() == free[:3]
+    streamed = [t.item() for t in model.generate_tokens(prompt, 10, temperature=0, eos_token=stops)]
+    assert streamed == free[:3]
+
+
 def test_top_k_and_top_p_never_sample_outside_their_sets():
     torch.manual_seed(0)
     probs = torch.tensor([0.02, 0.30, 0.05, 0.25, 0.01, 0.20, 0.10, 0.07])

@@ -25,6 +25,8 @@ NOTEBOOKS = {
     "05_training_loop": 3,
     "06_a_run_of_train_py": 1,
     "07_learning_per_minute": 4,
+    "08_supervised_fine_tuning": 2,
+    "09_preference_optimization": 1,
 }
 
 

@@ -81,17 +81,19 @@ def test_shakespeare_becomes_plain_play_text(plays):
 def test_default_dataset_layout(shakespeare_dir, monkeypatch):
     meta = json.loads((shakespeare_dir / "meta.json").read_text())
     assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 8192 and meta["dtype"] == "uint16"
-    assert meta["special_tokens"] == {"<|endoftext|>": 8191}
+    # <|endoftext|>, then conversation.py's chat tokens, at the end of the 8192 ids
+    assert meta["special_tokens"] == {"<|endoftext|>": 8187, "<|system|>": 8188, "<|user|>": 8189,
+                                      "<|assistant|>": 8190, "<|end|>": 8191}
     assert meta["train_bytes"] + meta["val_bytes"] == sum(len(p.encode())
                                                           for p in prepare.shakespeare_documents())
     # cut moved to a line end
     assert 0.0999 < meta["val_bytes"] / (meta["train_bytes"] + meta["val_bytes"]) <= 0.1
     tokenizer = load_tokenizer(shakespeare_dir)
-    assert (tokenizer.name, tokenizer.vocab_size, tokenizer.eot_id) == ("bpe", 8192, 8191)
+    assert (tokenizer.name, tokenizer.vocab_size, tokenizer.eot_id) == ("bpe", 8192, 8187)
     # tiktoken's own loader reads the rank file (caching off, so the shared cache is left alone)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     ranks = tiktoken.load.load_tiktoken_bpe(str(shakespeare_dir / "tokenizer.tiktoken"))
-    assert sorted(ranks.values()) == list(range(8191))
+    assert sorted(ranks.values()) == list(range(8187))
     assert all(tokenizer.encoding.decode_single_token_bytes(rank) == token for token,
                rank in ranks.items())
 
@@ -118,9 +120,10 @@ def test_bpe_has_exactly_the_requested_vocabulary(vocab_size, plays, tmp_path):
                  f"--vocab_size={vocab_size}")
     tokenizer = load_tokenizer(tmp_path / "data")
     assert meta["vocab_size"] == tokenizer.vocab_size == vocab_size
-    assert meta["special_tokens"] == {"<|endoftext|>": vocab_size - 1}
-    assert len(read_ranks(tmp_path / "data" / "tokenizer.tiktoken")) == vocab_size - 1
-    assert max(np.load(path).max() for path in (tmp_path / "data").glob("*.npy")) == vocab_size - 1
+    assert list(meta["special_tokens"].values()) == list(range(vocab_size - 5, vocab_size))
+    assert len(read_ranks(tmp_path / "data" / "tokenizer.tiktoken")) == vocab_size - 5
+    # no text encodes to a chat token: the highest id in the shards is <|endoftext|>
+    assert max(np.load(path).max() for path in (tmp_path / "data").glob("*.npy")) == vocab_size - 5
 
 
 def test_validation_is_the_final_fraction_cut_at_a_line_and_unseen_by_the_bpe(plays, tmp_path):
@@ -190,8 +193,9 @@ def test_a_directory_of_txt_md_jsonl_and_parquet(shakespeare_dir, tmp_path):
 def test_gpt2_vocabulary(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", ["Hello world\n" * 20, "Hello again\n" * 20])
     meta = build(tmp_path / "data", f"--input={tmp_path / 'c.jsonl'}", "--tokenizer=gpt2")
-    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
-    assert meta["special_tokens"] == {"<|endoftext|>": 50256}
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50261, "uint16")
+    assert meta["special_tokens"] == {"<|endoftext|>": 50256, "<|system|>": 50257,
+                                      "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
     assert not (tmp_path / "data" / "tokenizer.tiktoken").exists()
     tokenizer = load_tokenizer(tmp_path / "data")
     assert tokenizer.name == "gpt2" and tokenizer.encode("Hello world") == [15496, 995]
@@ -308,7 +312,7 @@ def test_overwrite_replaces_only_a_finished_dataset(shakespeare_dir, tmp_path):
     (["--out_dir=x", "--input=blank.txt", "--input=blank.jsonl"], "the corpus is empty"),
     (["--out_dir=x", "--input=latin1.txt"], "latin1.txt is not UTF-8"),
     (["--out_dir=x", "--input=broken.parquet"], "broken.parquet is not a readable parquet file"),
-    (["--out_dir=x", "--input=good.txt", "--vocab_size=256"], "at least 257"),
+    (["--out_dir=x", "--input=good.txt", "--vocab_size=256"], "at least 261"),
     (["--out_dir=x", "--input=good.txt", "--vocab_size=5000"], "lower --vocab_size"),
     (["--out_dir=x", "--input=tiny.txt", "--tokenizer=gpt2"],
      "too small to hold out a validation split"),
@@ -381,9 +385,10 @@ def write_mixed_corpus(root: Path):
 
 
 # One sha256 over the names and bytes of every file prepare.py wrote for this corpus (shards,
-# tokenizer.tiktoken, meta.json), computed with the pipeline as it was before it was made faster
-# (commit a46bbaf).
-BEFORE = {"bpe": "8bda09faf6f6b5b4", "shakespeare": "d7efe074c9357fd5", "gpt2": "72c00f6530485e9d"}
+# tokenizer.tiktoken, meta.json). The pipeline as it was before it was made faster (commit a46bbaf)
+# gave the first pins; reserving the chat tokens (which changes the vocabulary, so every file)
+# gave these, which pin the output against any change that should leave it alone.
+BEFORE = {"bpe": "95c5d8cc560e9f2c", "shakespeare": "870f37a944adf745", "gpt2": "452655b75da124b8"}
 
 
 def digest(out_dir: Path) -> str:
