@@ -161,7 +161,7 @@ def test_a_model_pretrained_without_chat_tokens_grows_rows_for_them(shakespeare_
     for name in ("tok_embeddings.weight", "output.weight"):
         weight = model.state_dict()[name]
         assert torch.equal(weight[:8188], trained[name])
-        assert torch.allclose(weight[8188:], trained[name].mean(0).expand(4, -1))
+        assert 0.01 < weight[8188:].std().item() < 0.03  # drawn as model.py initialises a row
 
 
 def bad_rows(case: str) -> list:
