@@ -191,7 +191,7 @@ def test_the_report_card_holds_the_numbers_of_log_csv(tracked):
         "the run finished at update 10",
         f"| command | `python train.py {' '.join(TRACKED)} --dataset_dir=",
         "| parameters | 540,768 |",
-        f"| tokens trained | {int(last['tokens']):,} in 10 updates: 0.00 passes over 1,187,396 "
+        f"| tokens trained | {int(last['tokens']):,} in 10 updates: 0.00 passes over 1,187,468 "
                 "training tokens",
         f"| wall time | {float(last['elapsed_s']) / 60:.1f} min ({float(last['elapsed_s']):.0f} s) "
                 "|",
