@@ -5,9 +5,9 @@ read. First the architecture (init_architecture, before anything is built), then
 
 A run whose vocabulary has ids after the ones the model was trained with (sft.py adds the chat
 tokens to a tokenizer that lacks them) grows the embedding and the output layer by that many rows.
-A new row starts as the mean of the trained rows: a token the model has never seen then reads as
-an average token, and its logit starts at the average logit, so neither the first outputs nor the
-first loss jump (docs/sft.md compares it with a random row).
+A new row starts as model.py initialises every row, random with a standard deviation of 0.02: the
+fine-tuning loss then starts lower than with rows set to the mean of the trained ones
+(docs/sft.md).
 """
 import dataclasses
 from pathlib import Path
@@ -38,9 +38,10 @@ def init_architecture(cfg, vocab_size: int) -> tuple[object, int]:
 
 
 def grown(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """weight with rows up to `rows`, each new one the mean of the trained rows."""
-    extra = weight.mean(dim=0, keepdim=True).expand(rows - weight.shape[0], -1)
-    return torch.cat([weight, extra])
+    """weight with rows up to `rows`, each new one drawn as model.py draws a row at initialisation
+    (from torch's generator, which train.py seeds)."""
+    extra = torch.empty(rows - weight.shape[0], weight.shape[1]).normal_(0.0, 0.02)
+    return torch.cat([weight, extra.to(weight.dtype)])
 
 
 def load_init_weights(model, init_from: str) -> str:
@@ -61,4 +62,4 @@ def load_init_weights(model, init_from: str) -> str:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state)
     return (f"{init_from} had {trained} embedding rows: ids {trained} to {rows - 1} get new rows "
-            "of the embedding and the output layer, each the mean of the trained rows")
+            "of the embedding and the output layer, random as at initialisation (std 0.02)")

@@ -15,10 +15,11 @@ one as ids and a loss mask.
 
 How it works: the conversations become a fine-tuning dataset in <ckpt_dir>/data, in prepare.py's
 format plus a mask beside each shard (dataset.py), laid out so that every batch row starts a
-conversation: whole conversations are packed into rows of max_seq_len tokens and the rest of a row
-is padding that nothing learns from. Then train.py's train() runs on it as it does on text, so SFT
-has everything pretraining has: gradient accumulation, DDP and FSDP, atomic checkpoints and
-resume, the time budget, log.csv (whose losses count the learned tokens only) and report.md.
+conversation: the training conversations, shuffled, are packed whole into rows of max_seq_len tokens
+and the rest of a row is padding that nothing learns from. Then train.py's train() runs on it as it
+does on text, so SFT has everything pretraining has: gradient accumulation, DDP and FSDP, atomic
+checkpoints and resume, the time budget, log.csv (whose losses count the learned tokens only) and
+report.md.
 A model pretrained on a vocabulary without the chat tokens gets them: the dataset's tokenizer is
 the model's plus the chat tokens after its last id, and the model grows rows for them
 (pretrained.py).
@@ -30,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -217,8 +219,11 @@ def write_sft_dataset(out_dir: Path, opts: SFTOptions, cfg: TrainConfig, built_f
                                          opts.overlong)
         say_counts(counts, cfg.max_seq_len, opts)
         k = max(2, round(1 / opts.val_fraction))
-        splits = {"val": conversations[k - 1::k],
-                  "train": [c for i, c in enumerate(conversations) if i % k != k - 1]}
+        train = [c for i, c in enumerate(conversations) if i % k != k - 1]
+        # Shuffled (with --seed), so that each batch mixes the file's conversations: a file sorted
+        # by topic would otherwise be learnt one topic at a time, each undoing the one before.
+        random.Random(cfg.seed).shuffle(train)
+        splits = {"val": conversations[k - 1::k], "train": train}
         if not splits["val"]:
             raise UserError(f"{opts.data} has {len(conversations)} conversation(s) left to learn "
                             f"from; fine-tuning needs at least {k} (one of every {k} is "

@@ -16,7 +16,7 @@ from passes import REPEATS_FROM, ValidationRecord, most_updates, passes_line
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    """About 1,500 training tokens: a run of 15,360 tokens reads them about 10.5 times."""
+    """About 1,500 training tokens: a run of 15,360 tokens reads them about 10 times."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(40)]
     path = tmp_path_factory.mktemp("corpus") / "words.txt"
@@ -43,21 +43,21 @@ def test_up_to_two_passes_a_run_only_says_them_beyond_it_keeps_its_best_checkpoi
 
 def test_a_run_makes_at_most_max_passes_over_its_data_whatever_length_it_is_given(small_corpus,
                                                                                   tmp_path):
-    assert most_updates(10, 1_469, 128) == 114 and most_updates(0.01, 1_469, 128) == 1
-    assert most_updates(0, 1_469, 128) > 10**15  # 0: no limit
+    assert most_updates(10, 1_525, 128) == 119 and most_updates(0.01, 1_525, 128) == 1
+    assert most_updates(0, 1_525, 128) > 10**15  # 0: no limit
     args = [*TINY, f"--dataset_dir={small_corpus}", "--compile=False", "--model_gen_multiplier=0"]
     out = run("train.py", *args, f"--ckpt_dir={tmp_path / 'tokens'}",
               "--training_tokens=15360").stdout
-    assert "| 57 updates of 128 tokens" in out.splitlines()[0]  # asked for 120
+    assert "| 59 updates of 128 tokens" in out.splitlines()[0]  # asked for 120
     assert out.splitlines()[1].startswith(
-        "data: 4.97 passes over 1,469 training tokens, the most a run makes")
-    assert re.search(r"^update 57/57 .*\| val loss", out, re.M)
+        "data: 4.95 passes over 1,525 training tokens, the most a run makes")
+    assert re.search(r"^update 59/59 .*\| val loss", out, re.M)
     # A budget that holds more than the limit ends at it too, long before the budget: here 20
     # updates, a length the budget is planned again at.
     out = run("train.py", *args, f"--ckpt_dir={tmp_path / 'budget'}", "--max_minutes=5",
               "--max_passes=1.75").stdout
     assert re.findall(r"^update (\d+)/(\d+) ", out, re.M)[-1] == ("20", "20")
-    assert "data: 1.74 passes over 1,469 training tokens, the most a run makes" in out
+    assert "data: 1.68 passes over 1,525 training tokens, the most a run makes" in out
 
 
 def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small_corpus, tmp_path):
@@ -65,7 +65,7 @@ def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small
               "--compile=False", "--training_tokens=15360", "--keep_ckpts=1",
               "--max_passes=0").stdout
     lines = out.splitlines()
-    assert lines[1].startswith("data: 10.5 passes over 1,469 training tokens; beyond 2 passes")
+    assert lines[1].startswith("data: 10.1 passes over 1,525 training tokens; beyond 2 passes")
     # Each evaluation with a new lowest validation loss is saved (keep_ckpts=1 deletes the rest,
     # except the best).
     val = {int(m[1]): float(m[2])

@@ -4,6 +4,7 @@ pretrained without the chat tokens grows rows for them; bad input is one line an
 alone."""
 import json
 import os
+import random
 import shutil
 import subprocess
 
@@ -72,7 +73,10 @@ def test_batches_learn_exactly_the_assistants_tokens(tiny_run, chat_file, tmp_pa
     meta, tokenizer = read_meta(data), load_tokenizer(data)
     # every 10th conversation is validation: 2 of 21
     rendered = [render_conversation(tokenizer, conversation(i)) for i in range(20)]
-    train = [r for i, r in enumerate(rendered) if i % 10 != 9]
+    alpaca = render_conversation(tokenizer, [{"role": "user", "content": "Name a play."},
+                                             {"role": "assistant", "content": "Hamlet."}])
+    train = [r for i, r in enumerate([*rendered, alpaca]) if i % 10 != 9]
+    random.Random(cfg.seed).shuffle(train)  # in a random order, the same for the same --seed
     loader = DatasetLoader(data, "train", 1, 64, meta=meta)
     rows = len(np.load(data / "train_000000.npy")) // 64
     learned, starts = [], []
@@ -82,13 +86,11 @@ def test_batches_learn_exactly_the_assistants_tokens(tiny_run, chat_file, tmp_pa
         starts.append(x[0, 0].item())
     # each row starts a conversation (after <|endoftext|>); whole conversations, none split
     assert set(starts) == {tokenizer.eot_id}
-    alpaca = render_conversation(tokenizer, [{"role": "user", "content": "Name a play."},
-                                             {"role": "assistant", "content": "Hamlet."}])
-    expected = [i for ids, mask in [*train, alpaca] for i, m in zip(ids, mask, strict=True) if m]
+    expected = [i for ids, mask in train for i, m in zip(ids, mask, strict=True) if m]
     assert learned == expected
     assert meta["train_tokens"] == len(expected)  # the tokens the loss is over
     end = chat_token_ids(tokenizer)["<|end|>"]
-    assert learned.count(end) == 2 * len(train) + 1  # every answer ends with <|end|>
+    assert learned.count(end) == 2 * (len(train) - 1) + 1  # every answer ends with <|end|>
 
 
 def test_a_batch_with_nothing_to_learn_is_a_zero_loss_not_nan():
@@ -159,7 +161,7 @@ def test_a_model_pretrained_without_chat_tokens_grows_rows_for_them(shakespeare_
     for name in ("tok_embeddings.weight", "output.weight"):
         weight = model.state_dict()[name]
         assert torch.equal(weight[:8188], trained[name])
-        assert torch.allclose(weight[8188:], trained[name].mean(0).expand(4, -1))
+        assert 0.01 < weight[8188:].std().item() < 0.03  # drawn as model.py initialises a row
 
 
 def bad_rows(case: str) -> list:
