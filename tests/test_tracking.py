@@ -215,6 +215,6 @@ def test_the_report_card_holds_the_numbers_of_log_csv(tracked):
             in card)
     assert (f"This run ended at **{last['val_bpb']} bpb** after 1,280 tokens; "
             "the reference had no evaluation that early.") in card
-    assert "| 409,600 | 2.4743 |  |\n" in card and "| 1,998,848 | 2.1507 |  |\n" in card
+    assert "| 409,600 | 2.4736 |  |\n" in card and "| 1,998,848 | 2.1251 |  |\n" in card
     assert reference_at([[0, 2.0], [100, 1.0]],
                         25) == 1.75 and reference_at([[10, 2.0], [100, 1.0]], 5) is None
