@@ -68,8 +68,7 @@ class BenchOptions:
     estimate: bool = False  # print a per-GPU memory estimate instead of timing anything
     world_size: int = 8  # GPUs the estimate is for
     gpu_memory: float = 80.0  # GB (10^9 bytes) per GPU, for the estimate's "fits" column
-    preflight: bool = False  # under torchrun: check this machine before a long run and print a
-                             # PASS/FAIL table
+    preflight: bool = False  # under torchrun: check this machine before a long run (PASS/FAIL)
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0:

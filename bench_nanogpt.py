@@ -96,8 +96,7 @@ class NanoGPTBenchConfig:
                                                    "defaults"}
         if unknown:
             raise UserError(f"unknown --variants {sorted(unknown)}; choose from bf16, fp32, "
-                            "bf16+compile, "
-                            "fp32+compile, defaults")
+                            "bf16+compile, fp32+compile, defaults")
         if self.steps < 1 or self.warmup < 0:
             raise UserError("--steps must be at least 1 and --warmup at least 0")
 
@@ -149,9 +148,8 @@ def main(argv: list[str]):
     device = pick_device(cfg.device)
     tokens = cfg.batch_size * cfg.max_seq_len
     print(f"{cfg.n_layers} layers x {cfg.n_embd}, {cfg.n_heads} heads, seq {cfg.max_seq_len}, "
-          f"batch {cfg.batch_size}, "
-          f"vocabulary {cfg.vocab_size} | {device} | {torch.get_num_threads()} threads | median of "
-          f"{cfg.steps} steps")
+          f"batch {cfg.batch_size}, vocabulary {cfg.vocab_size} | {device} | "
+          f"{torch.get_num_threads()} threads | median of {cfg.steps} steps")
     print(f"{'variant':<34}{'nanoGPT tok/s':>15}{'ours tok/s':>13}{'ratio':>8}")
     for variant in cfg.variants.split(","):
         if variant == "defaults":

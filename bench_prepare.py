@@ -248,15 +248,13 @@ def main(argv: list[str]):
                 wall = statistics.median(r[0] for r in runs)
                 largest, tree = max(r[1] for r in runs), max(r[2] for r in runs)
                 print(f"| {fmt} {cfg.megabytes} MB | {tok} | {name} | {text_mb / wall:.1f} | "
-                      f"{tokens / wall:,.0f} | "
-                      f"{largest:.0f} / {tree:.0f} |", flush=True)
+                      f"{tokens / wall:,.0f} | {largest:.0f} / {tree:.0f} |", flush=True)
             shutil.rmtree(ours_dir, ignore_errors=True)
             shutil.rmtree(recipe_dir, ignore_errors=True)
     for tok in cfg.tokenizers.split(","):
         tokenizer = "data/shakespeare" if tok == "bpe" else "gpt2"
         print(f"ceiling ({tok}): encode_ordinary_batch on {os.cpu_count()} threads, text in "
-              "memory: "
-              f"{tokenizer_ceiling(next(iter(corpora.values())), tokenizer):.1f} MB/s")
+              f"memory: {tokenizer_ceiling(next(iter(corpora.values())), tokenizer):.1f} MB/s")
     if not cfg.keep:
         shutil.rmtree(root)
 

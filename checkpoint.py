@@ -44,8 +44,7 @@ CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})(\.pt)?")
 # What a run says when its disk is full: the checkpoints already saved are intact, so it can go on
 # from them.
 SPACE_FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: "
-             "the checkpoints "
-             "saved before are intact")
+             "the checkpoints saved before are intact")
 
 
 def checkpoint_paths(ckpt_dir: str) -> list[Path]:
@@ -134,8 +133,7 @@ def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep: int, sharded: b
 # Reading
 def unsafe(path: Path, e: Exception) -> UserError:
     return UserError(f"cannot load checkpoint {path} safely ({type(e).__name__}); it is damaged or "
-                     "holds arbitrary "
-                     "Python objects; delete it to resume from an older one")
+                     "holds arbitrary Python objects; delete it to resume from an older one")
 
 
 class _IndexUnpickler(pickle.Unpickler):
@@ -299,8 +297,7 @@ def load_model(ckpt_dir: str, ckpt: str = "", dataset_dir: str = "", purpose: st
     tokenizer = load_tokenizer(dataset_dir, meta)
     if tokenizer_fingerprint(dataset_dir, meta) != state["tokenizer"]:
         raise UserError(f"{dataset_dir} has another tokenizer than {path} was trained with; pass "
-                        "the training "
-                        "dataset with --dataset_dir, or restore it")
+                        "the training dataset with --dataset_dir, or restore it")
     # The embedding's rows, not the tokenizer's size: a model imported with --init_from may have
     # spare rows.
     vocab_size = state["model"]["tok_embeddings.weight"].shape[0]
@@ -412,22 +409,19 @@ def check_resumable(ckpt: dict, cfg, fingerprint: str, path: Path):
                         f"--optimizer={ckpt['config']['optimizer']}, or use a new --ckpt_dir")
     if ckpt["tokenizer"] != fingerprint:
         raise UserError(f"{path} was trained with another tokenizer than {cfg.dataset_dir}'s; use "
-                        "the dataset "
-                        "it was trained on or a new --ckpt_dir")
+                        "the dataset it was trained on or a new --ckpt_dir")
     saved = ModelConfig.from_dict(ckpt["config"], vocab_size=1)
     for field in dataclasses.fields(ModelConfig):
         if field.name != "vocab_size" and getattr(saved, field.name) != getattr(cfg, field.name):
             raise UserError(f"{path} has {field.name}={getattr(saved, field.name)} but the config "
-                            "says "
-                            f"{getattr(cfg, field.name)}; resume with the same architecture or use "
-                            "a new --ckpt_dir")
+                            f"says {getattr(cfg, field.name)}; resume with the same architecture "
+                            "or use a new --ckpt_dir")
     # updates are counted in these units
     if ckpt["config"]["tokens_per_update"] != cfg.tokens_per_update:
         raise UserError(f"{path} has tokens_per_update={ckpt['config']['tokens_per_update']} but "
-                        "this run "
-                        f"{cfg.tokens_per_update}; pass "
-                        f"--tokens_per_update={ckpt['config']['tokens_per_update']} "
-                        "with a batch_size that divides it")
+                        f"this run {cfg.tokens_per_update}; pass "
+                        f"--tokens_per_update={ckpt['config']['tokens_per_update']} with a "
+                        "batch_size that divides it")
 
 
 def restore(path: Path, ckpt: dict, cfg, fingerprint: str, model, optimizer, scaler, scheduler,
@@ -447,10 +441,8 @@ def restore(path: Path, ckpt: dict, cfg, fingerprint: str, model, optimizer, sca
         # parameter groups that another version of make_optimizer made
         except (KeyError, ValueError) as e:
             raise UserError(f"{path} holds optimizer state that does not fit "
-                            f"--optimizer={cfg.optimizer} "
-                            f"({type(e).__name__}); resume with the train.py it was saved with, or "
-                            "use a new "
-                            "--ckpt_dir") from None
+                            f"--optimizer={cfg.optimizer} ({type(e).__name__}); resume with the "
+                            "train.py it was saved with, or use a new --ckpt_dir") from None
     # A budgeted run keeps the length it planned; otherwise training_tokens sets it (it may be
     # raised, to go on).
     if cfg.max_minutes:

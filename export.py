@@ -62,13 +62,11 @@ def model_card(ckpt: dict, path: Path, meta: dict, model_cfg: ModelConfig, n_par
     command = f"`{shlex.join(['python', script, *ckpt['argv']])}`"
     c = model_cfg
     architecture = (f"LlamaForCausalLM: {c.n_layers} layers, width {c.n_embd}, {c.n_heads} query / "
-                    f"{c.n_kv_heads} "
-                    f"key-value heads, SwiGLU width {ffn_width(c.n_embd, c.multiple_of)}, RoPE "
-                    f"theta {c.theta:g}, "
-                    f"tied embeddings: {'yes' if c.tie_embeddings else 'no'}")
+                    f"{c.n_kv_heads} key-value heads, SwiGLU width "
+                    f"{ffn_width(c.n_embd, c.multiple_of)}, RoPE theta {c.theta:g}, tied "
+                    f"embeddings: {'yes' if c.tie_embeddings else 'no'}")
     trained = (f"{ckpt['tokens']:,} ({ckpt['step']:,} updates of {cfg['tokens_per_update']:,} "
-               "tokens, "
-               f"{ckpt['elapsed_s'] / 60:.1f} minutes)")
+               f"tokens, {ckpt['elapsed_s'] / 60:.1f} minutes)")
     if cfg["init_from"]:
         trained += f", starting from the weights of `{cfg['init_from']}`"
     vocabulary = (f"{meta.get('tokenizer')}, {meta.get('vocab_size'):,} ids; every document ends "
@@ -235,13 +233,10 @@ class ExportConfig:
     format: str = "hf"  # hf: a Hugging Face model directory; gguf: one file for llama.cpp
     out_dir: str = ""  # --format=hf's directory; "" means <ckpt_dir>/hf
     out: str = ""  # --format=gguf's file; "" means <ckpt_dir>/model.gguf
-    ckpt: str = ""  # a checkpoint to export instead of the newest one in ckpt_dir; "best": the
-                    # lowest val loss
-    dataset_dir: str = ""  # whose tokenizer to export; "" means the dataset the checkpoint was
-                           # trained on
+    ckpt: str = ""  # a checkpoint instead of ckpt_dir's newest; "best": the lowest val loss
+    dataset_dir: str = ""  # whose tokenizer to export; "" = the dataset the checkpoint trained on
     # q8_0 stores 8 bits and a scale per 32 weights, about a quarter of the size.
-    dtype: str = "float32"  # of the saved weights: float32 (as trained) or bfloat16; gguf also
-                            # float16 and q8_0
+    dtype: str = "float32"  # the weights': float32 (as trained), bfloat16; gguf also float16, q8_0
     overwrite: bool = False  # replace an existing out_dir or out
 
 
@@ -272,8 +267,7 @@ def written_in_place(out: Path, overwrite: bool, option: str):
         publish(tmp_dir / out.name, out, overwrite, option)
     except (OSError, SafetensorError) as e:
         raise UserError(f"cannot write {out} ({type(e).__name__}: {e}); free space there or choose "
-                        "another "
-                        f"{option}") from None
+                        f"another {option}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -320,9 +314,8 @@ def export_gguf(cfg: ExportConfig) -> Path:
     path, _, model, tokenizer = start_export(cfg, out, "--out", GGUF_DTYPES)
     if tokenizer.name not in GGUF_PRE_TOKENIZERS:
         raise UserError(f"{tokenizer.path} is a tokenizer.json, which GGUF export does not read; "
-                        "export a model "
-                        "trained on a dataset with its own BPE or gpt2 vocabulary, or use "
-                        "--format=hf")
+                        "export a model trained on a dataset with its own BPE or gpt2 vocabulary, "
+                        "or use --format=hf")
     with written_in_place(out, cfg.overwrite, "--out") as tmp:
         writer = gguf_writer(tmp, model.config, tokenizer, cfg.dtype, path.stem)
         # The file lists every tensor's name, type and shape before the data, so the list is made
@@ -356,8 +349,7 @@ def main(argv: list[str]):
                                                for p in sorted(out_dir.iterdir())))
     else:
         raise UserError(f"--format={cfg.format}: use --format=hf with --out_dir (a directory) or "
-                        "--format=gguf with "
-                        "--out (a file)")
+                        "--format=gguf with --out (a file)")
 
 
 if __name__ == "__main__":

@@ -118,8 +118,7 @@ def lock_directory(lock_path: Path, what: str, fix: str):
         raise UserError(f"{what} is in use by {holder}; {fix}") from None
     except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: this filesystem keeps no locks
         print(f"warning: {what} is on a filesystem without file locks ({e.strerror}); nothing "
-              "stops a second run "
-              "from using it at the same time", file=sys.stderr)
+              "stops a second run from using it at the same time", file=sys.stderr)
     f.truncate(0)  # who holds it, for the message a second process prints
     f.write(f"process {os.getpid()} on {socket.gethostname()} "
             f"({shlex.join([Path(sys.executable).name, *sys.argv])})")

@@ -234,9 +234,8 @@ def choose_speed(cfg, saved: dict | None, time_update,
     failure = compile_failure(device) if compile and device == "cpu" else ""
     if failure and cfg.compile is True:
         raise UserError("--compile=True but torch.compile cannot build code on this machine "
-                        f"({failure}); install a "
-                        "C++ compiler (or point CXX at one) and Python's headers, or pass "
-                        "--compile=False")
+                        f"({failure}); install a C++ compiler (or point CXX at one) and Python's "
+                        "headers, or pass --compile=False")
     if failure:
         compile = False
         auto.append(f"compile: no, torch.compile cannot build code here ({failure})")

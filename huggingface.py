@@ -163,8 +163,7 @@ def load_hf_weights(model: Transformer, directory: str):
         else ["model.safetensors"]
     if not (root / files[0]).exists():
         raise UserError(f"{root} has no model.safetensors; only safetensors weights are read "
-                        "(re-save the model "
-                        "with transformers' save_pretrained)")
+                        "(re-save the model with transformers' save_pretrained)")
     tied = model.config.tie_embeddings
     expected = {hf_name(n): (n, t.shape) for n,
                 t in model.state_dict().items() if not (tied and n == "output.weight")}
@@ -175,8 +174,7 @@ def load_hf_weights(model: Transformer, directory: str):
             continue
         if name not in expected:
             raise UserError(f"{root} holds the tensor {name}, which model.py has no place for; it "
-                            "is not a plain "
-                            "Llama checkpoint (quantized? another architecture?)")
+                            "is not a plain Llama checkpoint (quantized? another architecture?)")
         ours, shape = expected.pop(name)
         if tensor.shape != shape:
             raise UserError(f"{root}: {name} has shape {tuple(tensor.shape)} but config.json "
@@ -310,8 +308,7 @@ def load_hf_model(directory: Path) -> tuple[Transformer, object]:
     config = ModelConfig(**fields, max_seq_len=hf.get("max_position_embeddings", 2048))
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{directory}'s tokenizer has {tokenizer.vocab_size} ids but its embedding "
-                        "only "
-                        f"{config.vocab_size} rows; the tokenizer belongs to another model")
+                        f"only {config.vocab_size} rows; the tokenizer belongs to another model")
     model = Transformer(config)
     load_hf_weights(model, str(directory))
     return model.eval(), tokenizer

@@ -32,12 +32,10 @@ class ModelConfig:
     n_kv_heads: int = 4  # key/value heads; fewer than n_heads gives grouped-query attention (GQA)
     n_layers: int = 4  # number of decoder blocks
     multiple_of: int = 128  # the feed-forward width is rounded up to a multiple of this
-                            # (matmul-friendly)
     eps: float = 1e-5  # added inside RMSNorm's square root so a zero vector does not divide by zero
     theta: float = 10_000.0  # RoPE base: sets how slowly the slowest position "clock" turns
     dropout: float = 0.0  # usually 0 for pretraining, where the data is never repeated
-    tie_embeddings: bool = False  # the output projection reuses the token embedding matrix (see
-                                  # Transformer)
+    tie_embeddings: bool = False  # the output projection reuses the token embedding (Transformer)
 
     @classmethod
     def from_dict(cls, values: dict, **overrides) -> "ModelConfig":
@@ -358,7 +356,7 @@ def check_sampling(temperature, top_k, top_p):
     """A ValueError for settings `sample` cannot draw with."""
     if (temperature < 0 or (top_k is not None and top_k < 1)
             or (top_p is not None and not 0 < top_p <= 1)):
-        raise ValueError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
+        raise ValueError("sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1 "
                          f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
 
 

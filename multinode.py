@@ -74,15 +74,12 @@ def dataset_problem(views: list, hosts: list[str], dataset_dir: str) -> str:
         return ""
     if views[0][0] == "none":
         return (f"rank 0 (on {hosts[0]}) cannot find a prepared dataset at {dataset_dir}, which "
-                f"{ranks} can read; "
-                f"{DATASET_FIX}")
+                f"{ranks} can read; {DATASET_FIX}")
     if views[r][0] == "none":
         return (f"{ranks} cannot find a prepared dataset at {dataset_dir}, which rank 0 (on "
-                f"{hosts[0]}) reads; "
-                f"{DATASET_FIX}")
+                f"{hosts[0]}) reads; {DATASET_FIX}")
     return (f"{dataset_dir} holds another dataset for {ranks} than for rank 0 (on {hosts[0]}) "
-            "(meta.json, the "
-            f"tokenizer or a shard's size differ); {DATASET_FIX}")
+            f"(meta.json, the tokenizer or a shard's size differ); {DATASET_FIX}")
 
 
 def ckpt_dir_problem(views: list, hosts: list[str], ckpt_dir: str) -> str:

@@ -34,8 +34,7 @@ from tokenizer import prompt_ids
 # Items. Each task reads rows (dicts) with fields of its own and turns each into (context,
 # continuations, gold).
 class Item(NamedTuple):
-    context: str | list[str]  # one context for every choice, or (Winogrande) each continuation's
-                              # own
+    context: str | list[str]  # one context for all choices, or (Winogrande) one per continuation
     continuations: list[str]  # what is scored after the context: DELIMITER + each choice
     gold: int  # the index of the right continuation
 
@@ -81,8 +80,7 @@ def argmax(values: list[float]) -> int:
 
 
 class Task(NamedTuple):
-    fields: tuple[str, ...]  # every row must have these: the strings, then the choices, then the
-                             # answer's index
+    fields: tuple[str, ...]  # each row has these: the strings, the choices, the answer's index
     item: Callable[[dict], Item]
 
 
@@ -123,8 +121,7 @@ def checked_item(row: dict, task: Task, where: str) -> Item:
     is_index = isinstance(gold, int) or isinstance(gold, str) and gold.isdigit()
     if isinstance(gold, bool) or not is_index or not 0 <= int(gold) < len(options):
         raise UserError(f"{where}: {answer}={gold!r} is not the index of one of its {len(options)} "
-                        f"{choices} "
-                        f"(0 to {len(options) - 1}); fix the item")
+                        f"{choices} (0 to {len(options) - 1}); fix the item")
     item = task.item(row)
     if DELIMITER in item.continuations:  # acc_norm would divide by its length, 0
         raise UserError(f"{where}: choice {item.continuations.index(DELIMITER)} is empty; fix or "
@@ -163,8 +160,7 @@ def dataset_rows(source: str, hf_split: str) -> tuple[str, list[tuple[str, dict]
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot open the dataset {source!r} ({reason}); check the path or name, "
-                        "the split and the "
-                        "network connection") from None
+                        "the split and the network connection") from None
     if isinstance(found, datasets.DatasetDict):
         raise UserError(f"{source} holds the splits {', '.join(found)}; pass the directory of one "
                         "of them")
@@ -334,8 +330,7 @@ class EvalSet(NamedTuple):
     task: str
     items: list[Item]
     requests: list[Request]
-    left_out: int = 0  # items of the set not scored (the suite's, whose continuation the model
-                       # cannot read)
+    left_out: int = 0  # items not scored (the suite's whose continuation the model cannot read)
 
 
 class Scores(NamedTuple):

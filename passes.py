@@ -97,8 +97,7 @@ class ValidationRecord:
             return "no checkpoint was saved at an evaluation, so none is marked best"
         step, _, bpb = self.best_saved
         return (f"lowest validation loss of the saved checkpoints: {bpb:.4f} bpb at update {step}, "
-                "in "
-                f"{self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as "
+                f"in {self.best_path(ckpt_dir, sharded)} (sample.py and export.py take it as "
                 "--ckpt=best)")
 
     def note(self) -> str:
@@ -106,8 +105,7 @@ class ValidationRecord:
         if self.rises < RISING_EVALUATIONS:
             return ""
         return (f" | val loss rising {self.rises} evaluations in a row (lowest {self.best_bpb:.4f} "
-                "bpb at update "
-                f"{self.best_step})")
+                f"bpb at update {self.best_step})")
 
     def state_dict(self) -> dict:
         return dict(vars(self))

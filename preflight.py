@@ -369,8 +369,7 @@ def check_float16(m: Machine) -> Row:
                    "fp16 training gave a non-finite loss: train in --dtype=float32 on this machine")
     gap = max(abs(a - b) for a, b in zip(half.losses, full.losses, strict=True))
     figure = (f"{updates} updates, losses within {gap:.1e} of fp32, {half.skipped} skipped, loss "
-              "scale "
-              f"{half.scaler.get_scale():g}")
+              f"scale {half.scaler.get_scale():g}")
     if gap > FP16_LOSS_TOLERANCE:
         return Row(name, False, figure,
                    f"fp16 losses differ from fp32 by more than {FP16_LOSS_TOLERANCE}: an fp16 "
@@ -544,8 +543,7 @@ def check_disk(m: Machine, speed: Speed | None) -> Row:
     needed = speed.checkpoint_bytes * (m.cfg.keep_ckpts + 1)
     free = shutil.disk_usage(m.scratch).free
     figure = (f"{speed.checkpoint_bytes / 1e9:,.2f} GB per checkpoint, {needed / 1e9:,.2f} GB for "
-              "keep_ckpts="
-              f"{m.cfg.keep_ckpts} + 1; {free / 1e9:,.0f} GB free")
+              f"keep_ckpts={m.cfg.keep_ckpts} + 1; {free / 1e9:,.0f} GB free")
     if needed > free:
         return Row("checkpoint disk", False, figure,
                    f"{m.cfg.ckpt_dir}'s disk is too small; free space, lower "
@@ -581,9 +579,8 @@ def check_process_group(device: str):
         dist.all_reduce(probe)
     except Exception as e:
         raise UserError(f"the ranks cannot communicate over {dist.get_backend()} "
-                        f"({type(e).__name__}); rerun "
-                        "with NCCL_DEBUG=INFO to see why; on a machine without InfiniBand try "
-                        "NCCL_IB_DISABLE=1"
+                        f"({type(e).__name__}); rerun with NCCL_DEBUG=INFO to see why; on a "
+                        "machine without InfiniBand try NCCL_IB_DISABLE=1"
                         ) from None
     synchronize(device)
 
@@ -602,16 +599,14 @@ def machine_line(device: str, world_size: int) -> str:
     what = (torch.cuda.get_device_name(device) if device.startswith("cuda")
             else f"CPU, {os.cpu_count()} cores")
     return (f"preflight on {world_size} ranks | {device.split(':')[0]} ({what}) | PyTorch "
-            f"{torch.__version__} | "
-            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+            f"{torch.__version__} | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
 
 
 def refuse_a_bad_launch(cfg: TrainConfig):
     if "RANK" not in os.environ:
         raise UserError("--preflight=True checks the ranks torchrun starts; launch it as torchrun "
-                        "--standalone "
-                        "--nproc_per_node=N bench.py --preflight=True ... (N = the GPUs to check, "
-                        "2 on a CPU)")
+                        "--standalone --nproc_per_node=N bench.py --preflight=True ... (N = the "
+                        "GPUs to check, 2 on a CPU)")
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if pick_device(cfg.device).startswith("cuda") and local_ranks > torch.cuda.device_count():
         raise UserError(f"--nproc_per_node={local_ranks} but this machine has "

@@ -78,16 +78,12 @@ PARQUET_BATCH_BYTES = 1 << 20
 class PrepareConfig:
     """prepare.py's options (see the module docstring)."""
 
-    input: list[str] = field(default_factory=list)  # files or directories; repeat --input for
-                                                    # several
+    input: list[str] = field(default_factory=list)  # files or directories (repeat --input)
     out_dir: str = ""  # "" means data/shakespeare, for the default corpus
-    tokenizer: str = "bpe"  # bpe, gpt2, or the directory of a prepared dataset or of a Hugging Face
-                            # model
+    tokenizer: str = "bpe"  # bpe, gpt2, or a prepared dataset's or Hugging Face model's directory
     vocab_size: int = 8192  # bpe only; counts <|endoftext|> and the chat tokens
-    val_fraction: float = 0.1  # local files: the final fraction of the text; a stream: every k-th
-                               # document
-    val_tokens: int = 10_000_000  # --hf_dataset only: validation stops taking documents once it
-                                  # holds this many
+    val_fraction: float = 0.1  # local files: the text's last fraction; a stream: every k-th text
+    val_tokens: int = 10_000_000  # --hf_dataset only: the validation split's size in tokens
     shard_tokens: int = 100_000_000  # tokens per .npy file
     text_field: str = "text"  # the field of a .jsonl line or a .parquet row that holds the document
     hf_dataset: str = ""  # a Hugging Face dataset to stream, e.g. HuggingFaceFW/fineweb-edu
@@ -102,8 +98,7 @@ class PrepareConfig:
             raise UserError("--val_tokens must be a positive number of tokens (e.g. 10_000_000)")
         if "val_tokens" in self.user_set and not self.hf_dataset:
             raise UserError("--val_tokens sizes the validation split of a stream (--hf_dataset); "
-                            "local text is "
-                            "split by --val_fraction")
+                            "local text is split by --val_fraction")
         if self.shard_tokens < 1:
             raise UserError("--shard_tokens must be a positive number of tokens")
         if self.tokenizer == "bpe" and self.vocab_size < 256 + 1 + len(CHAT_TOKENS):
@@ -224,8 +219,7 @@ def hf_documents(name: str, config: str, text_field: str):
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot open the Hugging Face dataset {name!r} ({reason}); check the "
-                        "name, --hf_config "
-                        "and the network connection") from None
+                        "name, --hf_config and the network connection") from None
     for row in stream:
         if text_field not in row:
             raise UserError(f"{name} has no field {text_field!r} (it has {list(row)}); pass "
@@ -539,8 +533,7 @@ def main(argv: list[str]):
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"wrote {out_dir}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val "
-          "tokens, "
-          f"vocabulary {tokenizer.vocab_size:,} ({tokenizer.name})")
+          f"tokens, vocabulary {tokenizer.vocab_size:,} ({tokenizer.name})")
     lock.close()
 
 

@@ -109,8 +109,7 @@ def report_text(cfg, meta: dict, rows: list[dict], argv: list[str], device: str,
     train_tokens = split_tokens(meta, "train")
     lines = [f"# Report card: {cfg.ckpt_dir}", "",
              f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; the run {how}. "
-             "Every number is "
-             "read from log.csv.", "",
+             "Every number is read from log.csv.", "",
              "| | |", "|---|---|",
              f"| machine | {machine_line(device, cfg.dtype, world_size)} |",
              f"| command | `{command}` ({world_size} rank{'s' * (world_size > 1)}) |",
@@ -124,15 +123,13 @@ def report_text(cfg, meta: dict, rows: list[dict], argv: list[str], device: str,
     if evals:
         best = min(evals, key=lambda r: float(r["val_loss"]))
         lines += [f"| final validation | loss {evals[-1]['val_loss']}, {evals[-1]['val_bpb']} bits "
-                  "per byte "
-                  f"(update {evals[-1]['step']}, {int(evals[-1]['tokens']):,} tokens) |",
+                  f"per byte (update {evals[-1]['step']}, {int(evals[-1]['tokens']):,} tokens) |",
                   f"| best validation | loss {best['val_loss']}, {best['val_bpb']} bits per byte "
                   f"(update {best['step']}) |"]
         scored = [r for r in evals if r["eval_acc"]]
         if scored:
             lines.append(f"| {os.path.basename(cfg.eval_data)} | acc {scored[-1]['eval_acc']}, "
-                         "acc_norm "
-                         f"{scored[-1]['eval_acc_norm']} (update {scored[-1]['step']}) |")
+                         f"acc_norm {scored[-1]['eval_acc_norm']} (update {scored[-1]['step']}) |")
     lines += ["", "## What to expect", "", *reference_lines(evals, meta)]
     changed = changed_settings(cfg)
     lines += ["", "## Settings that differ from the defaults", ""]

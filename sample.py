@@ -18,12 +18,9 @@ from tokenizer import prompt_ids
 @dataclass
 class SampleConfig:
     ckpt_dir: str = "out"  # the training run whose newest checkpoint generates
-    ckpt: str = ""  # a checkpoint to sample from instead of the newest one in ckpt_dir; "best": the
-                    # lowest val loss
-    dataset_dir: str = ""  # whose tokenizer to use; "" means the dataset the checkpoint was trained
-                           # on
-    prompt: str = ""  # it follows an <|endoftext|>, as every document does in training; "" is that
-                      # boundary alone
+    ckpt: str = ""  # a checkpoint instead of ckpt_dir's newest; "best": the lowest val loss
+    dataset_dir: str = ""  # whose tokenizer to use; "" = the dataset the checkpoint trained on
+    prompt: str = ""  # it follows an <|endoftext|>, as each training document; "" = that alone
     num_samples: int = 1  # continuations of the prompt, generated together as one batch
     max_new_tokens: int = 200  # tokens generated after the prompt (fewer if a document ends)
     temperature: float = 0.8  # 0 = greedy
@@ -35,8 +32,7 @@ class SampleConfig:
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise UserError("sampling needs --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1 "
-                            "(got "
-                            f"temperature={self.temperature}, top_k={self.top_k}, "
+                            f"(got temperature={self.temperature}, top_k={self.top_k}, "
                             f"top_p={self.top_p})")
 
 

@@ -161,8 +161,7 @@ def set_names(suite: str) -> list[str]:
     for part in suite.split(","):
         if part not in SUITES and part not in SETS:
             raise UserError(f"--suite={suite}: {part!r} is neither a suite ({', '.join(SUITES)}) "
-                            f"nor a set ({', '.join(SETS)}); pass those names, separated by "
-                            "commas")
+                            f"nor a set ({', '.join(SETS)}); pass those names, separated by commas")
         names += [name for name in SUITES.get(part, [part]) if name not in names]
     return names
 

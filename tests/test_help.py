@@ -47,7 +47,7 @@ def test_bench_help_shows_its_own_options_and_then_the_training_config():
     own, training = out.split("\nTrainConfig:")
     assert "BenchOptions: bench.py's own options" in own
     assert "  --steps: int = 10  # timed optimizer updates (the median is reported)" in own
-    assert "  --batch_size: int = 16  # sequences per micro-step on each rank" in training
+    assert "  --batch_size: int = 16  # sequences per micro-step per rank" in training
 
 
 @pytest.mark.parametrize("cls",

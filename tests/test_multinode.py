@@ -149,9 +149,8 @@ def test_nodes_with_different_copies_of_the_dataset_stop_before_training_with_on
     results, seconds = agents(tmp_path, args, args)
     assert [status for status, _, _ in results] == [1, 1], results
     assert errors(results) == [f"error: data holds another dataset for rank 1 (on {HOST}) than for "
-                               "rank 0 (on "
-                               f"{HOST}) (meta.json, the tokenizer or a shard's size differ); "
-                               f"{multinode.DATASET_FIX}"]
+                               f"rank 0 (on {HOST}) (meta.json, the tokenizer or a shard's size "
+                               f"differ); {multinode.DATASET_FIX}"]
     assert not (tmp_path / "shared").exists()  # refused before ckpt_dir was made
     print(f"datasets differ: ended after {seconds:.1f} s")
 

@@ -141,5 +141,4 @@ def test_a_budget_and_a_token_count_are_one_too_many(shakespeare_dir, tmp_path):
                  "--max_minutes=1", "--training_tokens=10000", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --max_minutes and --training_tokens both set the "
-                                     "length of the run; "
-                                     "pass only one of them")
+                                     "length of the run; pass only one of them")

@@ -133,8 +133,7 @@ def test_sample_and_export_take_the_best_checkpoint_or_say_there_is_none(small_c
     result = run("sample.py", f"--ckpt_dir={ckpt_dir}", "--ckpt=best", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {newest} records no checkpoint saved at an "
-                                     "evaluation; pass "
-                                     "--ckpt=PATH instead of best")
+                                     "evaluation; pass --ckpt=PATH instead of best")
 
 
 # --- a rising validation loss ---------------------------------------------------------------------

@@ -183,8 +183,7 @@ def test_a_directory_of_txt_md_jsonl_and_parquet(shakespeare_dir, tmp_path):
           "--val_fraction=0.2")
     documents = documents_in(tmp_path / "data", "train") + documents_in(tmp_path / "data", "val")
     assert "".join(documents) == ("First file.\nIt has two lines.\n# A markdown file\n\nkept as it "
-                                  "is\n"
-                                  "json onejson two ✓parquet row 1parquet row 2 — 東京")
+                                  "is\njson onejson two ✓parquet row 1parquet row 2 — 東京")
     assert len(documents) == 6  # empty and missing texts are skipped
     reused = (tmp_path / "data" / "tokenizer.tiktoken").read_bytes()
     assert reused == (shakespeare_dir / "tokenizer.tiktoken").read_bytes()

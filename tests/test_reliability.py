@@ -37,8 +37,7 @@ def test_a_user_error_is_one_line_on_stderr_with_exit_status_2(tmp_path):
     result = run("train.py", "--n_layer=2", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: unknown config key 'n_layer' in the "
-                                                  "command line; "
-                                                  "did you mean n_layers or min_lr?"]
+                                                  "command line; did you mean n_layers or min_lr?"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -127,10 +126,8 @@ def test_an_explicit_compile_that_cannot_build_is_one_line_naming_compile_false(
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: --compile=True but torch.compile cannot build code on this "
-                           "machine "
-                           "(InvalidCxxCompiler: No working C++ compiler found in "
-                           "torch._inductor.config.cpp.cxx: "
-                           "(None, '/nonexistent/g++')); ")
+                           "machine (InvalidCxxCompiler: No working C++ compiler found in "
+                           "torch._inductor.config.cpp.cxx: (None, '/nonexistent/g++')); ")
     assert line.endswith("or pass --compile=False") and not checkpoint_paths(tmp_path)
 
 

@@ -60,9 +60,8 @@ def test_the_rules_that_differ_from_task_to_task(suite_data):
                                                     "  it had rained in the night."], 1)
     mmlu = read_set("mmlu", suite_data)[0]  # subjects in alphabetical order: anatomy first
     assert mmlu.context == ("The following are multiple choice questions (with answers) about "
-                            "anatomy.\n\n"
-                            "Which organ pumps blood through the body?\n"
-                            "A. the liver\nB. the lungs\nC. the heart\nD. the kidney\nAnswer:")
+                            "anatomy.\n\nWhich organ pumps blood through the body?\nA. the "
+                            "liver\nB. the lungs\nC. the heart\nD. the kidney\nAnswer:")
     assert (mmlu.continuations, mmlu.gold) == ([" A", " B", " C", " D"], 2)
     # --limit: the first items, in the files' order
     first = read_set("commonsense_qa", suite_data, limit=1)

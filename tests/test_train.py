@@ -266,8 +266,7 @@ def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile
     shutil.copy(straight / "ckpt_00000005.pt", resumed)
     out = run("train.py", *common, f"--ckpt_dir={resumed}", "--load_ckpt=True").stdout
     assert start_up.search(out)[0].endswith(f"| cpu {chosen['dtype']} | dtype {chosen['dtype']} "
-                                            "and compile False "
-                                            "from the checkpoint")
+                                            "and compile False from the checkpoint")
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
