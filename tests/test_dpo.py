@@ -300,8 +300,8 @@ def test_settings_dpo_cannot_honour_are_refused(tmp_path):
         assert message in str(error.value), arg
 
 
-def test_a_model_without_the_chat_tokens_says_to_fine_tune_it_first(tiny_run, pairs_file,
-                                                                    shakespeare_dir, tmp_path):
+def test_a_model_without_the_chat_tokens_says_to_fine_tune_it_first(
+        tiny_run, pairs_file, shakespeare_dir, tmp_path):
     # the tiny run's model as if pretrained on a dataset prepared without the chat tokens
     data = tmp_path / "gpt2_data"
     data.mkdir()

@@ -227,8 +227,8 @@ def test_training_logs_the_accuracy_eval_py_gives_its_checkpoint(trained, tmp_pa
     assert json.loads((trained / "eval_multiple_choice.json").read_text()) == written
 
 
-def test_training_logs_the_suite_s_aggregate_eval_py_gives_its_checkpoint(suite_run, suite_data,
-                                                                          capsys):
+def test_training_logs_the_suite_s_aggregate_eval_py_gives_its_checkpoint(
+        suite_run, suite_data, capsys):
     with open(suite_run / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [bool(r["suite"]) for r in rows] == [i in (5, 10) for i in range(1, 11)]

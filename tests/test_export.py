@@ -272,8 +272,8 @@ def tied_gqa_llama(tmp_path_factory, exports):
     return model, directory
 
 
-def test_a_tied_gqa_transformers_model_imports_with_the_same_logits(tied_gqa_llama,
-                                                                    shakespeare_dir):
+def test_a_tied_gqa_transformers_model_imports_with_the_same_logits(
+        tied_gqa_llama, shakespeare_dir):
     theirs, directory = tied_gqa_llama
     cfg, ours = init_from_hf(load_config([f"--init_from={directory}",
                                           f"--dataset_dir={shakespeare_dir}"],
@@ -290,8 +290,8 @@ def test_a_tied_gqa_transformers_model_imports_with_the_same_logits(tied_gqa_lla
         assert (logits - theirs(ids).logits).abs().max().item() <= logit_tolerance(logits)
 
 
-def test_a_contradicting_setting_or_a_too_large_vocabulary_is_refused(tied_gqa_llama,
-                                                                      shakespeare_dir):
+def test_a_contradicting_setting_or_a_too_large_vocabulary_is_refused(
+        tied_gqa_llama, shakespeare_dir):
     directory = tied_gqa_llama[1]
     # refused even when the value chosen is TrainConfig's default: what counts is that the user set
     # it

@@ -114,8 +114,7 @@ def full_disk(monkeypatch):
 
 # --- a full disk ----------------------------------------------------------------------------------
 def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_bitwise(
-        shakespeare_dir, tiny_run,
-                                                                                       tmp_path):
+        shakespeare_dir, tiny_run, tmp_path):
     ckpt = first_checkpoint_of(tiny_run, tmp_path)
     before = (ckpt / "ckpt_00000002.pt").read_bytes()
     # A checkpoint of the tiny model is 6.4 MB (weights, AdamW's two moments for the embedding and
@@ -138,8 +137,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones_and_resumes_
 
 
 def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_partial_shards(
-        shakespeare_dir,
-                                                                                           tmp_path):
+        shakespeare_dir, tmp_path):
     # Each of the two FSDP ranks writes its half of the 6.4 MB checkpoint; neither half fits under
     # the limit.
     result = run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py",
@@ -155,8 +153,8 @@ def test_disk_full_while_saving_a_sharded_checkpoint_is_one_line_and_leaves_no_p
         tmp_path.glob("ckpt_*")), "no partial shards hold the space"
 
 
-def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(shakespeare_dir, tiny_run,
-                                                                 tmp_path, full_disk):
+def test_disk_full_while_logging_cuts_the_log_back_to_whole_rows(
+        shakespeare_dir, tiny_run, tmp_path, full_disk):
     ckpt = first_checkpoint_of(tiny_run, tmp_path)
     header_and_two_rows = (ckpt / "log.csv").read_text().splitlines()[:3]
     full_disk("log.csv", room=100)  # update 3's row fits, update 4's does not
@@ -234,8 +232,8 @@ def test_disk_full_while_prepare_writes_shards_keeps_the_old_dataset(shakespeare
 
 
 @pytest.mark.parametrize("name", ["train_000000.npy", "tokenizer.tiktoken.tmp", "meta.json.tmp"])
-def test_disk_full_while_prepare_writes_a_shard_the_tokenizer_or_meta(shakespeare_dir, tmp_path,
-                                                                      full_disk, name):
+def test_disk_full_while_prepare_writes_a_shard_the_tokenizer_or_meta(
+        shakespeare_dir, tmp_path, full_disk, name):
     corpus = write_corpus(tmp_path / "plays.txt")
     full_disk(name, room=50)
     with pytest.raises(UserError, match=r"could not write "
@@ -298,8 +296,8 @@ def test_an_unreadable_tokenizer_file_is_named_with_the_fix(dataset_copy, cut, r
         load_tokenizer(dataset_copy)
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(shakespeare_dir, tiny_run,
-                                                                      tmp_path, capsys):
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(
+        shakespeare_dir, tiny_run, tmp_path, capsys):
     ckpt = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     (ckpt / "ckpt_00000006.pt").unlink()
     newest = ckpt / "ckpt_00000004.pt"
@@ -377,8 +375,8 @@ def test_under_torchrun_every_rank_stops_when_the_ckpt_dir_is_taken(shakespeare_
     assert errors[0].endswith("); wait for that run to end or stop it, or pass another --ckpt_dir")
 
 
-def test_on_a_filesystem_without_locks_a_run_warns_once_and_trains(shakespeare_dir, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_on_a_filesystem_without_locks_a_run_warns_once_and_trains(
+        shakespeare_dir, tmp_path, monkeypatch, capsys):
     def no_locks(file, operation):  # what flock answers on Lustre mounted without -o flock
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 

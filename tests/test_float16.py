@@ -59,8 +59,8 @@ def fp16_run(shakespeare_dir, tmp_path_factory):
     # GTX 1080 (fp16 at a fraction of fp32's speed), Maxwell
     ((6, 1), torch.float32), ((5, 2), torch.float32),
 ])
-def test_auto_on_a_gpu_decides_by_compute_capability_not_by_emulated_bf16(monkeypatch, capability,
-                                                                          dtype):
+def test_auto_on_a_gpu_decides_by_compute_capability_not_by_emulated_bf16(
+        monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     # as on a T4
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -112,8 +112,8 @@ def tiny_setup(shakespeare_dir, batch_size=2, optimizer="muon", dtype="float16")
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_an_update_whose_fp16_gradients_overflow_is_skipped_and_the_scale_halved(shakespeare_dir,
-                                                                                 optimizer):
+def test_an_update_whose_fp16_gradients_overflow_is_skipped_and_the_scale_halved(
+        shakespeare_dir, optimizer):
     cfg, model, opt, loader = tiny_setup(shakespeare_dir, optimizer=optimizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # the scaled gradients overflow fp16's 65504
@@ -171,8 +171,8 @@ def test_muon_orthogonalizes_in_fp16_for_an_fp16_run_finite_and_closer_to_exact_
 
 
 # --- whole runs -----------------------------------------------------------------------------------
-def test_a_float16_run_ends_finite_next_to_float32_and_saves_fp32_weights(fp16_run, shakespeare_dir,
-                                                                          tmp_path):
+def test_a_float16_run_ends_finite_next_to_float32_and_saves_fp32_weights(
+        fp16_run, shakespeare_dir, tmp_path):
     run("train.py", *TINY, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path / 'fp32'}",
         *TEN_UPDATES)
     half, full = log_rows(fp16_run), log_rows(tmp_path / "fp32")
@@ -222,9 +222,8 @@ def in_process(argv, monkeypatch, capsys, updates, init_scale=2.0**16) -> str:
     return printed
 
 
-def test_an_overflowing_update_is_skipped_said_in_its_line_and_logged(shakespeare_dir, tmp_path,
-                                                                      monkeypatch,
-                                                                      capsys):
+def test_an_overflowing_update_is_skipped_said_in_its_line_and_logged(
+        shakespeare_dir, tmp_path, monkeypatch, capsys):
     argv = [*FP16, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
             "--training_tokens=768"]
     printed = in_process(argv, monkeypatch, capsys, updates={3})
@@ -238,8 +237,8 @@ def test_an_overflowing_update_is_skipped_said_in_its_line_and_logged(shakespear
     assert last_checkpoint(tmp_path)["scaler"]["scale"] == 32768.0
 
 
-def test_a_scale_driven_below_one_ends_the_run_as_diverged(shakespeare_dir, tmp_path, monkeypatch,
-                                                           capsys):
+def test_a_scale_driven_below_one_ends_the_run_as_diverged(
+        shakespeare_dir, tmp_path, monkeypatch, capsys):
     argv = [*FP16, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
             "--training_tokens=768"]
     with pytest.raises(train.TrainingDiverged, match="at update 3; .* or --dtype=float32") as error:
@@ -249,8 +248,7 @@ def test_a_scale_driven_below_one_ends_the_run_as_diverged(shakespeare_dir, tmp_
 
 
 def test_a_stopped_and_resumed_float16_run_ends_bitwise_where_the_uninterrupted_one_does(
-        fp16_run, shakespeare_dir,
-                                                                                        tmp_path):
+        fp16_run, shakespeare_dir, tmp_path):
     shutil.copy(fp16_run / "ckpt_00000005.pt", tmp_path)
     shutil.copy(fp16_run / "log.csv", tmp_path)
     out = run("train.py", *FP16, f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}",
@@ -264,8 +262,8 @@ def test_a_stopped_and_resumed_float16_run_ends_bitwise_where_the_uninterrupted_
                                                              for r in log_rows(fp16_run)]
 
 
-def test_two_ddp_ranks_in_float16_match_one_rank_with_accumulation(fp16_run, shakespeare_dir,
-                                                                   tmp_path):
+def test_two_ddp_ranks_in_float16_match_one_rank_with_accumulation(
+        fp16_run, shakespeare_dir, tmp_path):
     run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", *FP16,
         f"--dataset_dir={shakespeare_dir}",
         f"--ckpt_dir={tmp_path}", *TEN_UPDATES)  # 2 ranks x 1 micro-step against 1 rank x 2

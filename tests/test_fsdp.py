@@ -54,8 +54,8 @@ def reference(shakespeare_dir, tmp_path_factory):
 
 
 # --- what an FSDP run computes --------------------------------------------------------------------
-def test_two_and_three_sharded_ranks_match_one_process_with_accumulation(reference, shakespeare_dir,
-                                                                         tmp_path):
+def test_two_and_three_sharded_ranks_match_one_process_with_accumulation(
+        reference, shakespeare_dir, tmp_path):
     assert [p.name for p in checkpoint_paths(reference)] == ["ckpt_00000004", "ckpt_00000008",
                                                              "ckpt_00000012"]
     assert sorted(os.listdir(checkpoint_paths(reference)[-1])) == [".metadata", "__0_0.distcp",
@@ -91,8 +91,8 @@ def test_adamw_sharded_on_two_ranks_matches_one_process(shakespeare_dir, tmp_pat
 
 
 # --- sharded checkpoints --------------------------------------------------------------------------
-def test_a_two_rank_checkpoint_resumes_on_one_rank_then_on_three(reference, shakespeare_dir,
-                                                                 tmp_path):
+def test_a_two_rank_checkpoint_resumes_on_one_rank_then_on_three(
+        reference, shakespeare_dir, tmp_path):
     args = [*SHARDED, f"--dataset_dir={shakespeare_dir}", "--load_ckpt=True"]
     one, three = tmp_path / "one", tmp_path / "three"
     one.mkdir()
@@ -134,8 +134,7 @@ def test_load_checkpoint_gives_the_whole_state_in_one_process(reference):
 
 
 def test_sigterm_then_kill_9_then_auto_resume_is_bitwise_equal_to_an_uninterrupted_run(
-        reference, shakespeare_dir,
-                                                                                        tmp_path):
+        reference, shakespeare_dir, tmp_path):
     cmd = [*TORCHRUN, "--nproc_per_node=2", "train.py", *SHARDED,
            f"--dataset_dir={shakespeare_dir}",
            f"--ckpt_dir={tmp_path}", TWELVE, "--load_ckpt=auto"]
@@ -312,8 +311,8 @@ MEASURE_TENSORS = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(shakespeare_dir, tmp_path,
-                                                                  checkpointing):
+def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(
+        shakespeare_dir, tmp_path, checkpointing):
     args = [f"--dataset_dir={shakespeare_dir}", "--n_embd=256", "--n_heads=4", "--n_kv_heads=4",
             "--n_layers=4",
             "--batch_size=8", "--max_seq_len=256", "--tokens_per_update=4096", "--dtype=float32",
@@ -369,9 +368,8 @@ def test_fsdp_without_torchrun_is_refused_before_anything_is_written(shakespeare
                          [(["--fsdp=True", "--n_layers=2"], "n_layers=1 but the config says 2"),
                                             ([],
                                              "written by an FSDP run; resume it with --fsdp=True")])
-def test_resuming_a_sharded_checkpoint_differently_is_refused(reference, shakespeare_dir, tmp_path,
-                                                              monkeypatch,
-                                                              extra, message):
+def test_resuming_a_sharded_checkpoint_differently_is_refused(
+        reference, shakespeare_dir, tmp_path, monkeypatch, extra, message):
     ckpt_dir = shutil.copytree(reference, tmp_path / "copy")
     # torchrun's environment for a single rank, in this process
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",

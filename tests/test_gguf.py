@@ -357,8 +357,8 @@ def test_a_model_read_for_export_keeps_its_head_tied(shakespeare_dir, tmp_path):
                b in zip(read.state_dict().values(), model.state_dict().values(), strict=True))
 
 
-def test_a_full_disk_is_one_error_and_keeps_the_previous_file(shakespeare_dir, tmp_path,
-                                                              monkeypatch):
+def test_a_full_disk_is_one_error_and_keeps_the_previous_file(
+        shakespeare_dir, tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "out", shakespeare_dir, "mha-untied", 8192)
     cfg = ExportConfig(ckpt_dir=str(tmp_path / "out"), out=str(tmp_path / "model.gguf"),
                        overwrite=True)

@@ -36,8 +36,8 @@ def test_explicit_dtype_and_compile_are_obeyed_without_measuring(compiles):
     assert hardware.choose_speed(cfg, None, never, "cpu") == (torch.float32, True, "")
 
 
-def test_auto_keeps_the_dtype_whose_updates_are_faster_and_compiles_only_a_long_run(bf16_cpu,
-                                                                                    compiles):
+def test_auto_keeps_the_dtype_whose_updates_are_faster_and_compiles_only_a_long_run(
+        bf16_cpu, compiles):
     for fast, slow in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
         # 1,000 updates of 0.1 s: under 2 minutes
         dtype, compile, why = hardware.choose_speed(TrainConfig(training_tokens=1000 * 4096), None,
@@ -70,8 +70,8 @@ def test_updates_are_timed_alternately_after_a_warm_up_and_the_fastest_of_each_c
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_a_resumed_run_keeps_its_checkpoints_dtype_and_compile_without_measuring(bf16_cpu,
-                                                                                 compiles):
+def test_a_resumed_run_keeps_its_checkpoints_dtype_and_compile_without_measuring(
+        bf16_cpu, compiles):
     saved = {"dtype": "bfloat16", "compile": True}
     assert hardware.choose_speed(TrainConfig(), saved, never, "cpu") == \
         (torch.bfloat16, True, "dtype bfloat16 and compile True from the checkpoint")

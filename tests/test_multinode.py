@@ -86,8 +86,8 @@ def errors(results) -> list[str]:
 
 # --- a run on two nodes ---------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_nodes_train_checkpoint_and_resume_as_one_machine_with_two_ranks(shakespeare_dir,
-                                                                             tmp_path, mode):
+def test_two_nodes_train_checkpoint_and_resume_as_one_machine_with_two_ranks(
+        shakespeare_dir, tmp_path, mode):
     args = [*ARGS, f"--dataset_dir={shakespeare_dir}", f"--fsdp={mode == 'fsdp'}"]
     one_machine, shared = tmp_path / "one_machine", tmp_path / "shared"
     # torchrun --standalone --nproc_per_node=2
@@ -176,10 +176,8 @@ def test_which_ranks_see_otherwise_is_named_once_with_the_fix():
 
 @pytest.mark.parametrize("rank, local_rank, printed",
                          [("0", "0", True), ("1", "0", False), ("1", "1", False)])
-def test_an_error_every_rank_agreed_on_is_printed_once_by_rank_0_not_once_per_node(monkeypatch,
-                                                                                   capsys, rank,
-                                                                                   local_rank,
-                                                                                   printed):
+def test_an_error_every_rank_agreed_on_is_printed_once_by_rank_0_not_once_per_node(
+        monkeypatch, capsys, rank, local_rank, printed):
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
 

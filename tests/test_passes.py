@@ -41,8 +41,8 @@ def test_up_to_two_passes_a_run_only_says_them_beyond_it_keeps_its_best_checkpoi
         "passes end no lower, so it ends there, before the length it was given; beyond 2 passes")
 
 
-def test_a_run_makes_at_most_max_passes_over_its_data_whatever_length_it_is_given(small_corpus,
-                                                                                  tmp_path):
+def test_a_run_makes_at_most_max_passes_over_its_data_whatever_length_it_is_given(
+        small_corpus, tmp_path):
     assert most_updates(10, 1_525, 128) == 119 and most_updates(0.01, 1_525, 128) == 1
     assert most_updates(0, 1_525, 128) > 10**15  # 0: no limit
     args = [*TINY, f"--dataset_dir={small_corpus}", "--compile=False", "--model_gen_multiplier=0"]
@@ -82,8 +82,7 @@ def test_a_run_says_its_passes_keeps_its_best_checkpoint_and_names_it_last(small
 
 
 def test_a_budgeted_run_says_its_passes_once_its_length_is_planned_and_keeps_that_plan_on_resume(
-        small_corpus,
-                                                                                                 tmp_path):
+        small_corpus, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = [*TINY, f"--dataset_dir={small_corpus}", "--compile=False", "--max_minutes=0.1",
             "--token_ckpt=1280"]

@@ -11,8 +11,8 @@ import bench
 from configurator import UserError
 
 
-def test_preflight_on_two_cpu_ranks_passes_every_row_and_writes_the_table(shakespeare_dir,
-                                                                          tmp_path):
+def test_preflight_on_two_cpu_ranks_passes_every_row_and_writes_the_table(
+        shakespeare_dir, tmp_path):
     out = run("-m torch.distributed.run --standalone --nproc_per_node=2 bench.py --preflight=True",
               *TINY,
               f"--dataset_dir={shakespeare_dir}", f"--ckpt_dir={tmp_path}", "--steps=1",
@@ -86,8 +86,8 @@ with distributed(sharded, preflight.PREFLIGHT_TIMEOUT) as (rank, world_size, dev
 """
 
 
-def test_a_rank_with_other_data_or_a_truncated_shard_fails_the_rows_that_check_it(shakespeare_dir,
-                                                                                  tmp_path):
+def test_a_rank_with_other_data_or_a_truncated_shard_fails_the_rows_that_check_it(
+        shakespeare_dir, tmp_path):
     script = tmp_path / "broken.py"
     script.write_text(BROKEN)
     run(f"-m torch.distributed.run --standalone --nproc_per_node=2 {script}", str(ROOT),

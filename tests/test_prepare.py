@@ -226,8 +226,8 @@ def fake_stream(monkeypatch, texts: list[str]):
                         streaming: ({"text": t} for t in texts))
 
 
-def test_a_stream_holds_out_val_tokens_not_a_fraction_of_itself(shakespeare_dir, tmp_path,
-                                                                monkeypatch):
+def test_a_stream_holds_out_val_tokens_not_a_fraction_of_itself(
+        shakespeare_dir, tmp_path, monkeypatch):
     texts = [f"streamed document {i}:" + " words" * (i % 7) for i in range(400)]
     fake_stream(monkeypatch, texts)
     meta = build(tmp_path / "data", "--hf_dataset=HuggingFaceFW/fineweb-edu",

@@ -49,8 +49,8 @@ def test_a_user_error_is_one_line_on_stderr_with_exit_status_2(tmp_path):
      "lower batch_size or max_seq_len"),
     (["--device=cuda"], "sees no CUDA GPU"),
 ])
-def test_impossible_settings_are_refused_before_anything_is_written(shakespeare_dir, tmp_path,
-                                                                    extra, message):
+def test_impossible_settings_are_refused_before_anything_is_written(
+        shakespeare_dir, tmp_path, extra, message):
     argv = tiny(shakespeare_dir, tmp_path / "out", *extra)
     if torch.cuda.is_available() and extra == ["--device=cuda"]:
         pytest.skip("this machine has a GPU")
@@ -119,8 +119,8 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_run(shakespeare_dir, tm
 NO_COMPILER = {"CXX": "/nonexistent/g++"}
 
 
-def test_an_explicit_compile_that_cannot_build_is_one_line_naming_compile_false(shakespeare_dir,
-                                                                                tmp_path):
+def test_an_explicit_compile_that_cannot_build_is_one_line_naming_compile_false(
+        shakespeare_dir, tmp_path):
     result = run("train.py", *tiny(shakespeare_dir, tmp_path, "--compile=True"), check=False,
                  env=os.environ | NO_COMPILER)
     assert result.returncode == 2
@@ -211,8 +211,8 @@ def test_when_torchrun_returns_every_rank_has_exited(shakespeare_dir, tmp_path):
     assert len(ranks) >= 2 and not [pid for pid in ranks if alive(pid)]
 
 
-def test_kill_9_at_random_moments_then_auto_resume_matches_an_uninterrupted_run(shakespeare_dir,
-                                                                                tmp_path):
+def test_kill_9_at_random_moments_then_auto_resume_matches_an_uninterrupted_run(
+        shakespeare_dir, tmp_path):
     args = [*TINY, f"--dataset_dir={shakespeare_dir}", "--training_tokens=3840",
             # 30 updates, a checkpoint every 3
             "--token_ckpt=384", "--keep_ckpts=2", "--load_ckpt=auto"]

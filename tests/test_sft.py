@@ -273,9 +273,8 @@ def chain_model(sft_run, ckpt_dir, answer: str) -> list[int]:
 QUESTION = [{"role": "user", "content": "Who is Romeo's love?"}]
 
 
-def test_chat_py_and_transformers_with_the_exported_template_stop_at_the_same_token(sft_run,
-                                                                                    tmp_path,
-                                                                                    capsys):
+def test_chat_py_and_transformers_with_the_exported_template_stop_at_the_same_token(
+        sft_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import chat

@@ -89,8 +89,8 @@ def test_a_set_s_centred_score_and_the_aggregate():
     assert math.isclose(aggregate([{"centred": -0.1}, {"centred": 0.1}]), 0.0, abs_tol=1e-15)
 
 
-def test_an_item_with_a_choice_longer_than_the_context_is_left_out_and_counted(suite_data,
-                                                                               shakespeare_dir):
+def test_an_item_with_a_choice_longer_than_the_context_is_left_out_and_counted(
+        suite_data, shakespeare_dir):
     """eval.py --data refuses such an item; the suite, whose sets hold a few (PIQA's longest recipes
     outgrow the default model's 256 tokens), scores the rest and says how many it left out. The
     harness cannot score them."""

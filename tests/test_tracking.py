@@ -123,9 +123,8 @@ def test_trackio_local_store_holds_the_rows_of_log_csv(tracked):
                                                             if row[k]}
 
 
-def test_a_resumed_run_continues_its_tracked_runs_without_drawing_a_step_twice(tracked,
-                                                                               shakespeare_dir,
-                                                                               tmp_path):
+def test_a_resumed_run_continues_its_tracked_runs_without_drawing_a_step_twice(
+        tracked, shakespeare_dir, tmp_path):
     # A run that crashed after update 10 with its newest checkpoint at update 5: everything it
     # tracked is there, updates 6 to 10 are trained again.
     straight, env = tracked

@@ -225,8 +225,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shakespeare_dir, tm
     assert (resumed / "loss.png").stat().st_size > 10_000
 
 
-def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weights(shakespeare_dir,
-                                                                                   tmp_path):
+def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weights(
+        shakespeare_dir, tmp_path):
     # Dropout and sampling both draw from the RNG, so a resumed run matches only if it restores the
     # RNG and prints samples at the same updates as the uninterrupted run (1, 2, 4, 8), not afresh
     # from update 1 of its own. The default optimizer: Muon's momentum must come back from the
@@ -247,8 +247,8 @@ def test_resume_with_dropout_and_samples_keeps_the_sample_schedule_and_the_weigh
                               "adamw"} and optimizer["muon"]["state"], "Muon's momentum is saved"
 
 
-def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile(shakespeare_dir,
-                                                                                 tmp_path):
+def test_the_default_auto_settings_resume_with_the_checkpoints_dtype_and_compile(
+        shakespeare_dir, tmp_path):
     """dtype=auto and compile=auto are decided when a run starts; a resumed run takes them from its
     checkpoint and measures nothing. With the same dtype and compile setting, on one rank of the
     same machine, its updates round as the uninterrupted run's did: the tolerance is zero."""
